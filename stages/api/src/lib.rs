@@ -1,0 +1,400 @@
+//! The contract between the `dag` engine and its stage kinds.
+//!
+//! The engine knows a stage kind only through [`Stage`]: what it is called, which params it takes
+//! (with types, defaults and docs), which typed inputs it consumes and which typed outputs it
+//! writes, and a `run` that turns a [`StageContext`] into files under the output directories.
+//! Nothing here knows about tensors, caches or keys; stage kinds know nothing about the cache.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub use serde_json::{Map, Value};
+
+/// Version of this contract; part of every cache key, so that a change here invalidates all.
+pub const API_VERSION: u32 = 1;
+
+/// The declared type of a stage parameter. The engine checks every value against it before
+/// anything runs and reports the file, line and column of a mismatch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamType {
+    Bool,
+    /// A signed integer within the inclusive bounds.
+    Int { min: Option<i64>, max: Option<i64> },
+    /// A float within the bounds; `min_exclusive` makes the lower bound open (e.g. `(0, 1]`).
+    Float {
+        min: Option<f64>,
+        max: Option<f64>,
+        min_exclusive: bool,
+    },
+    Str,
+    /// One of the listed strings.
+    Enum(&'static [&'static str]),
+    /// A filesystem path, relative to the pipeline file's directory.
+    Path,
+    /// The name of an entry of the pipeline's `datasets:` section. The engine resolves it to a
+    /// [`DatasetRef`] (and, when the dataset's root is a stage output, adds that edge).
+    Dataset,
+    /// A list whose items all have the inner type.
+    List(Box<ParamType>),
+    /// A fixed-length list (e.g. `[width, height]`).
+    Tuple(Vec<ParamType>),
+    /// A string-to-string map (e.g. environment variables).
+    StrMap,
+}
+
+impl ParamType {
+    /// Any non-negative integer.
+    pub const fn count() -> Self {
+        ParamType::Int {
+            min: Some(0),
+            max: None,
+        }
+    }
+    /// Any integer >= 1.
+    pub const fn positive() -> Self {
+        ParamType::Int {
+            min: Some(1),
+            max: None,
+        }
+    }
+    /// Any float (no bounds).
+    pub const fn float() -> Self {
+        ParamType::Float {
+            min: None,
+            max: None,
+            min_exclusive: false,
+        }
+    }
+}
+
+/// One parameter a stage kind accepts.
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub ty: ParamType,
+    /// `None` means the param is required.
+    pub default: Option<Value>,
+    pub doc: &'static str,
+}
+
+impl ParamSpec {
+    pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
+        Self {
+            name,
+            ty,
+            default: None,
+            doc,
+        }
+    }
+    pub fn optional(
+        name: &'static str,
+        ty: ParamType,
+        default: impl Into<Value>,
+        doc: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            ty,
+            default: Some(default.into()),
+            doc,
+        }
+    }
+}
+
+/// The type of an artifact that flows along an edge ("dataset", "model", "scores", "files", ...).
+/// An input accepts an upstream output only when the types are equal, or either side is "any".
+pub type ArtifactType = &'static str;
+
+/// A named input slot of a stage kind.
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub name: &'static str,
+    pub ty: ArtifactType,
+    pub required: bool,
+    pub doc: &'static str,
+}
+
+/// A named output of a stage kind. The first output is the stage's default: `inputs: {x: st}`
+/// means `st.<first output>`.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub name: String,
+    pub ty: ArtifactType,
+    pub doc: &'static str,
+}
+
+/// The parameters of one stage, every default filled in, already type-checked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Params(pub BTreeMap<String, Value>);
+
+impl Params {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
+    }
+
+    /// Deserialize all params into a stage's own struct.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, StageError> {
+        let map: Map<String, Value> = self.0.clone().into_iter().collect();
+        serde_json::from_value(Value::Object(map))
+            .map_err(|e| StageError::new(format!("invalid params: {e}")))
+    }
+}
+
+/// A dataset entry of the pipeline file, resolved by the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetRef {
+    /// The key in the `datasets:` section.
+    pub name: String,
+    /// `cityscapes`, `gta5`, `synthia`, ...
+    pub format: String,
+    /// Absolute path of the root: a directory in the workspace, or an upstream artifact.
+    pub root: PathBuf,
+    /// Number of classes of the label protocol (19, 16 or 13).
+    pub classes: u32,
+    /// Every other key of the entry, as written.
+    pub extra: Map<String, Value>,
+}
+
+/// An upstream artifact handed to a stage: a read-only directory tree.
+#[derive(Debug, Clone)]
+pub struct InputArtifact {
+    pub path: PathBuf,
+    pub ty: ArtifactType,
+    /// blake3 digest of the tree, hex.
+    pub digest: String,
+    /// `stage.output` that produced it.
+    pub producer: String,
+}
+
+/// Reports progress of a running stage (the engine draws it as a progress bar).
+pub trait Progress: Send + Sync {
+    /// Starts (or restarts) a phase of `total` steps, e.g. `("train", 2000)`.
+    fn start(&self, phase: &str, total: u64);
+    /// Sets the absolute position in the current phase.
+    fn set_position(&self, pos: u64);
+    /// A short status line, e.g. `loss_seg=0.812 lr=2.5e-4`.
+    fn message(&self, msg: &str);
+}
+
+/// A [`Progress`] that discards everything.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _phase: &str, _total: u64) {}
+    fn set_position(&self, _pos: u64) {}
+    fn message(&self, _msg: &str) {}
+}
+
+/// Set when the user interrupts the run; long stages poll it and return
+/// [`StageError::cancelled`] after saving a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything a stage's `run` may read and write.
+pub struct StageContext<'a> {
+    /// The stage's name in the pipeline file.
+    pub stage: &'a str,
+    pub pipeline: &'a str,
+    pub params: &'a Params,
+    pub inputs: &'a BTreeMap<String, InputArtifact>,
+    pub datasets: &'a BTreeMap<String, DatasetRef>,
+    /// One empty staging directory per declared output; the engine publishes them after `run`
+    /// returns `Ok`, and throws them away otherwise.
+    pub outputs: &'a BTreeMap<String, PathBuf>,
+    /// A directory that survives an interrupted attempt with the same key (checkpoints go here)
+    /// and is deleted once the stage's outputs are published.
+    pub scratch: &'a Path,
+    /// Resolved device kind: `flex`, `wgpu` or `cuda`.
+    pub device: &'a str,
+    pub seed: u64,
+    /// Directory of the pipeline file; relative paths in params are relative to it.
+    pub workdir: &'a Path,
+    pub progress: &'a dyn Progress,
+    pub cancel: &'a CancelToken,
+}
+
+impl StageContext<'_> {
+    pub fn input(&self, name: &str) -> Result<&InputArtifact, StageError> {
+        self.inputs.get(name).ok_or_else(|| {
+            StageError::new(format!("stage `{}` has no input `{name}`", self.stage))
+                .with_hint(format!("add `inputs: {{ {name}: <stage> }}` to the stage"))
+        })
+    }
+    pub fn output(&self, name: &str) -> Result<&Path, StageError> {
+        self.outputs
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| StageError::new(format!("stage `{}` has no output `{name}`", self.stage)))
+    }
+    /// The dataset named by a param of type [`ParamType::Dataset`].
+    pub fn dataset(&self, param: &str) -> Result<&DatasetRef, StageError> {
+        let name = self
+            .params
+            .get(param)
+            .and_then(Value::as_str)
+            .ok_or_else(|| StageError::new(format!("param `{param}` names no dataset")))?;
+        self.datasets
+            .get(name)
+            .ok_or_else(|| StageError::new(format!("dataset `{name}` is not defined")))
+    }
+    /// Resolves a path param against the pipeline file's directory.
+    pub fn path(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.workdir.join(p)
+    }
+    pub fn check_cancelled(&self) -> Result<(), StageError> {
+        if self.cancel.is_cancelled() {
+            Err(StageError::cancelled())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What a successful run reports besides its files: small metrics for the manifest and
+/// `dag show` (e.g. `{"miou": 41.2}`).
+#[derive(Debug, Clone, Default)]
+pub struct StageOutcome {
+    pub metrics: Map<String, Value>,
+}
+
+/// What the engine can tell a stage before anything runs, for [`Stage::preflight`].
+pub struct Preflight<'a> {
+    pub stage: &'a str,
+    pub params: &'a Params,
+    /// Datasets whose root is a workspace path (stage-output roots do not exist yet).
+    pub datasets: &'a BTreeMap<String, DatasetRef>,
+    pub workdir: &'a Path,
+}
+
+/// A stage kind.
+pub trait Stage: Send + Sync {
+    /// The name used in `kind:`.
+    fn kind(&self) -> &'static str;
+    /// Bumped whenever the kind's code changes what it writes; part of the cache key.
+    fn version(&self) -> u32;
+    /// One paragraph for `dag kinds` and the docs.
+    fn doc(&self) -> &'static str;
+    fn params(&self) -> Vec<ParamSpec>;
+    fn inputs(&self) -> Vec<InputSpec>;
+    /// Outputs may depend on params (a shell stage's `outs`).
+    fn outputs(&self, params: &Params) -> Vec<OutputSpec>;
+    /// Cross-param checks beyond types (e.g. `crop <= size`); the message is attributed to the
+    /// stage's `params:` in the pipeline file.
+    fn check(&self, _params: &Params) -> Result<(), String> {
+        Ok(())
+    }
+    /// Cheap checks before any stage of the pipeline runs (e.g. a dataset root exists).
+    fn preflight(&self, _pre: &Preflight<'_>) -> Result<(), StageError> {
+        Ok(())
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError>;
+}
+
+/// All known stage kinds, by name.
+#[derive(Default, Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn Stage>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds a kind; a later registration of the same name replaces the earlier one.
+    pub fn register(&mut self, stage: impl Stage + 'static) {
+        self.kinds.insert(stage.kind(), Arc::new(stage));
+    }
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Stage>> {
+        self.kinds.get(kind)
+    }
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+}
+
+/// Why a stage failed. Carries a message, an optional hint (what to do) and optional file.
+/// Not a `std::error::Error` itself so that any error converts into it with `?`.
+pub struct StageError {
+    pub message: String,
+    pub hint: Option<String>,
+    pub path: Option<PathBuf>,
+    pub cancelled: bool,
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StageError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            hint: None,
+            path: None,
+            cancelled: false,
+            source: None,
+        }
+    }
+    pub fn cancelled() -> Self {
+        Self {
+            cancelled: true,
+            ..Self::new("cancelled")
+        }
+    }
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+    pub fn with_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for StageError {
+    fn from(e: E) -> Self {
+        let mut message = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            cur = s.source();
+        }
+        Self {
+            source: Some(Box::new(e)),
+            ..Self::new(message)
+        }
+    }
+}
+
+impl fmt::Display for StageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(p) = &self.path {
+            write!(f, " ({})", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for StageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StageError({self}")?;
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        f.write_str(")")
+    }
+}
