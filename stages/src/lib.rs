@@ -4,28 +4,18 @@
 
 use dag_api::Registry;
 
+pub mod preprocess;
+pub mod synth;
+
 /// Adds every stage kind of this crate to `registry`.
 pub fn register_all(registry: &mut Registry) {
-    let _ = registry;
+    registry.register(preprocess::Preprocess);
+    registry.register(synth::Synth);
 }
 
 /// Resolves the pipeline's `device:` (`auto`, `flex`, `wgpu`, `cuda`) to the device kind that
 /// will actually run, or explains why the requested one is not available in this build.
+/// `auto` probes the GPU backends compiled in (CUDA, then wgpu) and falls back to `flex`.
 pub fn resolve_device(requested: &str) -> Result<String, String> {
-    match requested {
-        "flex" => Ok("flex".into()),
-        "wgpu" if cfg!(feature = "wgpu") => Ok("wgpu".into()),
-        "cuda" if cfg!(feature = "cuda") => Ok("cuda".into()),
-        "wgpu" | "cuda" => Err(format!(
-            "this dag was built without the `{requested}` backend; rebuild with `cargo build --release --features {requested}`"
-        )),
-        "auto" => Ok(if cfg!(feature = "cuda") {
-            "cuda".into()
-        } else if cfg!(feature = "wgpu") {
-            "wgpu".into()
-        } else {
-            "flex".into()
-        }),
-        other => Err(format!("unknown device `{other}`; expected auto, flex, wgpu or cuda")),
-    }
+    dag_train::resolve_device(requested).map(|choice| choice.name().to_string())
 }

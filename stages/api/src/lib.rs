@@ -16,6 +16,11 @@ pub use serde_json::{Map, Value};
 /// Version of this contract; part of every cache key, so that a change here invalidates all.
 pub const API_VERSION: u32 = 1;
 
+/// File name under [`StageContext::scratch`] where a stage may write its log. The engine keeps
+/// it in the cache with the run's manifest (`dag show` names it) and points to it when the stage
+/// fails.
+pub const STAGE_LOG: &str = "stage.log";
+
 /// The declared type of a stage parameter. The engine checks every value against it before
 /// anything runs and reports the file, line and column of a mismatch.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,1 +1,276 @@
-//! placeholder
+//! The networks of `dag` on Burn 0.22: DeepLabV2 (dilated ResNet with Caffe-style bottlenecks,
+//! frozen-affine BatchNorm, multi-level heads) and ADVENT's patch discriminator, plus what later
+//! stages need around them: saving/loading a model artifact (Burn record + `model.json`),
+//! ImageNet initialisation from PyTorch `.pth` files, and inference at a given output size.
+//!
+//! This crate knows nothing of the cache or the engine.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::store::ModuleRecord;
+use burn::tensor::activation::softmax;
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+pub mod deeplab;
+pub mod discriminator;
+pub mod torch;
+
+pub use deeplab::{output_size, DeepLabV2, DeepLabV2Config, ResNetBackbone};
+pub use discriminator::{Discriminator, DiscriminatorConfig};
+pub use torch::{load_imagenet_backbone, LoadReport};
+
+/// File name of the Burn record inside a model artifact directory.
+pub const WEIGHTS_FILE: &str = "model.bpk";
+/// File name of the architecture description inside a model artifact directory.
+pub const CONFIG_FILE: &str = "model.json";
+
+/// Errors of this crate; each names the file involved and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A depth without a block table.
+    #[error("unsupported ResNet depth {0}; use 101, 50, 26 or 14, or give `blocks` explicitly")]
+    UnknownDepth(usize),
+    /// A config value out of range.
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+    /// The `.pth` file does not exist.
+    #[error("ImageNet weights {0} not found; download them or fix the path")]
+    WeightsNotFound(PathBuf),
+    /// The `.pth` file could not be read or does not fit the backbone.
+    #[error("cannot load PyTorch weights from {path}: {message}")]
+    Weights {
+        /// The `.pth` file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The `.pth` file lacks backbone tensors and partial loads were not allowed.
+    #[error(
+        "{path} has no value for {} backbone tensor(s) ({}), {applied} applied; refusing a \
+         partial load: check that the file is a ResNet of the configured depth, or allow \
+         partial loads explicitly",
+        missing.len(), torch::display_list(missing, 5)
+    )]
+    PartialLoad {
+        /// The `.pth` file.
+        path: PathBuf,
+        /// Backbone tensors without a value.
+        missing: Vec<String>,
+        /// How many tensors were applied.
+        applied: usize,
+    },
+    /// Reading or writing an artifact file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `model.json` is not a valid description.
+    #[error("{path} is not a valid model description ({source}); was it written by dag?")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// The Burn record could not be written or does not match the architecture.
+    #[error(
+        "model weights {path}: {message}; the artifact is damaged or from another architecture"
+    )]
+    Record {
+        /// The record file.
+        path: PathBuf,
+        /// Burn's message.
+        message: String,
+    },
+}
+
+/// The `model.json` of a model artifact: the architecture, and free-form metadata (training
+/// summary, class names, ...) the writing stage wants to keep alongside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelDescription {
+    /// Always `"deeplabv2"` for now; lets later model families share the artifact type.
+    pub architecture: String,
+    /// The architecture's config.
+    pub config: DeepLabV2Config,
+    /// Anything else the writer wants to record.
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+/// Writes `model` into `dir` as `model.bpk` (Burn record) and `model.json` (architecture +
+/// `metadata`), creating `dir` if needed.
+pub fn save_model(
+    model: DeepLabV2,
+    config: &DeepLabV2Config,
+    metadata: serde_json::Value,
+    dir: &Path,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let desc = ModelDescription {
+        architecture: "deeplabv2".into(),
+        config: config.clone(),
+        metadata,
+    };
+    let json_path = dir.join(CONFIG_FILE);
+    let json = serde_json::to_vec_pretty(&desc).map_err(|source| ModelError::Json {
+        path: json_path.clone(),
+        source,
+    })?;
+    std::fs::write(&json_path, json).map_err(|source| ModelError::Io {
+        path: json_path,
+        source,
+    })?;
+    let weights = dir.join(WEIGHTS_FILE);
+    model
+        .into_record()
+        .save(&weights)
+        .map_err(|e| ModelError::Record {
+            path: weights,
+            message: e.to_string(),
+        })
+}
+
+/// Reads the `model.json` of an artifact directory.
+pub fn read_description(dir: &Path) -> Result<ModelDescription, ModelError> {
+    let path = dir.join(CONFIG_FILE);
+    let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let desc: ModelDescription =
+        serde_json::from_slice(&bytes).map_err(|source| ModelError::Json {
+            path: path.clone(),
+            source,
+        })?;
+    if desc.architecture != "deeplabv2" {
+        return Err(ModelError::InvalidConfig(format!(
+            "{} describes a `{}` model; this build only knows `deeplabv2`",
+            path.display(),
+            desc.architecture
+        )));
+    }
+    Ok(desc)
+}
+
+/// Rebuilds a model from an artifact directory written by [`save_model`], on `device`.
+pub fn load_model(
+    dir: &Path,
+    device: &Device,
+) -> Result<(DeepLabV2, ModelDescription), ModelError> {
+    let desc = read_description(dir)?;
+    let model = desc.config.init(device)?;
+    let model = load_record_into(model, &dir.join(WEIGHTS_FILE))?;
+    Ok((model, desc))
+}
+
+/// Applies the Burn record at `path` to `module` (every tensor must match).
+pub fn load_record_into<M: Module>(module: M, path: &Path) -> Result<M, ModelError> {
+    let record = ModuleRecord::load(path).map_err(|e| ModelError::Record {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    module
+        .try_load_record(record)
+        .map_err(|e| ModelError::Record {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// Writes any module's Burn record to `path`.
+pub fn save_record<M: Module>(module: M, path: &Path) -> Result<(), ModelError> {
+    module
+        .into_record()
+        .save(path)
+        .map_err(|e| ModelError::Record {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// Bilinear resize with `align_corners = true` (as ADVENT) of `[N, C, h, w]` to `[N, C, H, W]`;
+/// a no-op when the size already matches.
+pub fn upsample(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
+    let [_, _, xh, xw] = x.dims();
+    if xh == h && xw == w {
+        return x;
+    }
+    interpolate(
+        x,
+        InterpolateOptions::new(InterpolateMode::Bilinear)
+            .with_align_corners(true)
+            .with_output_size([h, w]),
+    )
+}
+
+/// Bilinear resize with `align_corners = true` of `[N, C, h, w]` to `[N, C, H, W]`, written as
+/// two matrix products (`A_h X A_w^T`) so that it is differentiable on every backend: Burn's
+/// CubeCL backends (wgpu, cuda) have no backward for `interpolate`'s bilinear mode. Numerically
+/// the same map as [`upsample`]; use that one for inference.
+pub fn upsample_differentiable(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
+    let [n, c, xh, xw] = x.dims();
+    if xh == h && xw == w {
+        return x;
+    }
+    let device = x.device();
+    // [N*C*xh, xw] x [xw, W] -> [N, C, xh, W]
+    let aw = interpolation_matrix(xw, w, &device).transpose();
+    let x = x
+        .reshape([n * c * xh, xw])
+        .matmul(aw)
+        .reshape([n, c, xh, w]);
+    // [N*C*W, xh] x [xh, H] -> [N, C, W, H], then back to rows-first.
+    let ah = interpolation_matrix(xh, h, &device).transpose();
+    x.swap_dims(2, 3)
+        .reshape([n * c * w, xh])
+        .matmul(ah)
+        .reshape([n, c, w, h])
+        .swap_dims(2, 3)
+}
+
+/// The `[to, from]` matrix of 1-D linear interpolation with aligned corners.
+fn interpolation_matrix(from: usize, to: usize, device: &Device) -> Tensor<2> {
+    let mut m = vec![0.0f32; to * from];
+    for i in 0..to {
+        let src = if to > 1 {
+            i as f64 * (from - 1) as f64 / (to - 1) as f64
+        } else {
+            0.0
+        };
+        let i0 = (src.floor() as usize).min(from - 1);
+        let i1 = (i0 + 1).min(from - 1);
+        let frac = (src - i0 as f64) as f32;
+        m[i * from + i0] += 1.0 - frac;
+        m[i * from + i1] += frac;
+    }
+    Tensor::from_data(TensorData::new(m, [to, from]), device)
+}
+
+impl DeepLabV2 {
+    /// Inference: `(aux, main)` logits of `images` `[N, 3, H, W]` upsampled to `size`
+    /// (`[height, width]`), computed on a validation copy of the model (no autodiff, BatchNorm
+    /// on running statistics).
+    pub fn predict_logits(&self, images: Tensor<4>, size: [usize; 2]) -> (Tensor<4>, Tensor<4>) {
+        let model = self.valid();
+        let device = images.device().without_autodiff();
+        let images = images.to_device(&device);
+        let (aux, main) = model.forward(images);
+        (upsample(aux, size), upsample(main, size))
+    }
+
+    /// Inference: softmax probabilities of the main head at `size`, `[N, classes, H, W]`.
+    pub fn predict_probs(&self, images: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
+        let (_, main) = self.predict_logits(images, size);
+        softmax(main, 1)
+    }
+}

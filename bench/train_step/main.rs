@@ -1,0 +1,142 @@
+//! Times one training step of the DeepLabV2-small benchmark configuration on flex:
+//! ResNet-18-like depth (`[2,2,2,2]` bottlenecks, depth 26), width 0.25, 19 classes, batch
+//! 1 source + 1 target at 256x128 (W x H), ADVENT's optimisers and lambdas.
+//!
+//!     cargo run --release -p dag-train --example train_step -- [--warmup 3] [--steps 10]
+//!
+//! Runs the real training loop (`dag_train::train`) twice, source-only (the CE step) and
+//! AdvEnt, and prints the median per-iteration wall time of the steps after warm-up, plus a
+//! forward-only time. `bench/train_step.sh` runs this and the PyTorch twin side by side.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor};
+use dag_model::DeepLabV2Config;
+use dag_train::rand_core::RngCore;
+use dag_train::{
+    train, BatchError, Batches, ImageBatch, LabelBatch, Method, SourceBatch, TrainConfig,
+};
+
+const W: usize = 256;
+const H: usize = 128;
+const CLASSES: usize = 19;
+
+struct Random;
+
+fn image(rng: &mut dyn RngCore) -> Vec<f32> {
+    (0..3 * H * W)
+        .map(|_| (rng.next_u32() % 2000) as f32 / 20.0 - 50.0)
+        .collect()
+}
+
+impl Batches for Random {
+    fn source(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<SourceBatch, BatchError> {
+        let labels = (0..H * W)
+            .map(|_| match rng.next_u32() % 21 {
+                20 => 255,
+                c => c.min(18) as u8,
+            })
+            .collect();
+        Ok(SourceBatch {
+            images: ImageBatch {
+                data: image(rng),
+                shape: [1, 3, H, W],
+            },
+            labels: LabelBatch {
+                data: labels,
+                shape: [1, H, W],
+            },
+        })
+    }
+    fn target(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<ImageBatch, BatchError> {
+        Ok(ImageBatch {
+            data: image(rng),
+            shape: [1, 3, H, W],
+        })
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn model_config() -> DeepLabV2Config {
+    DeepLabV2Config::new(26, CLASSES)
+        .expect("depth 26 exists")
+        .with_width(0.25)
+}
+
+fn time_loop(method: Method, warmup: usize, steps: usize) -> f64 {
+    let device = Device::flex();
+    let model = model_config().init(&device).expect("valid config");
+    let config = TrainConfig {
+        method,
+        iterations: warmup + steps,
+        checkpoint_every: 0,
+        ..TrainConfig::default()
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = train(
+        &config,
+        model,
+        &device,
+        &mut Random,
+        dir.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect("training runs");
+    median(out.log[warmup..].iter().map(|l| l.seconds).collect())
+}
+
+fn time_forward(warmup: usize, steps: usize) -> f64 {
+    let device = Device::flex();
+    let model = model_config().init(&device).expect("valid config").valid();
+    let x = Tensor::<4>::random([1, 3, H, W], Distribution::Normal(0.0, 50.0), &device);
+    let mut times = Vec::new();
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        let (aux, main) = model.forward(x.clone());
+        let _: f32 = (aux.sum() + main.sum()).into_scalar();
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    median(times)
+}
+
+fn main() {
+    let mut warmup = 3;
+    let mut steps = 10;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v: usize = args
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{a} needs a number"));
+        match a.as_str() {
+            "--warmup" => warmup = v,
+            "--steps" => steps = v,
+            _ => panic!("unknown option {a}; use --warmup N --steps N"),
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "dag flex: DeepLabV2 depth 26 width 0.25, {CLASSES} classes, 1+1 x {W}x{H}, \
+         {threads} threads, median of {steps} after {warmup} warm-up"
+    );
+    let fwd = time_forward(warmup, steps);
+    println!("dag forward_ms {:.1}", fwd * 1e3);
+    let ce = time_loop(Method::SourceOnly, warmup, steps);
+    println!("dag ce_step_ms {:.1}", ce * 1e3);
+    let adv = time_loop(Method::AdvEnt, warmup, steps);
+    println!("dag advent_step_ms {:.1}", adv * 1e3);
+}

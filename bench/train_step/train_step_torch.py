@@ -1,0 +1,212 @@
+"""PyTorch twin of bench/train_step/main.rs: the same DeepLabV2-small (Caffe-style bottlenecks
+[2,2,2,2], width 0.25, dilation 2/4, ceil-mode stem pool, frozen-affine BatchNorm in training
+mode, four-branch classifier heads on layer3/layer4), the same discriminators (ndf 64), losses,
+optimisers (SGD 0.9/5e-4 with 10x heads, Adam 0.9/0.99/1e-8) and step structure, timed on CPU.
+
+    /var/tmp/torch-venv/bin/python bench/train_step/train_step_torch.py [--warmup 3] [--steps 10]
+
+Benchmark only; never needed by CI.
+"""
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+W, H, CLASSES, WIDTH, BLOCKS = 256, 128, 19, 0.25, [2, 2, 2, 2]
+
+
+def scaled(c):
+    return max(1, round(c * WIDTH))
+
+
+def frozen_bn(c):
+    bn = nn.BatchNorm2d(c)
+    for p in bn.parameters():
+        p.requires_grad = False
+    return bn
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, planes, stride, dilation):
+        super().__init__()
+        out = planes * 4
+        self.conv1 = nn.Conv2d(cin, planes, 1, stride=stride, bias=False)
+        self.bn1 = frozen_bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = frozen_bn(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = frozen_bn(out)
+        self.downsample = None
+        if stride != 1 or cin != out or dilation > 1:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, out, 1, stride=stride, bias=False), frozen_bn(out)
+            )
+
+    def forward(self, x):
+        r = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return F.relu(self.bn3(self.conv3(y)) + r)
+
+
+class Classifier(nn.Module):
+    def __init__(self, cin, classes):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(cin, classes, 3, padding=d, dilation=d) for d in (6, 12, 18, 24)
+        )
+        for m in self.conv2d_list:
+            m.weight.data.normal_(0, 0.01)
+
+    def forward(self, x):
+        out = self.conv2d_list[0](x)
+        for conv in self.conv2d_list[1:]:
+            out = out + conv(x)
+        return out
+
+
+class DeepLabV2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        stem = scaled(64)
+        self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
+        self.bn1 = frozen_bn(stem)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        cin = stem
+        geometry = [(1, 1), (2, 1), (1, 2), (1, 4)]
+        for i, (n, planes, (stride, dil)) in enumerate(
+            zip(BLOCKS, [scaled(64), scaled(128), scaled(256), scaled(512)], geometry)
+        ):
+            blocks = []
+            for b in range(n):
+                blocks.append(Bottleneck(cin, planes, stride if b == 0 else 1, dil))
+                cin = planes * 4
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.layer5 = Classifier(scaled(256) * 4, CLASSES)
+        self.layer6 = Classifier(scaled(512) * 4, CLASSES)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        aux = self.layer5(x)
+        return aux, self.layer6(self.layer4(x))
+
+    def optim_parameters(self, lr):
+        heads = list(self.layer5.parameters()) + list(self.layer6.parameters())
+        ids = {id(p) for p in heads}
+        backbone = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": backbone, "lr": lr}, {"params": heads, "lr": 10 * lr}]
+
+
+def discriminator(classes, ndf=64):
+    layers, cin = [], classes
+    for i, c in enumerate([ndf, ndf * 2, ndf * 4, ndf * 8, 1]):
+        layers.append(nn.Conv2d(cin, c, 4, stride=2, padding=1))
+        if i < 4:
+            layers.append(nn.LeakyReLU(0.2))
+        cin = c
+    return nn.Sequential(*layers)
+
+
+def self_information(logits):
+    p = F.softmax(logits, dim=1)
+    return -p * torch.log2(p + 1e-30) / math.log2(logits.shape[1])
+
+
+def bce(x, label):
+    return F.binary_cross_entropy_with_logits(x, torch.full_like(x, label))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    torch.manual_seed(1234)
+    threads = torch.get_num_threads()
+    print(
+        f"pytorch {torch.__version__} cpu: same config, {threads} threads, "
+        f"median of {args.steps} after {args.warmup} warm-up"
+    )
+
+    def batch():
+        x = torch.rand(1, 3, H, W) * 100 - 50
+        y = torch.randint(0, CLASSES, (1, H, W))
+        y[torch.rand(1, H, W) < 0.05] = 255
+        return x, y
+
+    def up(t):
+        return F.interpolate(t, size=(H, W), mode="bilinear", align_corners=True)
+
+    def run(advent):
+        model = DeepLabV2().train()
+        lr, lr_d = 2.5e-4, 1e-4
+        opt = torch.optim.SGD(model.optim_parameters(lr), lr=lr, momentum=0.9, weight_decay=5e-4)
+        d_main, d_aux = discriminator(CLASSES).train(), discriminator(CLASSES).train()
+        opt_dm = torch.optim.Adam(d_main.parameters(), lr=lr_d, betas=(0.9, 0.99), eps=1e-8)
+        opt_da = torch.optim.Adam(d_aux.parameters(), lr=lr_d, betas=(0.9, 0.99), eps=1e-8)
+        times = []
+        for i in range(args.warmup + args.steps):
+            xs, ys = batch()
+            xt, _ = batch()
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            opt_dm.zero_grad()
+            opt_da.zero_grad()
+            for d in (d_main, d_aux):
+                for p in d.parameters():
+                    p.requires_grad = False
+            aux_s, main_s = model(xs)
+            aux_s, main_s = up(aux_s), up(main_s)
+            loss = F.cross_entropy(main_s, ys, ignore_index=255) + 0.1 * F.cross_entropy(
+                aux_s, ys, ignore_index=255
+            )
+            loss.backward()
+            if advent:
+                aux_t, main_t = model(xt)
+                aux_t, main_t = up(aux_t), up(main_t)
+                adv = 0.001 * bce(d_main(self_information(main_t)), 0.0) + 0.0002 * bce(
+                    d_aux(self_information(aux_t)), 0.0
+                )
+                adv.backward()
+                for d in (d_main, d_aux):
+                    for p in d.parameters():
+                        p.requires_grad = True
+                for d, s, t in ((d_main, main_s, main_t), (d_aux, aux_s, aux_t)):
+                    ld = (
+                        bce(d(self_information(s.detach())), 0.0)
+                        + bce(d(self_information(t.detach())), 1.0)
+                    ) / 2
+                    ld.backward()
+                opt_dm.step()
+                opt_da.step()
+            opt.step()
+            float(loss.detach())
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    model = DeepLabV2().eval()
+    x, _ = batch()
+    fwd = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            aux, main = model(x)
+            float(aux.sum() + main.sum())
+            if i >= args.warmup:
+                fwd.append(time.perf_counter() - t0)
+    print(f"pytorch forward_ms {statistics.median(fwd) * 1e3:.1f}")
+    print(f"pytorch ce_step_ms {run(False) * 1e3:.1f}")
+    print(f"pytorch advent_step_ms {run(True) * 1e3:.1f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    main()

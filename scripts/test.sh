@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the whole test suite the way CI does, after setting up what the tests need:
+#  - Mesa's software Vulkan (lavapipe) for the WGPU training test,
+#  - a Python venv with numpy, pyarrow and duckdb for the external-reader and reference tests.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p dag-metrics`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dag-target}"
+venv="${DAG_TEST_VENV:-/var/tmp/dag-test-venv}"
+
+if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing mesa-vulkan-drivers (software Vulkan for the WGPU test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+    else
+        echo "error: the WGPU test needs Mesa's software Vulkan driver (lavapipe)." >&2
+        echo "       install it with: sudo apt-get install mesa-vulkan-drivers" >&2
+        exit 1
+    fi
+fi
+
+if ! "$venv/bin/python" -c 'import numpy, pyarrow, duckdb' >/dev/null 2>&1; then
+    echo "== creating $venv with numpy, pyarrow and duckdb"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check numpy pyarrow duckdb
+fi
+export DAG_TEST_PYTHON="$venv/bin/python"
+
+exec cargo test --release --workspace --features wgpu "$@"

@@ -1,0 +1,936 @@
+//! The `dag` command line.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dag_api::{ParamType, Params, Registry};
+
+use crate::cache::{self, Cache, Manifest};
+use crate::executor::{Engine, EngineError, Outcome, RunReport, Selection};
+use crate::hash::StatCache;
+use crate::spec::{self, Override, Pipeline};
+
+/// Reproducible, cached pipelines: runs only what is stale, reuses the rest.
+#[derive(Debug, Parser)]
+#[command(name = "dag", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    /// What to do.
+    pub command: Command,
+    #[command(flatten)]
+    /// Options of every command.
+    pub global: Global,
+}
+
+/// Options every command accepts.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Override a param: `-S stage.param=value` (the value is YAML; repeatable). Changes the
+    /// stage's key exactly as editing the file would.
+    #[arg(
+        short = 'S',
+        long = "set",
+        value_name = "STAGE.PARAM=VALUE",
+        global = true
+    )]
+    pub set: Vec<String>,
+    /// Device for stages that compute: auto, flex, wgpu or cuda (overrides the file's `device:`).
+    #[arg(long, global = true)]
+    pub device: Option<String>,
+    /// The artifact cache directory.
+    #[arg(long, env = "DAG_CACHE", default_value = "cache", global = true)]
+    pub cache: PathBuf,
+    /// Where `<pipeline>/<stage>/<output>` links to the current outputs are kept.
+    #[arg(long, default_value = "out", global = true)]
+    pub out: PathBuf,
+    /// More log output (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// Log line formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Which stages a command considers.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SelectArgs {
+    /// Run only this stage (repeatable); its inputs must already be in the cache.
+    #[arg(long, value_name = "STAGE")]
+    pub only: Vec<String>,
+    /// Run this stage and everything it depends on (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub until: Vec<String>,
+    /// Rerun this stage even when cached (repeatable); its dependents rerun only if its output
+    /// bytes change.
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Rerun every selected stage.
+    #[arg(long)]
+    pub force_all: bool,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> Selection {
+        Selection {
+            only: self.only.clone(),
+            until: self.until.clone(),
+            force: self.force.clone(),
+            force_all: self.force_all,
+        }
+    }
+}
+
+/// Graph output formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GraphFormat {
+    /// Graphviz.
+    Dot,
+    /// Mermaid flowchart.
+    Mermaid,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run what is stale and reuse the rest; print a summary table.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        #[command(flatten)]
+        /// Which stages to run.
+        select: SelectArgs,
+        /// Stages to run at once (independent stages run in parallel).
+        #[arg(short, long, default_value_t = 1)]
+        jobs: usize,
+        /// Exit instead of waiting when another dag holds the cache.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show what `run` would do, and why each stale stage would run.
+    Plan {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        #[command(flatten)]
+        /// Which stages to consider.
+        select: SelectArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per stage: up to date or stale, and the cache's size.
+    Status {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Print the pipeline's graph.
+    Graph {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Show a stage's last run: outputs, metrics, timings, log.
+    Show {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The stage name.
+        stage: String,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete objects and trees that no kept manifest reaches.
+    Gc {
+        /// Keep only the N most recent runs of each stage (the latest run is always kept).
+        #[arg(long, value_name = "N")]
+        keep_last: Option<usize>,
+        /// Report what would be deleted without deleting.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Re-hash every object (or those a pipeline's current outputs use); quarantine corrupt ones
+    /// and drop the runs that used them, so the next run rebuilds exactly those stages.
+    Verify {
+        /// Only check the objects of this pipeline's latest runs.
+        pipeline: Option<PathBuf>,
+    },
+    /// List the stage kinds with their params, defaults and docs.
+    Kinds,
+    /// Print the digest the cache would give a file or directory, and the hashing throughput.
+    Hash {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// The registry of the `dag` binary: every kind of `dag-stages`, plus `shell`.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    dag_stages::register_all(&mut r);
+    r.register(crate::shell::Shell);
+    r
+}
+
+/// Exit status for a usage or spec error.
+const EXIT_USAGE: u8 = 2;
+
+/// Parses the command line and runs; returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    // Lines are wrapped for people at a terminal only; logs and tests get each message whole.
+    let tty = std::io::stderr().is_terminal();
+    let _ = miette::set_hook(Box::new(move |_| {
+        Box::new(miette::MietteHandlerOpts::new().wrap_lines(tty).build())
+    }));
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            e.print();
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn init_logging(g: &Global) {
+    let level = if g.quiet {
+        "error"
+    } else {
+        match g.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DAG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match g.log_format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.with_ansi(std::io::stderr().is_terminal()).try_init(),
+    };
+}
+
+/// An error on its way to the user.
+struct Failure {
+    code: u8,
+    kind: FailureKind,
+}
+
+enum FailureKind {
+    Spec(crate::diag::SpecErrors),
+    Message {
+        message: String,
+        hint: Option<String>,
+    },
+}
+
+impl Failure {
+    fn msg(code: u8, message: impl Into<String>, hint: Option<String>) -> Self {
+        Failure {
+            code,
+            kind: FailureKind::Message {
+                message: message.into(),
+                hint,
+            },
+        }
+    }
+
+    fn print(&self) {
+        match &self.kind {
+            FailureKind::Spec(errs) => {
+                for e in &errs.0 {
+                    eprintln!("{:?}", e.report());
+                }
+                eprintln!(
+                    "error: {} problem{} in the pipeline; nothing was run",
+                    errs.0.len(),
+                    if errs.0.len() == 1 { "" } else { "s" }
+                );
+            }
+            FailureKind::Message { message, hint } => {
+                eprintln!("error: {message}");
+                if let Some(h) = hint {
+                    eprintln!("  hint: {h}");
+                }
+            }
+        }
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        Failure::msg(1, e.to_string(), Some(e.hint()))
+    }
+}
+
+impl From<cache::CacheError> for Failure {
+    fn from(e: cache::CacheError) -> Self {
+        Failure::msg(1, e.to_string(), Some(e.hint()))
+    }
+}
+
+fn load(path: &Path, g: &Global) -> Result<Pipeline, Failure> {
+    if let Err(e) = fs::metadata(path) {
+        return Err(Failure::msg(
+            EXIT_USAGE,
+            format!("cannot read the pipeline file {}: {e}", path.display()),
+            Some("check the path; it is relative to the current directory".into()),
+        ));
+    }
+    let mut overrides = Vec::new();
+    let mut errs = Vec::new();
+    for s in &g.set {
+        match Override::parse(s) {
+            Ok(o) => overrides.push(o),
+            Err(e) => errs.push(e),
+        }
+    }
+    if !errs.is_empty() {
+        return Err(Failure {
+            code: EXIT_USAGE,
+            kind: FailureKind::Spec(crate::diag::SpecErrors(errs)),
+        });
+    }
+    spec::load(path, &registry(), &overrides).map_err(|e| Failure {
+        code: EXIT_USAGE,
+        kind: FailureKind::Spec(e),
+    })
+}
+
+fn device(p: &Pipeline, g: &Global) -> Result<String, Failure> {
+    let requested = g.device.as_deref().unwrap_or(&p.device);
+    // Shell stages are device-independent; resolving may probe GPU backends, so skip it when
+    // nothing else would use the answer.
+    if p.stages.iter().all(|s| s.is_shell()) {
+        return Ok(requested.to_string());
+    }
+    dag_stages::resolve_device(requested).map_err(|e| {
+        Failure::msg(
+            EXIT_USAGE,
+            format!("device `{requested}`: {e}"),
+            Some("pass --device flex to run on the CPU".into()),
+        )
+    })
+}
+
+/// The cache for reading: the real one when it exists, else an empty view of its path.
+fn cache_view(g: &Global) -> Cache {
+    Cache::open_existing(&g.cache).unwrap_or_else(|| Cache {
+        root: std::path::absolute(&g.cache).unwrap_or_else(|_| g.cache.clone()),
+    })
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Run {
+            pipeline,
+            select,
+            jobs,
+            no_wait,
+        } => cmd_run(pipeline, select, *jobs, *no_wait, g),
+        Command::Plan {
+            pipeline,
+            select,
+            json,
+        } => cmd_plan(pipeline, select, *json, g),
+        Command::Status { pipeline } => cmd_status(pipeline, g),
+        Command::Graph { pipeline, format } => cmd_graph(pipeline, *format, g),
+        Command::Show {
+            pipeline,
+            stage,
+            json,
+        } => cmd_show(pipeline, stage, *json, g),
+        Command::Gc { keep_last, dry_run } => cmd_gc(*keep_last, *dry_run, g),
+        Command::Verify { pipeline } => cmd_verify(pipeline.as_deref(), g),
+        Command::Kinds => cmd_kinds(),
+        Command::Hash { paths } => cmd_hash(paths),
+    }
+}
+
+fn cmd_run(
+    path: &Path,
+    select: &SelectArgs,
+    jobs: usize,
+    no_wait: bool,
+    g: &Global,
+) -> Result<ExitCode, Failure> {
+    let p = load(path, g)?;
+    let device = device(&p, g)?;
+    let cache = Cache::open(&g.cache)?;
+    let _lock = cache.lock(!no_wait)?;
+    cache.clean_tmp()?;
+    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let out = std::path::absolute(&g.out).unwrap_or_else(|_| g.out.clone());
+    let mut engine = Engine::new(&p, &cache, &stat, device, out);
+    engine.progress &= !g.quiet;
+    let token = engine.cancel.clone();
+    let _ = ctrlc::set_handler(move || token.cancel());
+    let report = engine.run(&select.selection(), jobs);
+    stat.save();
+    let report = report?;
+    if !g.quiet {
+        print_summary(&report);
+    }
+    Ok(match &report.failure {
+        None => ExitCode::SUCCESS,
+        Some(f) if f.cancelled => {
+            eprintln!(
+                "error: interrupted{}; completed stages are cached, rerun to continue",
+                if f.stage.is_empty() {
+                    String::new()
+                } else {
+                    format!(" while running `{}`", f.stage)
+                }
+            );
+            ExitCode::from(130)
+        }
+        Some(f) => {
+            eprintln!("error: stage `{}` failed: {}", f.stage, f.message);
+            if let Some(l) = &f.log {
+                eprintln!("  log: {}", l.display());
+            }
+            if let Some(h) = &f.hint {
+                eprintln!("  hint: {h}");
+            }
+            ExitCode::from(1)
+        }
+    })
+}
+
+fn print_summary(r: &RunReport) {
+    let width = r
+        .stages
+        .iter()
+        .map(|s| s.stage.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<8}  {:>9}",
+        "stage", "status", "seconds"
+    );
+    for s in &r.stages {
+        let secs = match s.outcome {
+            Outcome::Ran => format!("{:.3}", s.seconds),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<8}  {:>9}",
+            s.stage,
+            s.outcome.word(),
+            secs
+        );
+    }
+    let count = |o: Outcome| r.stages.iter().filter(|s| s.outcome == o).count();
+    let _ = writeln!(
+        out,
+        "{} ran, {} cached, {} failed in {:.3} s",
+        count(Outcome::Ran),
+        count(Outcome::Cached),
+        count(Outcome::Failed),
+        r.seconds
+    );
+}
+
+fn cmd_plan(path: &Path, select: &SelectArgs, json: bool, g: &Global) -> Result<ExitCode, Failure> {
+    let p = load(path, g)?;
+    let device = device(&p, g)?;
+    let cache = cache_view(g);
+    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let engine = Engine::new(&p, &cache, &stat, device, g.out.clone());
+    let plan = engine.plan(&select.selection())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).expect("plan serializes")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = plan.iter().map(|e| e.stage.len()).max().unwrap_or(5).max(5);
+    for e in &plan {
+        let status = match e.status {
+            "cached" => "cached",
+            "run" => "will run",
+            _ => "skipped",
+        };
+        let why = e
+            .reasons
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        println!("{:<width$}  {:<8}  {why}", e.stage, status);
+    }
+    let runs = plan.iter().filter(|e| e.status == "run").count();
+    println!("{runs} of {} stages will run", plan.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_status(path: &Path, g: &Global) -> Result<ExitCode, Failure> {
+    let p = load(path, g)?;
+    let device = device(&p, g)?;
+    let cache = cache_view(g);
+    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let engine = Engine::new(&p, &cache, &stat, device, g.out.clone());
+    let plan = engine.plan(&Selection::default())?;
+    for e in &plan {
+        let state = if e.status == "cached" {
+            "up to date"
+        } else {
+            "stale"
+        };
+        let first = e
+            .reasons
+            .first()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        println!("{}: {state}{first}", e.stage);
+    }
+    let (mut n, mut bytes) = (0u64, 0u64);
+    for e in walkdir::WalkDir::new(cache.root.join("objects"))
+        .into_iter()
+        .flatten()
+    {
+        if e.file_type().is_file() {
+            n += 1;
+            bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    println!(
+        "cache {}: {n} objects, {:.1} MiB",
+        cache.root.display(),
+        bytes as f64 / 1048576.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_graph(path: &Path, format: GraphFormat, g: &Global) -> Result<ExitCode, Failure> {
+    let p = load(path, g)?;
+    let mut edges: Vec<(usize, usize, String)> = Vec::new();
+    for (i, st) in p.stages.iter().enumerate() {
+        for (name, r) in &st.inputs {
+            edges.push((r.stage, i, name.clone()));
+        }
+        for d in &st.datasets {
+            if let spec::DatasetRoot::Stage { stage, .. } = &p.datasets[d].root {
+                edges.push((*stage, i, format!("dataset {d}")));
+            }
+        }
+    }
+    let esc = |s: &str| s.replace('"', "'");
+    match format {
+        GraphFormat::Dot => {
+            println!(
+                "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];",
+                esc(&p.name)
+            );
+            for &i in &p.order {
+                let st = &p.stages[i];
+                println!(
+                    "  \"{}\" [label=\"{}\\n({})\"];",
+                    esc(&st.name),
+                    esc(&st.name),
+                    st.kind.kind()
+                );
+            }
+            for (a, b, l) in &edges {
+                println!(
+                    "  \"{}\" -> \"{}\" [label=\"{}\"];",
+                    esc(&p.stages[*a].name),
+                    esc(&p.stages[*b].name),
+                    esc(l)
+                );
+            }
+            println!("}}");
+        }
+        GraphFormat::Mermaid => {
+            println!("flowchart LR");
+            for &i in &p.order {
+                let st = &p.stages[i];
+                println!("  s{i}[\"{}<br/>({})\"]", esc(&st.name), st.kind.kind());
+            }
+            for (a, b, l) in &edges {
+                println!("  s{a} -->|\"{}\"| s{b}", esc(l));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_show(path: &Path, stage: &str, json: bool, g: &Global) -> Result<ExitCode, Failure> {
+    let p = load(path, g)?;
+    if !p.index.contains_key(stage) {
+        return Err(Failure::msg(
+            EXIT_USAGE,
+            format!("pipeline `{}` has no stage `{stage}`", p.name),
+            crate::diag::did_you_mean(stage, p.stages.iter().map(|s| s.name.as_str())),
+        ));
+    }
+    let cache = cache_view(g);
+    let Some(m) = cache
+        .latest(&p.name, stage)
+        .and_then(|k| cache.read_manifest(&k))
+    else {
+        return Err(Failure::msg(
+            1,
+            format!("stage `{stage}` has no run in {}", cache.root.display()),
+            Some(format!("run `dag run {}` first", path.display())),
+        ));
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&m).expect("manifest serializes")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("stage    {} ({} v{})", m.stage, m.kind, m.kind_version);
+    println!("key      {}", m.key);
+    println!("device   {}   seed {}", m.device, m.seed);
+    println!(
+        "ran      {:.3} s (+{:.3} s publishing), finished at unix {:.0}",
+        m.seconds, m.publish_seconds, m.finished_unix
+    );
+    println!(
+        "params   {}",
+        serde_json::to_string(&m.params).unwrap_or_default()
+    );
+    for (name, i) in &m.inputs {
+        println!("input    {name} <- {} ({})", i.producer, &i.digest[..12]);
+    }
+    let out = std::path::absolute(&g.out).unwrap_or_else(|_| g.out.clone());
+    for (name, t) in &m.outputs {
+        println!(
+            "output   {name}: {} ({} files, {} bytes)",
+            out.join(&m.pipeline).join(&m.stage).join(name).display(),
+            t.entries.len(),
+            t.size()
+        );
+        println!("         cache: {}", cache.tree_path(&t.digest).display());
+    }
+    for (k, v) in &m.metrics {
+        println!("metric   {k} = {v}");
+    }
+    if let Some(l) = &m.log {
+        println!("log      {}", cache.object_path(l).display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reachable(ms: &[Manifest]) -> (HashSet<String>, HashSet<String>) {
+    let mut objects = HashSet::new();
+    let mut trees = HashSet::new();
+    for m in ms {
+        for t in m.outputs.values() {
+            trees.insert(t.digest.clone());
+            objects.extend(t.entries.iter().map(|e| e.digest.clone()));
+        }
+        if let Some(l) = &m.log {
+            objects.insert(l.clone());
+        }
+    }
+    (objects, trees)
+}
+
+fn list_objects(cache: &Cache) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(cache.root.join("objects"))
+        .min_depth(2)
+        .max_depth(2)
+        .into_iter()
+        .flatten()
+    {
+        let prefix = e
+            .path()
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.push((
+            format!("{prefix}{}", e.file_name().to_string_lossy()),
+            e.path().to_path_buf(),
+        ));
+    }
+    out
+}
+
+fn cmd_gc(keep_last: Option<usize>, dry_run: bool, g: &Global) -> Result<ExitCode, Failure> {
+    let Some(cache) = Cache::open_existing(&g.cache) else {
+        println!("no cache at {}", g.cache.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let _lock = cache.lock(true)?;
+    let mut manifests = cache.manifests()?;
+    let mut dropped = 0usize;
+    if let Some(n) = keep_last {
+        let mut by_stage: BTreeMap<(String, String), Vec<Manifest>> = BTreeMap::new();
+        for m in manifests.drain(..) {
+            by_stage
+                .entry((m.pipeline.clone(), m.stage.clone()))
+                .or_default()
+                .push(m);
+        }
+        for ((pipeline, stage), mut runs) in by_stage {
+            runs.sort_by(|a, b| {
+                b.finished_unix
+                    .total_cmp(&a.finished_unix)
+                    .then(a.key.cmp(&b.key))
+            });
+            let latest = cache.latest(&pipeline, &stage);
+            for (k, m) in runs.into_iter().enumerate() {
+                if k < n || latest.as_deref() == Some(m.key.as_str()) {
+                    manifests.push(m);
+                } else {
+                    dropped += 1;
+                    if !dry_run {
+                        let path = cache.manifest_path(&m.key);
+                        fs::remove_file(&path).map_err(|e| {
+                            Failure::msg(1, format!("cannot remove {}: {e}", path.display()), None)
+                        })?;
+                    }
+                }
+            }
+        }
+    }
+    let (objects, trees) = reachable(&manifests);
+    let (mut n_obj, mut bytes) = (0usize, 0u64);
+    for (digest, path) in list_objects(&cache) {
+        if !objects.contains(&digest) {
+            n_obj += 1;
+            bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if !dry_run {
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+    let mut n_tree = 0usize;
+    if let Ok(rd) = fs::read_dir(cache.root.join("trees")) {
+        for e in rd.flatten() {
+            if !trees.contains(e.file_name().to_string_lossy().as_ref()) {
+                n_tree += 1;
+                if !dry_run {
+                    let _ = cache::remove_all(&e.path());
+                }
+            }
+        }
+    }
+    println!(
+        "{}{dropped} old runs, {n_obj} objects ({:.1} MiB) and {n_tree} trees",
+        if dry_run { "would delete " } else { "deleted " },
+        bytes as f64 / 1048576.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_verify(pipeline: Option<&Path>, g: &Global) -> Result<ExitCode, Failure> {
+    let Some(cache) = Cache::open_existing(&g.cache) else {
+        println!("no cache at {}", g.cache.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let _lock = cache.lock(true)?;
+    let manifests = cache.manifests()?;
+    let scope: Option<HashSet<String>> = match pipeline {
+        None => None,
+        Some(path) => {
+            let p = load(path, g)?;
+            let latest: Vec<Manifest> = p
+                .stages
+                .iter()
+                .filter_map(|s| cache.latest(&p.name, &s.name))
+                .filter_map(|k| cache.read_manifest(&k))
+                .collect();
+            Some(reachable(&latest).0)
+        }
+    };
+    let objects: Vec<(String, PathBuf)> = list_objects(&cache)
+        .into_iter()
+        .filter(|(d, _)| scope.as_ref().is_none_or(|s| s.contains(d)))
+        .collect();
+    use rayon::prelude::*;
+    let corrupt: BTreeSet<String> = objects
+        .par_iter()
+        .filter_map(|(digest, path)| {
+            let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            match crate::hash::hash_file(path, size) {
+                Ok(d) if &d == digest => None,
+                _ => Some(digest.clone()),
+            }
+        })
+        .collect();
+    for d in &corrupt {
+        let from = cache.object_path(d);
+        let to = cache.root.join("quarantine").join(d);
+        fs::rename(&from, &to).map_err(|e| {
+            Failure::msg(
+                1,
+                format!("cannot quarantine {}: {e}", from.display()),
+                None,
+            )
+        })?;
+        println!("corrupt object {d} moved to {}", to.display());
+    }
+    let mut dropped = Vec::new();
+    for m in &manifests {
+        let uses = |t: &cache::OutputTree| t.entries.iter().any(|e| corrupt.contains(&e.digest));
+        if m.outputs.values().any(uses) || m.log.as_ref().is_some_and(|l| corrupt.contains(l)) {
+            let _ = fs::remove_file(cache.manifest_path(&m.key));
+            // Tree files are hard links to the objects, so the trees are corrupt too.
+            for t in m.outputs.values().filter(|t| uses(t)) {
+                let _ = cache::remove_all(&cache.tree_path(&t.digest));
+            }
+            dropped.push(format!("{}/{}", m.pipeline, m.stage));
+        }
+    }
+    println!(
+        "verified {} objects: {} corrupt",
+        objects.len(),
+        corrupt.len()
+    );
+    if corrupt.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("dropped the runs of: {}", dropped.join(", "));
+    println!("the next `dag run` rebuilds them");
+    Ok(ExitCode::from(1))
+}
+
+fn type_name(t: &ParamType) -> String {
+    match t {
+        ParamType::Bool => "bool".into(),
+        ParamType::Int { min, max } => match (min, max) {
+            (None, None) => "int".into(),
+            _ => format!(
+                "int in [{}, {}]",
+                min.map(|m| m.to_string()).unwrap_or_else(|| "-inf".into()),
+                max.map(|m| m.to_string()).unwrap_or_else(|| "inf".into())
+            ),
+        },
+        ParamType::Float {
+            min,
+            max,
+            min_exclusive,
+        } => match (min, max) {
+            (None, None) => "float".into(),
+            _ => format!(
+                "float in {}{}, {}]",
+                if *min_exclusive { "(" } else { "[" },
+                min.map(|m| m.to_string()).unwrap_or_else(|| "-inf".into()),
+                max.map(|m| m.to_string()).unwrap_or_else(|| "inf".into())
+            ),
+        },
+        ParamType::Str => "string".into(),
+        ParamType::Enum(v) => v.join("|"),
+        ParamType::Path => "path".into(),
+        ParamType::Dataset => "dataset".into(),
+        ParamType::List(i) => format!("list of {}", type_name(i)),
+        ParamType::Tuple(ts) => format!(
+            "[{}]",
+            ts.iter().map(type_name).collect::<Vec<_>>().join(", ")
+        ),
+        ParamType::StrMap => "map of strings".into(),
+    }
+}
+
+fn cmd_kinds() -> Result<ExitCode, Failure> {
+    let r = registry();
+    let mut out = std::io::stdout().lock();
+    for name in r.kinds() {
+        let k = r.get(name).expect("listed");
+        let _ = writeln!(out, "{name} (v{})\n  {}", k.version(), k.doc());
+        for p in k.params() {
+            let default = p
+                .default
+                .as_ref()
+                .map(|d| format!(" = {d}"))
+                .unwrap_or_else(|| " (required)".into());
+            let _ = writeln!(
+                out,
+                "  param  {}: {}{default}\n         {}",
+                p.name,
+                type_name(&p.ty),
+                p.doc
+            );
+        }
+        for i in k.inputs() {
+            let req = if i.required { "" } else { " (optional)" };
+            let _ = writeln!(
+                out,
+                "  input  {}: {}{req}\n         {}",
+                i.name, i.ty, i.doc
+            );
+        }
+        let defaults: Params = Params(
+            k.params()
+                .into_iter()
+                .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
+                .collect(),
+        );
+        if k.params().iter().all(|p| p.default.is_some()) {
+            for o in k.outputs(&defaults) {
+                let _ = writeln!(out, "  output {}: {}\n         {}", o.name, o.ty, o.doc);
+            }
+        }
+        let _ = writeln!(out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_hash(paths: &[PathBuf]) -> Result<ExitCode, Failure> {
+    for path in paths {
+        let io = |e: std::io::Error| {
+            Failure::msg(1, format!("cannot hash {}: {e}", path.display()), None)
+        };
+        let t0 = std::time::Instant::now();
+        let is_file = fs::metadata(path).map_err(io)?.is_file();
+        let files = crate::hash::list_files(path).map_err(io)?;
+        let digests = crate::hash::hash_files(&files).map_err(io)?;
+        let entries = files
+            .iter()
+            .zip(digests)
+            .map(|(f, digest)| cache::TreeEntry {
+                path: f.rel.clone(),
+                digest,
+                size: f.size,
+                exec: f.exec,
+            })
+            .collect();
+        let tree = cache::OutputTree::new("files", is_file, entries);
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "{}  {}  {} bytes in {:.3} s ({:.2} GB/s)",
+            tree.digest,
+            path.display(),
+            tree.size(),
+            secs,
+            tree.size() as f64 / secs.max(1e-9) / 1e9
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

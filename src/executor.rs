@@ -1,0 +1,1030 @@
+//! Plans and runs a pipeline: computes each stage's key from the content of what it reads, reuses
+//! cached runs, runs the rest in topological order (independent stages in parallel) and publishes
+//! their outputs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use dag_api::{CancelToken, DatasetRef, InputArtifact, Progress, StageContext, Value, STAGE_LOG};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::cache::{self, Cache, CacheError, InputRecord, Manifest, OutputTree, MANIFEST_FORMAT};
+use crate::hash::{self, StatCache};
+use crate::key::{self, KeyInputs};
+use crate::spec::{DatasetRoot, Pipeline};
+
+/// Which stages to consider and which to rerun regardless of the cache.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Run only these stages (their upstream outputs must be in the cache).
+    pub only: Vec<String>,
+    /// Run these stages and their ancestors.
+    pub until: Vec<String>,
+    /// Rerun these stages even when cached.
+    pub force: Vec<String>,
+    /// Rerun every selected stage.
+    pub force_all: bool,
+}
+
+/// A problem that stops a run before or between stages (not a stage's own failure).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    /// The cache failed.
+    Cache(#[from] CacheError),
+    #[error("unknown stage `{name}` in {flag}")]
+    /// A stage named on the command line does not exist.
+    UnknownStage {
+        /// The name as given.
+        name: String,
+        /// The flag that named it.
+        flag: &'static str,
+        /// A suggestion.
+        hint: String,
+    },
+    #[error("stage `{stage}` needs the output of `{upstream}`, which is not in the cache")]
+    /// A selected stage needs an output that no run has produced.
+    MissingUpstream {
+        /// The selected stage.
+        stage: String,
+        /// The stage whose output is missing.
+        upstream: String,
+    },
+    #[error("cannot fingerprint {}: {source}", path.display())]
+    /// A workspace path could not be hashed.
+    Fingerprint {
+        /// The path.
+        path: PathBuf,
+        #[source]
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+}
+
+impl EngineError {
+    /// What to do about it.
+    pub fn hint(&self) -> String {
+        match self {
+            EngineError::Cache(e) => e.hint(),
+            EngineError::UnknownStage { hint, .. } => hint.clone(),
+            EngineError::MissingUpstream { upstream, .. } => {
+                format!("run `{upstream}` first (drop --only, or use --until)")
+            }
+            EngineError::Fingerprint { .. } => "check that the path is readable".into(),
+        }
+    }
+}
+
+/// Why a stage will run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Reason {
+    /// `--force` or `--force-all`.
+    Forced,
+    /// No run of this stage name is in the cache.
+    NeverRan,
+    /// The run with this key is recorded but its outputs are gone (gc, verify).
+    OutputMissing,
+    /// A param differs from the last run.
+    ParamChanged {
+        /// Param name.
+        param: String,
+        /// Value in the last run (`None`: absent).
+        from: Option<Value>,
+        /// Value now (`None`: removed).
+        to: Option<Value>,
+    },
+    /// An input's content differs from the last run.
+    InputChanged {
+        /// Input name.
+        input: String,
+        /// Tree digest in the last run.
+        from: Option<String>,
+        /// Tree digest now.
+        to: String,
+    },
+    /// An upstream stage runs first; this one reruns only if its output bytes change.
+    UpstreamWillRun {
+        /// The upstream stage.
+        stage: String,
+    },
+    /// The kind's code version changed.
+    KindVersionChanged {
+        /// Version in the last run.
+        from: u32,
+        /// Version now.
+        to: u32,
+    },
+    /// The device kind changed.
+    DeviceChanged {
+        /// Device in the last run.
+        from: String,
+        /// Device now.
+        to: String,
+    },
+    /// The pipeline seed changed.
+    SeedChanged {
+        /// Seed in the last run.
+        from: u64,
+        /// Seed now.
+        to: u64,
+    },
+    /// A dataset's declaration or files changed.
+    DatasetChanged {
+        /// Dataset name.
+        dataset: String,
+    },
+    /// A workspace file the stage reads changed.
+    WorkspaceChanged {
+        /// Path relative to the pipeline file.
+        path: String,
+    },
+    /// The key changed for a reason none of the above explains (a new dag or API version).
+    EngineChanged,
+}
+
+fn short(v: &Option<Value>) -> String {
+    match v {
+        None => "(unset)".into(),
+        Some(v) => v.to_string(),
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Forced => write!(f, "forced"),
+            Reason::NeverRan => write!(f, "never ran"),
+            Reason::OutputMissing => write!(f, "output missing from the cache"),
+            Reason::ParamChanged { param, from, to } => {
+                write!(
+                    f,
+                    "param `{param}` changed from {} to {}",
+                    short(from),
+                    short(to)
+                )
+            }
+            Reason::InputChanged { input, from, to } => write!(
+                f,
+                "input `{input}` changed ({} -> {})",
+                from.as_deref()
+                    .map(|d| &d[..d.len().min(12)])
+                    .unwrap_or("none"),
+                &to[..to.len().min(12)]
+            ),
+            Reason::UpstreamWillRun { stage } => write!(f, "upstream `{stage}` will run"),
+            Reason::KindVersionChanged { from, to } => {
+                write!(f, "kind version changed from {from} to {to}")
+            }
+            Reason::DeviceChanged { from, to } => write!(f, "device changed from {from} to {to}"),
+            Reason::SeedChanged { from, to } => write!(f, "seed changed from {from} to {to}"),
+            Reason::DatasetChanged { dataset } => write!(f, "dataset `{dataset}` changed"),
+            Reason::WorkspaceChanged { path } => write!(f, "workspace file `{path}` changed"),
+            Reason::EngineChanged => write!(f, "engine or API version changed"),
+        }
+    }
+}
+
+/// What `dag plan` says about one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanEntry {
+    /// Stage name.
+    pub stage: String,
+    /// Stage kind.
+    pub kind: String,
+    /// `cached`, `run` or `skip` (not selected).
+    pub status: &'static str,
+    /// Known unless an upstream stage must run first.
+    pub key: Option<String>,
+    /// Why it runs (empty when cached or skipped).
+    pub reasons: Vec<Reason>,
+}
+
+/// How a stage ended in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A run with the same key was reused.
+    Cached,
+    /// The stage ran.
+    Ran,
+    /// The stage failed.
+    Failed,
+    /// Not selected by --only/--until.
+    Skipped,
+    /// Not reached because another stage failed or the run was interrupted.
+    NotRun,
+}
+
+impl Outcome {
+    /// The word in the summary table.
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Cached => "cached",
+            Outcome::Ran => "ran",
+            Outcome::Failed => "FAILED",
+            Outcome::Skipped => "skipped",
+            Outcome::NotRun => "not run",
+        }
+    }
+}
+
+/// One row of the run summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    /// Stage name.
+    pub stage: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Seconds spent running and publishing it (0 unless it ran).
+    pub seconds: f64,
+    /// Its key, when known.
+    pub key: Option<String>,
+}
+
+/// Why a stage failed.
+#[derive(Debug, Clone)]
+pub struct StageFailure {
+    /// Stage name (empty for an interruption between stages).
+    pub stage: String,
+    /// What went wrong.
+    pub message: String,
+    /// What to do about it.
+    pub hint: Option<String>,
+    /// The stage's log, if it wrote one.
+    pub log: Option<PathBuf>,
+    /// Whether the user interrupted the run.
+    pub cancelled: bool,
+}
+
+/// The result of `run`.
+#[derive(Debug)]
+pub struct RunReport {
+    /// One row per stage, in topological order.
+    pub stages: Vec<StageReport>,
+    /// The first failure, if any.
+    pub failure: Option<StageFailure>,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+}
+
+/// A pipeline bound to a cache, a device and an output directory.
+pub struct Engine<'a> {
+    /// The validated pipeline.
+    pub pipeline: &'a Pipeline,
+    /// The artifact store.
+    pub cache: &'a Cache,
+    /// Digests of workspace files.
+    pub stat: &'a StatCache,
+    /// The resolved device kind (`flex`, `wgpu`, `cuda`).
+    pub device: String,
+    /// Links go to `<out_dir>/<pipeline>/<stage>/<output>`.
+    pub out_dir: PathBuf,
+    /// Draw progress bars (only when stderr is a terminal).
+    pub progress: bool,
+    /// Set on Ctrl-C; stages poll it.
+    pub cancel: CancelToken,
+    fingerprints: Mutex<HashMap<PathBuf, String>>,
+    /// Staging and scratch directories of published runs, removed when the run ends: on a busy
+    /// disk every directory removal can wait for a journal commit, which should not delay the next
+    /// stage. A run killed before that leaves them to the next run's start-up cleanup.
+    leftovers: Mutex<Vec<PathBuf>>,
+}
+
+/// What the engine decides for a stage whose inputs are known.
+enum Decision {
+    Cached(Box<Manifest>),
+    Run {
+        key: String,
+        parts: KeyInputs,
+        reasons: Vec<Reason>,
+    },
+}
+
+impl<'a> Engine<'a> {
+    /// Binds a pipeline to a cache.
+    pub fn new(
+        pipeline: &'a Pipeline,
+        cache: &'a Cache,
+        stat: &'a StatCache,
+        device: String,
+        out_dir: PathBuf,
+    ) -> Self {
+        Engine {
+            pipeline,
+            cache,
+            stat,
+            device,
+            out_dir,
+            progress: std::io::stderr().is_terminal(),
+            cancel: CancelToken::new(),
+            fingerprints: Mutex::new(HashMap::new()),
+            leftovers: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn stage_index(&self, name: &str, flag: &'static str) -> Result<usize, EngineError> {
+        self.pipeline
+            .index
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::UnknownStage {
+                name: name.to_string(),
+                flag,
+                hint: crate::diag::did_you_mean(
+                    name,
+                    self.pipeline.stages.iter().map(|s| s.name.as_str()),
+                )
+                .unwrap_or_else(|| "`dag graph` lists the stages".into()),
+            })
+    }
+
+    /// Selected stages and forced stages, as flags per stage.
+    fn select(&self, sel: &Selection) -> Result<(Vec<bool>, Vec<bool>), EngineError> {
+        let n = self.pipeline.stages.len();
+        let mut selected = vec![true; n];
+        if !sel.until.is_empty() {
+            let mut keep = BTreeSet::new();
+            for u in &sel.until {
+                keep.extend(self.pipeline.ancestors(self.stage_index(u, "--until")?));
+            }
+            (0..n).for_each(|i| selected[i] = keep.contains(&i));
+        }
+        if !sel.only.is_empty() {
+            let mut keep = BTreeSet::new();
+            for o in &sel.only {
+                keep.insert(self.stage_index(o, "--only")?);
+            }
+            (0..n).for_each(|i| selected[i] &= keep.contains(&i));
+        }
+        let mut forced = vec![sel.force_all; n];
+        for f in &sel.force {
+            forced[self.stage_index(f, "--force")?] = true;
+        }
+        Ok((selected, forced))
+    }
+
+    fn fingerprint(&self, path: &Path) -> Result<String, EngineError> {
+        if let Some(f) = self.fingerprints.lock().expect("poisoned").get(path) {
+            return Ok(f.clone());
+        }
+        let f = hash::dataset_fingerprint(path).map_err(|source| EngineError::Fingerprint {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.fingerprints
+            .lock()
+            .expect("poisoned")
+            .insert(path.to_path_buf(), f.clone());
+        Ok(f)
+    }
+
+    /// The key parts of stage `i`, or the first upstream stage whose output is not known yet.
+    fn parts(
+        &self,
+        i: usize,
+        outs: &[Option<BTreeMap<String, OutputTree>>],
+    ) -> Result<Result<KeyInputs, usize>, EngineError> {
+        let p = self.pipeline;
+        let st = &p.stages[i];
+        let mut parts = KeyInputs::default();
+        for (name, r) in &st.inputs {
+            match outs[r.stage].as_ref().and_then(|o| o.get(&r.output)) {
+                Some(t) => {
+                    parts.inputs.insert(name.clone(), t.digest.clone());
+                }
+                None => return Ok(Err(r.stage)),
+            }
+        }
+        for d in &st.datasets {
+            let ds = &p.datasets[d];
+            let root = match &ds.root {
+                DatasetRoot::Workspace(rel) => self.fingerprint(&p.workdir.join(rel))?,
+                DatasetRoot::Stage { stage, output } => {
+                    match outs[*stage].as_ref().and_then(|o| o.get(output)) {
+                        Some(t) => t.digest.clone(),
+                        None => return Ok(Err(*stage)),
+                    }
+                }
+            };
+            parts.datasets.insert(
+                d.clone(),
+                key::dataset_digest(&ds.format, ds.classes, &ds.extra, &root),
+            );
+        }
+        for w in &st.workspace_paths {
+            let path = p.workdir.join(w);
+            let d = self
+                .stat
+                .path_digest(&path)
+                .map_err(|source| EngineError::Fingerprint { path, source })?;
+            parts.workspace.insert(w.clone(), d);
+        }
+        Ok(Ok(parts))
+    }
+
+    fn device_for(&self, i: usize) -> Option<&str> {
+        (!self.pipeline.stages[i].is_shell()).then_some(self.device.as_str())
+    }
+
+    fn key(&self, i: usize, parts: &KeyInputs) -> String {
+        let st = &self.pipeline.stages[i];
+        key::stage_key(
+            st.kind.kind(),
+            st.kind.version(),
+            &st.params,
+            self.device_for(i),
+            self.pipeline.seed,
+            parts,
+        )
+    }
+
+    fn decide(&self, i: usize, parts: KeyInputs, forced: bool) -> Decision {
+        let key = self.key(i, &parts);
+        let manifest = self.cache.read_manifest(&key);
+        if !forced {
+            if let Some(m) = &manifest {
+                if m.outputs.values().all(|t| self.cache.tree_available(t)) {
+                    return Decision::Cached(Box::new(m.clone()));
+                }
+            }
+        }
+        let reasons = if forced {
+            vec![Reason::Forced]
+        } else if manifest.is_some() {
+            vec![Reason::OutputMissing]
+        } else {
+            self.why(i, Some(&parts))
+        };
+        Decision::Run {
+            key,
+            parts,
+            reasons,
+        }
+    }
+
+    /// Differences from the last run of this stage name.
+    fn why(&self, i: usize, parts: Option<&KeyInputs>) -> Vec<Reason> {
+        let st = &self.pipeline.stages[i];
+        let last = self
+            .cache
+            .latest(&self.pipeline.name, &st.name)
+            .and_then(|k| self.cache.read_manifest(&k));
+        let Some(m) = last else {
+            return vec![Reason::NeverRan];
+        };
+        let mut r = Vec::new();
+        if m.kind_version != st.kind.version() || m.kind != st.kind.kind() {
+            r.push(Reason::KindVersionChanged {
+                from: m.kind_version,
+                to: st.kind.version(),
+            });
+        }
+        let names: BTreeSet<&String> = m.params.keys().chain(st.params.0.keys()).collect();
+        for n in names {
+            let (a, b) = (m.params.get(n), st.params.0.get(n));
+            if a != b {
+                r.push(Reason::ParamChanged {
+                    param: n.clone(),
+                    from: a.cloned(),
+                    to: b.cloned(),
+                });
+            }
+        }
+        let dev = self.device_for(i).unwrap_or("any-device");
+        if m.device != dev {
+            r.push(Reason::DeviceChanged {
+                from: m.device.clone(),
+                to: dev.to_string(),
+            });
+        }
+        if m.seed != self.pipeline.seed {
+            r.push(Reason::SeedChanged {
+                from: m.seed,
+                to: self.pipeline.seed,
+            });
+        }
+        if let Some(parts) = parts {
+            for (name, d) in &parts.inputs {
+                let old = m.inputs.get(name).map(|x| x.digest.clone());
+                if old.as_ref() != Some(d) {
+                    r.push(Reason::InputChanged {
+                        input: name.clone(),
+                        from: old,
+                        to: d.clone(),
+                    });
+                }
+            }
+            for (name, d) in &parts.datasets {
+                if m.datasets.get(name) != Some(d) {
+                    r.push(Reason::DatasetChanged {
+                        dataset: name.clone(),
+                    });
+                }
+            }
+            for (path, d) in &parts.workspace {
+                if m.workspace.get(path) != Some(d) {
+                    r.push(Reason::WorkspaceChanged { path: path.clone() });
+                }
+            }
+            if r.is_empty() {
+                r.push(Reason::EngineChanged);
+            }
+        }
+        r
+    }
+
+    /// Outputs of stages that will not run in this invocation, from the cache: the run with the
+    /// current key when its inputs are known, else the last run of that stage name.
+    fn resolve_unselected(
+        &self,
+        i: usize,
+        outs: &[Option<BTreeMap<String, OutputTree>>],
+    ) -> Result<Option<BTreeMap<String, OutputTree>>, EngineError> {
+        if let Ok(parts) = self.parts(i, outs)? {
+            if let Some(m) = self.cache.read_manifest(&self.key(i, &parts)) {
+                return Ok(Some(m.outputs));
+            }
+        }
+        let st = &self.pipeline.stages[i];
+        Ok(self
+            .cache
+            .latest(&self.pipeline.name, &st.name)
+            .and_then(|k| self.cache.read_manifest(&k))
+            .map(|m| {
+                tracing::warn!(stage = %st.name, "using the last cached output of a stage that is not selected; it may be stale");
+                m.outputs
+            }))
+    }
+
+    /// What a run would do, stage by stage, without running anything.
+    pub fn plan(&self, sel: &Selection) -> Result<Vec<PlanEntry>, EngineError> {
+        let p = self.pipeline;
+        let (selected, forced) = self.select(sel)?;
+        let mut outs: Vec<Option<BTreeMap<String, OutputTree>>> = vec![None; p.stages.len()];
+        let mut entries: Vec<Option<PlanEntry>> = vec![None; p.stages.len()];
+        for &i in &p.order {
+            let st = &p.stages[i];
+            let mut e = PlanEntry {
+                stage: st.name.clone(),
+                kind: st.kind.kind().to_string(),
+                status: "skip",
+                key: None,
+                reasons: Vec::new(),
+            };
+            if !selected[i] {
+                outs[i] = self.resolve_unselected(i, &outs)?;
+            } else {
+                match self.parts(i, &outs)? {
+                    Err(up) => {
+                        e.status = "run";
+                        e.reasons = self.why(i, None);
+                        if e.reasons == [Reason::NeverRan] {
+                            e.reasons.clear();
+                        }
+                        if forced[i] {
+                            e.reasons.insert(0, Reason::Forced);
+                        }
+                        let upstream = &p.stages[up].name;
+                        if selected[up] {
+                            e.reasons.push(Reason::UpstreamWillRun {
+                                stage: upstream.clone(),
+                            });
+                        } else {
+                            return Err(EngineError::MissingUpstream {
+                                stage: st.name.clone(),
+                                upstream: upstream.clone(),
+                            });
+                        }
+                    }
+                    Ok(parts) => match self.decide(i, parts, forced[i]) {
+                        Decision::Cached(m) => {
+                            e.status = "cached";
+                            e.key = Some(m.key.clone());
+                            outs[i] = Some(m.outputs);
+                        }
+                        Decision::Run { key, reasons, .. } => {
+                            e.status = "run";
+                            e.key = Some(key);
+                            e.reasons = reasons;
+                        }
+                    },
+                }
+            }
+            entries[i] = Some(e);
+        }
+        Ok(p.order.iter().filter_map(|&i| entries[i].take()).collect())
+    }
+
+    /// Runs what is stale. `jobs` bounds the stages running at once.
+    pub fn run(&self, sel: &Selection, jobs: usize) -> Result<RunReport, EngineError> {
+        let t0 = Instant::now();
+        let p = self.pipeline;
+        let n = p.stages.len();
+        let (selected, forced) = self.select(sel)?;
+        let mut outs: Vec<Option<BTreeMap<String, OutputTree>>> = vec![None; n];
+        let mut reports: Vec<StageReport> = p
+            .stages
+            .iter()
+            .map(|s| StageReport {
+                stage: s.name.clone(),
+                outcome: Outcome::Skipped,
+                seconds: 0.0,
+                key: None,
+            })
+            .collect();
+        for &i in &p.order {
+            if !selected[i] {
+                outs[i] = self.resolve_unselected(i, &outs)?;
+            }
+        }
+        let down = p.downstream();
+        let mut indeg: Vec<usize> = (0..n)
+            .map(|i| p.upstream(i).iter().filter(|&&u| selected[u]).count())
+            .collect();
+        let mut ready: BTreeSet<usize> = p
+            .order
+            .iter()
+            .copied()
+            .filter(|&i| selected[i] && indeg[i] == 0)
+            .collect();
+        let mut pos = vec![0usize; n];
+        for (k, &i) in p.order.iter().enumerate() {
+            pos[i] = k;
+        }
+        let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let mut failure: Option<StageFailure> = None;
+        let jobs = jobs.max(1);
+
+        std::thread::scope(|scope| -> Result<(), EngineError> {
+            let (tx, rx) = mpsc::channel::<(usize, Result<Manifest, StageFailure>)>();
+            let mut running = 0usize;
+            // Stages with identical definitions share a key (and a scratch directory): the second
+            // waits for the first and then finds itself cached.
+            let mut running_keys: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut key_of: HashMap<usize, String> = HashMap::new();
+            loop {
+                while failure.is_none() && !self.cancel.is_cancelled() && running < jobs {
+                    // Topological position first, so a serial run follows the file's order.
+                    let Some(&i) = ready.iter().min_by_key(|&&i| pos[i]) else {
+                        break;
+                    };
+                    ready.remove(&i);
+                    let st = &p.stages[i];
+                    let parts = match self.parts(i, &outs)? {
+                        Ok(parts) => parts,
+                        Err(up) => {
+                            return Err(EngineError::MissingUpstream {
+                                stage: st.name.clone(),
+                                upstream: p.stages[up].name.clone(),
+                            })
+                        }
+                    };
+                    match self.decide(i, parts, forced[i]) {
+                        Decision::Cached(m) => {
+                            tracing::debug!(stage = %st.name, key = %m.key, "cached");
+                            self.publish_links(i, &m)?;
+                            reports[i].outcome = Outcome::Cached;
+                            reports[i].key = Some(m.key.clone());
+                            outs[i] = Some(m.outputs);
+                            for &d in &down[i] {
+                                if selected[d] {
+                                    indeg[d] -= 1;
+                                    if indeg[d] == 0 {
+                                        ready.insert(d);
+                                    }
+                                }
+                            }
+                        }
+                        Decision::Run { key, .. } if running_keys.contains_key(&key) => {
+                            running_keys.get_mut(&key).expect("checked").push(i);
+                        }
+                        Decision::Run {
+                            key,
+                            parts,
+                            reasons,
+                        } => {
+                            running_keys.insert(key.clone(), Vec::new());
+                            key_of.insert(i, key.clone());
+                            let why: Vec<String> =
+                                reasons.iter().map(ToString::to_string).collect();
+                            tracing::info!(stage = %st.name, key = %&key[..12], why = %why.join("; "), "running");
+                            let inputs = self.input_artifacts(i, &outs)?;
+                            let datasets = self.dataset_refs(i, &outs)?;
+                            // Bars (and their ticker threads) only exist when drawn.
+                            let bar = self.progress.then(|| {
+                                let bar = bars.add(ProgressBar::new_spinner());
+                                bar.set_style(
+                                    ProgressStyle::with_template(
+                                        "{spinner} {prefix:.bold} {msg} {wide_bar} {pos}/{len}",
+                                    )
+                                    .expect("valid template"),
+                                );
+                                bar.set_prefix(st.name.clone());
+                                bar.enable_steady_tick(std::time::Duration::from_millis(200));
+                                bar
+                            });
+                            let tx = tx.clone();
+                            running += 1;
+                            scope.spawn(move || {
+                                let r =
+                                    self.execute(i, &key, parts, &inputs, &datasets, bar.as_ref());
+                                if let Some(b) = bar {
+                                    b.finish_and_clear();
+                                }
+                                let _ = tx.send((i, r));
+                            });
+                        }
+                    }
+                }
+                if running == 0 {
+                    break;
+                }
+                let (i, r) = rx.recv().expect("a worker always reports");
+                running -= 1;
+                if let Some(parked) = key_of.remove(&i).and_then(|k| running_keys.remove(&k)) {
+                    ready.extend(parked);
+                }
+                match r {
+                    Ok(m) => {
+                        self.publish_links(i, &m)?;
+                        reports[i].outcome = Outcome::Ran;
+                        reports[i].seconds = m.seconds + m.publish_seconds;
+                        reports[i].key = Some(m.key.clone());
+                        outs[i] = Some(m.outputs);
+                        for &d in &down[i] {
+                            if selected[d] {
+                                indeg[d] -= 1;
+                                if indeg[d] == 0 {
+                                    ready.insert(d);
+                                }
+                            }
+                        }
+                    }
+                    Err(f) => {
+                        reports[i].outcome = Outcome::Failed;
+                        if failure.is_none() {
+                            failure = Some(f);
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for dir in self.leftovers.lock().expect("poisoned").drain(..) {
+            if let Err(e) = cache::remove_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a finished run's scratch");
+            }
+        }
+        for (i, r) in reports.iter_mut().enumerate() {
+            if selected[i] && r.outcome == Outcome::Skipped {
+                r.outcome = Outcome::NotRun;
+            }
+        }
+        if failure.is_none()
+            && self.cancel.is_cancelled()
+            && reports.iter().any(|r| r.outcome == Outcome::NotRun)
+        {
+            failure = Some(StageFailure {
+                stage: String::new(),
+                message: "interrupted".into(),
+                hint: None,
+                log: None,
+                cancelled: true,
+            });
+        }
+        let order_reports = p.order.iter().map(|&i| reports[i].clone()).collect();
+        Ok(RunReport {
+            stages: order_reports,
+            failure,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn input_artifacts(
+        &self,
+        i: usize,
+        outs: &[Option<BTreeMap<String, OutputTree>>],
+    ) -> Result<BTreeMap<String, InputArtifact>, EngineError> {
+        let p = self.pipeline;
+        let mut m = BTreeMap::new();
+        for (name, r) in &p.stages[i].inputs {
+            let t = &outs[r.stage].as_ref().expect("resolved before")[&r.output];
+            m.insert(
+                name.clone(),
+                InputArtifact {
+                    path: self.cache.ensure_tree(t)?,
+                    ty: r.ty,
+                    digest: t.digest.clone(),
+                    producer: format!("{}.{}", p.stages[r.stage].name, r.output),
+                },
+            );
+        }
+        Ok(m)
+    }
+
+    fn dataset_refs(
+        &self,
+        i: usize,
+        outs: &[Option<BTreeMap<String, OutputTree>>],
+    ) -> Result<BTreeMap<String, DatasetRef>, EngineError> {
+        let p = self.pipeline;
+        let mut m = BTreeMap::new();
+        for d in &p.stages[i].datasets {
+            let ds = &p.datasets[d];
+            let root = match &ds.root {
+                DatasetRoot::Workspace(rel) => p.workdir.join(rel),
+                DatasetRoot::Stage { stage, output } => self
+                    .cache
+                    .ensure_tree(&outs[*stage].as_ref().expect("resolved before")[output])?,
+            };
+            m.insert(d.clone(), ds.to_ref(root));
+        }
+        Ok(m)
+    }
+
+    /// Runs one stage in a worker thread and publishes its outputs into the cache.
+    fn execute(
+        &self,
+        i: usize,
+        key: &str,
+        parts: KeyInputs,
+        inputs: &BTreeMap<String, InputArtifact>,
+        datasets: &BTreeMap<String, DatasetRef>,
+        bar: Option<&ProgressBar>,
+    ) -> Result<Manifest, StageFailure> {
+        let p = self.pipeline;
+        let st = &p.stages[i];
+        let fail = |message: String, hint: Option<String>, log: Option<PathBuf>| StageFailure {
+            stage: st.name.clone(),
+            message,
+            hint,
+            log,
+            cancelled: false,
+        };
+        let cache_fail = |e: CacheError| fail(e.to_string(), Some(e.hint()), None);
+        let staging = self.cache.tmp_path(&st.name);
+        let outputs: BTreeMap<String, PathBuf> = st
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(j, o)| (o.name.clone(), staging.join(j.to_string())))
+            .collect();
+        for d in outputs.values() {
+            std::fs::create_dir_all(d)
+                .map_err(|e| fail(format!("cannot create {}: {e}", d.display()), None, None))?;
+        }
+        let scratch = self.cache.scratch(key).map_err(cache_fail)?;
+        let bar_progress = bar.map(|b| BarProgress(b.clone()));
+        let progress: &dyn Progress = match &bar_progress {
+            Some(b) => b,
+            None => &dag_api::NoProgress,
+        };
+        let ctx = StageContext {
+            stage: &st.name,
+            pipeline: &p.name,
+            params: &st.params,
+            inputs,
+            datasets,
+            outputs: &outputs,
+            scratch: &scratch,
+            device: self.device_for(i).unwrap_or(&self.device),
+            seed: p.seed,
+            workdir: &p.workdir,
+            progress,
+            cancel: &self.cancel,
+        };
+        let t_run = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.kind.run(&ctx)));
+        let seconds = t_run.elapsed().as_secs_f64();
+        let log_path = scratch.join(STAGE_LOG);
+        let log = log_path.exists().then(|| log_path.clone());
+        let outcome = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                let _ = cache::remove_all(&staging);
+                return Err(StageFailure {
+                    stage: st.name.clone(),
+                    message: e.to_string(),
+                    hint: e.hint.clone(),
+                    log: e.path.clone().filter(|p| p.exists()).or(log),
+                    // Ctrl-C reaches the stage's child processes too; their death is the
+                    // interruption, not a failure of the stage.
+                    cancelled: e.cancelled || self.cancel.is_cancelled(),
+                });
+            }
+            Err(panic) => {
+                let _ = cache::remove_all(&staging);
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                return Err(fail(
+                    format!("the stage panicked: {msg}"),
+                    Some("this is a bug in the stage kind; please report it".into()),
+                    log,
+                ));
+            }
+        };
+        let t_pub = Instant::now();
+        let mut trees = BTreeMap::new();
+        for o in &st.outputs {
+            let t = self
+                .cache
+                .ingest(&outputs[&o.name], o.ty)
+                .map_err(cache_fail)?;
+            self.cache.ensure_tree(&t).map_err(cache_fail)?;
+            trees.insert(o.name.clone(), t);
+        }
+        let log_digest = match &log {
+            Some(l) => Some(self.cache.store_file(l).map_err(cache_fail)?),
+            None => None,
+        };
+        let producer = |name: &str| {
+            let r = &st.inputs[name];
+            format!("{}.{}", p.stages[r.stage].name, r.output)
+        };
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            dag_version: env!("CARGO_PKG_VERSION").to_string(),
+            key: key.to_string(),
+            pipeline: p.name.clone(),
+            stage: st.name.clone(),
+            kind: st.kind.kind().to_string(),
+            kind_version: st.kind.version(),
+            api_version: dag_api::API_VERSION,
+            device: self.device_for(i).unwrap_or("any-device").to_string(),
+            seed: p.seed,
+            params: st.params.0.clone(),
+            inputs: parts
+                .inputs
+                .iter()
+                .map(|(n, d)| {
+                    (
+                        n.clone(),
+                        InputRecord {
+                            producer: producer(n),
+                            digest: d.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            datasets: parts.datasets,
+            workspace: parts.workspace,
+            outputs: trees,
+            metrics: outcome.metrics,
+            log: log_digest,
+            finished_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            seconds,
+            publish_seconds: 0.0,
+        };
+        let mut m = m;
+        m.publish_seconds = t_pub.elapsed().as_secs_f64();
+        self.cache.write_manifest(&m).map_err(cache_fail)?;
+        self.leftovers
+            .lock()
+            .expect("poisoned")
+            .extend([staging, scratch]);
+        Ok(m)
+    }
+
+    /// Points `out/<pipeline>/<stage>/<output>` at the current outputs and records the run as the
+    /// stage's latest.
+    fn publish_links(&self, i: usize, m: &Manifest) -> Result<(), EngineError> {
+        let st = &self.pipeline.stages[i];
+        let base = self.out_dir.join(&self.pipeline.name).join(&st.name);
+        for (name, t) in &m.outputs {
+            let target = self.cache.ensure_tree(t)?;
+            cache::update_link(&base.join(name), &target)?;
+        }
+        self.cache
+            .set_latest(&self.pipeline.name, &st.name, &m.key)?;
+        Ok(())
+    }
+}
+
+/// Draws a stage's [`Progress`] on its bar.
+struct BarProgress(ProgressBar);
+
+impl Progress for BarProgress {
+    fn start(&self, phase: &str, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(0);
+        self.0.set_message(phase.to_string());
+    }
+    fn set_position(&self, pos: u64) {
+        self.0.set_position(pos);
+    }
+    fn message(&self, msg: &str) {
+        self.0.set_message(msg.to_string());
+    }
+}

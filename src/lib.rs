@@ -1,0 +1,17 @@
+//! The `dag` engine: a YAML pipeline -> a validated DAG -> content-hashed keys -> a cache of
+//! immutable artifacts -> an executor that runs only what is stale.
+//!
+//! The engine knows stage kinds only through [`dag_api::Stage`] and a [`dag_api::Registry`]; it
+//! never touches a tensor. Its one built-in kind is [`shell::Shell`].
+
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod cli;
+pub mod diag;
+pub mod executor;
+pub mod hash;
+pub mod key;
+pub mod shell;
+pub mod spec;
+pub mod yaml;

@@ -1,0 +1,366 @@
+//! DeepLabV2 on a dilated ResNet with Caffe-style bottlenecks and two classifier heads.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Bottleneck expansion: the last 1x1 conv of every block has 4x the block's planes.
+const EXPANSION: usize = 4;
+
+/// Dilations (and paddings) of the four parallel 3x3 convs in DeepLabV2's classifier.
+pub const CLASSIFIER_DILATIONS: [usize; 4] = [6, 12, 18, 24];
+
+/// Architecture of a [`DeepLabV2`]: everything needed to rebuild it from a saved artifact.
+///
+/// Serialised as the `model.json` of a model artifact, so it must stay readable by later
+/// versions: new fields get serde defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeepLabV2Config {
+    /// Bottleneck blocks in layer1..layer4. ResNet-101 (the paper) is `[3, 4, 23, 3]`,
+    /// ResNet-50 `[3, 4, 6, 3]`; see [`DeepLabV2Config::blocks_for_depth`].
+    pub blocks: [usize; 4],
+    /// Channel multiplier on every backbone width (1.0 = the paper; 0.25 for CPU tests).
+    /// The classifier heads always see `expansion * planes` channels of the scaled backbone.
+    #[serde(default = "default_width")]
+    pub width: f64,
+    /// Number of output classes of both heads (19 for GTA5/Cityscapes, 16 for SYNTHIA).
+    pub classes: usize,
+}
+
+fn default_width() -> f64 {
+    1.0
+}
+
+impl DeepLabV2Config {
+    /// A config with the block counts of the ResNet of the given `depth` (see
+    /// [`Self::blocks_for_depth`]), full width.
+    pub fn new(depth: usize, classes: usize) -> Result<Self, ModelError> {
+        let blocks = Self::blocks_for_depth(depth).ok_or(ModelError::UnknownDepth(depth))?;
+        Ok(Self {
+            blocks,
+            width: 1.0,
+            classes,
+        })
+    }
+
+    /// Sets the width multiplier.
+    pub fn with_width(mut self, width: f64) -> Self {
+        self.width = width;
+        self
+    }
+
+    /// Block counts of the supported depths (all bottleneck ResNets, `depth = 3 * blocks + 2`):
+    /// 101 `[3,4,23,3]` (paper), 50 `[3,4,6,3]`, 26 `[2,2,2,2]` (the "ResNet-18-like" small
+    /// model: ResNet-18's block counts with bottleneck blocks) and 14 `[1,1,1,1]`.
+    pub fn blocks_for_depth(depth: usize) -> Option<[usize; 4]> {
+        match depth {
+            101 => Some([3, 4, 23, 3]),
+            50 => Some([3, 4, 6, 3]),
+            26 => Some([2, 2, 2, 2]),
+            14 => Some([1, 1, 1, 1]),
+            _ => None,
+        }
+    }
+
+    /// Checks the config before anything is allocated.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.blocks.contains(&0) {
+            return Err(ModelError::InvalidConfig(format!(
+                "every stage needs at least one block, got {:?}",
+                self.blocks
+            )));
+        }
+        if !(self.width.is_finite() && self.width > 0.0) {
+            return Err(ModelError::InvalidConfig(format!(
+                "width must be a positive number, got {}",
+                self.width
+            )));
+        }
+        if self.classes == 0 {
+            return Err(ModelError::InvalidConfig(
+                "classes must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A backbone width after the multiplier, never below one channel.
+    fn scaled(&self, channels: usize) -> usize {
+        ((channels as f64 * self.width).round() as usize).max(1)
+    }
+
+    /// Channels of the layer3 features (input of the aux head).
+    pub fn aux_channels(&self) -> usize {
+        self.scaled(256) * EXPANSION
+    }
+
+    /// Channels of the layer4 features (input of the main head).
+    pub fn main_channels(&self) -> usize {
+        self.scaled(512) * EXPANSION
+    }
+
+    /// Builds the model on `device` with random weights (Kaiming for the backbone, N(0, 0.01)
+    /// for the classifier convs as in DeepLabV2). BatchNorm affine parameters are frozen.
+    pub fn init(&self, device: &Device) -> Result<DeepLabV2, ModelError> {
+        self.validate()?;
+        let stem = self.scaled(64);
+        let mut inplanes = stem;
+        let planes = [
+            self.scaled(64),
+            self.scaled(128),
+            self.scaled(256),
+            self.scaled(512),
+        ];
+        // (stride, dilation) of layer1..layer4: output stride 8 through dilation 2 and 4.
+        let geometry = [(1, 1), (2, 1), (1, 2), (1, 4)];
+        let mut layers: Vec<Vec<Bottleneck>> = Vec::with_capacity(4);
+        for stage in 0..4 {
+            let (stride, dilation) = geometry[stage];
+            let mut blocks = Vec::with_capacity(self.blocks[stage]);
+            for i in 0..self.blocks[stage] {
+                let s = if i == 0 { stride } else { 1 };
+                blocks.push(Bottleneck::new(
+                    inplanes,
+                    planes[stage],
+                    s,
+                    dilation,
+                    device,
+                ));
+                inplanes = planes[stage] * EXPANSION;
+            }
+            layers.push(blocks);
+        }
+        let mut layers = layers.into_iter();
+        let mut next = || layers.next().expect("four stages");
+        let backbone = ResNetBackbone {
+            conv1: Conv2dConfig::new([3, stem], [7, 7])
+                .with_stride([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(3, 3, 3, 3))
+                .with_bias(false)
+                .init(device),
+            bn1: frozen_bn(stem, device),
+            maxpool: MaxPool2dConfig::new([3, 3])
+                .with_strides([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_ceil_mode(true)
+                .init(),
+            layer1: next(),
+            layer2: next(),
+            layer3: next(),
+            layer4: next(),
+        };
+        Ok(DeepLabV2 {
+            backbone,
+            layer5: Classifier::new(self.aux_channels(), self.classes, device),
+            layer6: Classifier::new(self.main_channels(), self.classes, device),
+        })
+    }
+}
+
+/// BatchNorm whose affine parameters never receive gradients (ADVENT freezes them); its running
+/// statistics still update whenever it runs on an autodiff device.
+fn frozen_bn(channels: usize, device: &Device) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels).init(device);
+    bn.gamma = bn.gamma.set_require_grad(false);
+    bn.beta = bn.beta.set_require_grad(false);
+    bn
+}
+
+fn conv1x1(cin: usize, cout: usize, stride: usize, device: &Device) -> Conv2d {
+    Conv2dConfig::new([cin, cout], [1, 1])
+        .with_stride([stride, stride])
+        .with_bias(false)
+        .init(device)
+}
+
+/// The projection shortcut of the first block of a stage (`downsample.0` conv and
+/// `downsample.1` BatchNorm in PyTorch naming).
+#[derive(Module, Debug)]
+pub struct Downsample {
+    /// 1x1 projection conv, carrying the block's stride.
+    pub conv: Conv2d,
+    /// Frozen-affine BatchNorm after the projection.
+    pub bn: BatchNorm,
+}
+
+/// A Caffe-style bottleneck: the stride sits on the first 1x1 conv (torchvision puts it on the
+/// 3x3). Shapes are identical either way, so both weight files load.
+#[derive(Module, Debug)]
+pub struct Bottleneck {
+    /// 1x1 reduction (strided).
+    pub conv1: Conv2d,
+    /// BatchNorm after `conv1`.
+    pub bn1: BatchNorm,
+    /// 3x3 conv, dilated in layer3/layer4.
+    pub conv2: Conv2d,
+    /// BatchNorm after `conv2`.
+    pub bn2: BatchNorm,
+    /// 1x1 expansion to `4 * planes`.
+    pub conv3: Conv2d,
+    /// BatchNorm after `conv3`.
+    pub bn3: BatchNorm,
+    /// Projection shortcut, present on the first block of each stage.
+    pub downsample: Option<Downsample>,
+}
+
+impl Bottleneck {
+    fn new(
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        dilation: usize,
+        device: &Device,
+    ) -> Self {
+        let out = planes * EXPANSION;
+        // DeepLabV2 also projects on dilated stages, which the channel change implies anyway.
+        let downsample = (stride != 1 || inplanes != out || dilation > 1).then(|| Downsample {
+            conv: conv1x1(inplanes, out, stride, device),
+            bn: frozen_bn(out, device),
+        });
+        Self {
+            conv1: conv1x1(inplanes, planes, stride, device),
+            bn1: frozen_bn(planes, device),
+            conv2: Conv2dConfig::new([planes, planes], [3, 3])
+                .with_dilation([dilation, dilation])
+                .with_padding(PaddingConfig2d::Explicit(
+                    dilation, dilation, dilation, dilation,
+                ))
+                .with_bias(false)
+                .init(device),
+            bn2: frozen_bn(planes, device),
+            conv3: conv1x1(planes, out, 1, device),
+            bn3: frozen_bn(out, device),
+            downsample,
+        }
+    }
+
+    /// Applies the block to `[N, inplanes, H, W]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let residual = match &self.downsample {
+            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            None => x.clone(),
+        };
+        let out = relu(self.bn1.forward(self.conv1.forward(x)));
+        let out = relu(self.bn2.forward(self.conv2.forward(out)));
+        let out = self.bn3.forward(self.conv3.forward(out));
+        relu(out + residual)
+    }
+}
+
+/// The ResNet trunk: stem (7x7/2 conv, BN, ReLU, 3x3/2 ceil-mode max-pool) and four stages.
+/// Parameter paths follow torchvision (`conv1`, `bn1`, `layerN.i.convK`, `layerN.0.downsample`),
+/// which is what the ImageNet loader maps onto.
+#[derive(Module, Debug)]
+pub struct ResNetBackbone {
+    /// Stem conv, 7x7 stride 2.
+    pub conv1: Conv2d,
+    /// Stem BatchNorm.
+    pub bn1: BatchNorm,
+    /// 3x3 stride-2 max-pool with `ceil_mode`, as in the Caffe DeepLab.
+    pub maxpool: MaxPool2d,
+    /// Stage 1 (stride 4 overall).
+    pub layer1: Vec<Bottleneck>,
+    /// Stage 2 (stride 8).
+    pub layer2: Vec<Bottleneck>,
+    /// Stage 3 (stride 8, dilation 2).
+    pub layer3: Vec<Bottleneck>,
+    /// Stage 4 (stride 8, dilation 4).
+    pub layer4: Vec<Bottleneck>,
+}
+
+impl ResNetBackbone {
+    /// Returns the layer3 and layer4 features of `[N, 3, H, W]` images.
+    pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let mut x = self.maxpool.forward(x);
+        for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3) {
+            x = block.forward(x);
+        }
+        let l3 = x.clone();
+        for block in &self.layer4 {
+            x = block.forward(x);
+        }
+        (l3, x)
+    }
+}
+
+/// DeepLabV2's classifier: the SUM of four 3x3 convs with dilation and padding 6, 12, 18, 24.
+#[derive(Module, Debug)]
+pub struct Classifier {
+    /// The four dilated convs (with bias), named as in the reference implementation.
+    pub conv2d_list: Vec<Conv2d>,
+}
+
+impl Classifier {
+    fn new(cin: usize, classes: usize, device: &Device) -> Self {
+        let conv2d_list = CLASSIFIER_DILATIONS
+            .iter()
+            .map(|&d| {
+                Conv2dConfig::new([cin, classes], [3, 3])
+                    .with_dilation([d, d])
+                    .with_padding(PaddingConfig2d::Explicit(d, d, d, d))
+                    .with_initializer(Initializer::Normal {
+                        mean: 0.0,
+                        std: 0.01,
+                    })
+                    .init(device)
+            })
+            .collect();
+        Self { conv2d_list }
+    }
+
+    /// Class logits `[N, classes, H, W]` of features `[N, cin, H, W]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut convs = self.conv2d_list.iter();
+        let first = convs.next().expect("four classifier convs");
+        convs.fold(first.forward(x.clone()), |acc, conv| {
+            acc + conv.forward(x.clone())
+        })
+    }
+}
+
+/// DeepLabV2 with multi-level outputs: `layer5` (aux) on layer3 features, `layer6` (main) on
+/// layer4 features, both at output stride 8.
+#[derive(Module, Debug)]
+pub struct DeepLabV2 {
+    /// The dilated ResNet trunk; the only part ImageNet weights initialise.
+    pub backbone: ResNetBackbone,
+    /// Aux classifier on layer3 features.
+    pub layer5: Classifier,
+    /// Main classifier on layer4 features.
+    pub layer6: Classifier,
+}
+
+impl DeepLabV2 {
+    /// Returns `(aux, main)` logits, each `[N, classes, ceil(H/8), ceil(W/8)]`-ish (the exact
+    /// size follows the convolution arithmetic, see [`output_size`]), for images `[N, 3, H, W]`
+    /// already mean-subtracted.
+    pub fn forward(&self, images: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (l3, l4) = self.backbone.forward(images);
+        (self.layer5.forward(l3), self.layer6.forward(l4))
+    }
+}
+
+/// Spatial size of both heads' logits for an input of `[h, w]`: the stem conv (7x7/2, pad 3),
+/// the ceil-mode max-pool (3x3/2, pad 1) and layer2's strided 1x1 conv.
+pub fn output_size([h, w]: [usize; 2]) -> [usize; 2] {
+    let f = |x: usize| {
+        let conv1 = (x + 2 * 3 - 7) / 2 + 1;
+        let pool = (conv1 + 2 - 3).div_ceil(2) + 1;
+        // PyTorch drops a last ceil-mode window that would start in the right padding.
+        let pool = if (pool - 1) * 2 >= conv1 + 1 {
+            pool - 1
+        } else {
+            pool
+        };
+        (pool - 1) / 2 + 1
+    };
+    [f(h), f(w)]
+}

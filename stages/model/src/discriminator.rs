@@ -1,0 +1,90 @@
+//! ADVENT's fully-convolutional patch discriminator.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::PaddingConfig2d;
+use burn::tensor::activation::leaky_relu;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Slope of the LeakyReLU between the discriminator's convs.
+pub const LEAKY_SLOPE: f64 = 0.2;
+
+/// Architecture of a [`Discriminator`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscriminatorConfig {
+    /// Input channels: the number of classes of the segmentation model (its input is the
+    /// C-channel weighted self-information map).
+    pub classes: usize,
+    /// Channels of the first conv; the next ones are 2x, 4x, 8x, then 1. ADVENT: 64.
+    #[serde(default = "default_ndf")]
+    pub ndf: usize,
+}
+
+fn default_ndf() -> usize {
+    64
+}
+
+impl DiscriminatorConfig {
+    /// The ADVENT discriminator (`ndf = 64`) for `classes` input channels.
+    pub fn new(classes: usize) -> Self {
+        Self {
+            classes,
+            ndf: default_ndf(),
+        }
+    }
+
+    /// Sets the width of the first conv.
+    pub fn with_ndf(mut self, ndf: usize) -> Self {
+        self.ndf = ndf;
+        self
+    }
+
+    /// Builds the discriminator on `device`.
+    pub fn init(&self, device: &Device) -> Result<Discriminator, ModelError> {
+        if self.classes == 0 || self.ndf == 0 {
+            return Err(ModelError::InvalidConfig(format!(
+                "discriminator needs classes >= 1 and ndf >= 1, got classes {} ndf {}",
+                self.classes, self.ndf
+            )));
+        }
+        let n = self.ndf;
+        let widths = [self.classes, n, 2 * n, 4 * n, 8 * n, 1];
+        let convs = widths
+            .windows(2)
+            .map(|w| {
+                Conv2dConfig::new([w[0], w[1]], [4, 4])
+                    .with_stride([2, 2])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(device)
+            })
+            .collect();
+        Ok(Discriminator { convs })
+    }
+}
+
+/// Five 4x4 stride-2 convs (ndf, 2ndf, 4ndf, 8ndf, 1 channels) with LeakyReLU(0.2) between
+/// them; the output is a patch map of domain logits at 1/32 of the input size.
+#[derive(Module, Debug)]
+pub struct Discriminator {
+    /// The five convs, in order.
+    pub convs: Vec<Conv2d>,
+}
+
+impl Discriminator {
+    /// Domain logits `[N, 1, H/32, W/32]` of a `[N, classes, H, W]` map.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let last = self.convs.len() - 1;
+        self.convs.iter().enumerate().fold(x, |x, (i, conv)| {
+            let y = conv.forward(x);
+            if i < last {
+                leaky_relu(y, LEAKY_SLOPE)
+            } else {
+                y
+            }
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! What the training loop needs from the data layer: host-side batches, drawn per iteration.
+
+use rand_core::RngCore;
+
+/// Error a batch provider may return; the loop wraps it with the iteration.
+pub type BatchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A batch of images `[N, 3, H, W]` in row-major order, already mean-subtracted (BGR mean
+/// 104.007, 116.669, 122.679 for ADVENT) and in the channel order the model expects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageBatch {
+    /// `N * 3 * H * W` values.
+    pub data: Vec<f32>,
+    /// `[N, 3, H, W]`.
+    pub shape: [usize; 4],
+}
+
+/// Per-pixel class labels `[N, H, W]` (trainIds, 255 = ignore), row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelBatch {
+    /// `N * H * W` values.
+    pub data: Vec<u8>,
+    /// `[N, H, W]`.
+    pub shape: [usize; 3],
+}
+
+/// A labelled batch: source images (or IntraDA's easy target images) and their labels (or
+/// pseudo-labels). Labels may have another size than the images: logits are upsampled to the
+/// label size before the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceBatch {
+    /// The images.
+    pub images: ImageBatch,
+    /// Their labels.
+    pub labels: LabelBatch,
+}
+
+/// Supplies the batches of each iteration. The loop calls [`Batches::source`] every iteration
+/// and [`Batches::target`] every iteration of a method that uses target data, always in that
+/// order, with the iteration index and the loop's RNG.
+///
+/// To resume bit-identically after an interruption, a provider must derive its batches only
+/// from the iteration index and the draws it makes from `rng` (whose state is checkpointed),
+/// not from hidden state of its own.
+pub trait Batches {
+    /// The labelled batch of `iteration`.
+    fn source(
+        &mut self,
+        iteration: usize,
+        rng: &mut dyn RngCore,
+    ) -> Result<SourceBatch, BatchError>;
+    /// The unlabelled target images of `iteration`.
+    fn target(&mut self, iteration: usize, rng: &mut dyn RngCore)
+        -> Result<ImageBatch, BatchError>;
+}
+
+impl ImageBatch {
+    /// Checks that `data` has as many values as `shape` says and that there are 3 channels.
+    pub fn check(&self) -> Result<(), String> {
+        let n: usize = self.shape.iter().product();
+        if self.data.len() != n || n == 0 {
+            return Err(format!(
+                "image batch has {} values for shape {:?}",
+                self.data.len(),
+                self.shape
+            ));
+        }
+        if self.shape[1] != 3 {
+            return Err(format!(
+                "image batch must have 3 channels, shape {:?}",
+                self.shape
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LabelBatch {
+    /// Checks the length, and that every label is a class below `classes` or 255.
+    pub fn check(&self, classes: usize) -> Result<(), String> {
+        let n: usize = self.shape.iter().product();
+        if self.data.len() != n || n == 0 {
+            return Err(format!(
+                "label batch has {} values for shape {:?}",
+                self.data.len(),
+                self.shape
+            ));
+        }
+        if let Some(bad) = self
+            .data
+            .iter()
+            .find(|&&l| l != 255 && usize::from(l) >= classes)
+        {
+            return Err(format!(
+                "label {bad} is neither a class below {classes} nor the ignore label 255"
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,92 @@
+//! Device selection: `flex` (pure-Rust CPU), `wgpu`, `cuda`, or `auto` (first available GPU
+//! backend compiled into this build, else flex).
+
+use burn::tensor::Device;
+
+/// A resolved device kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// Burn's pure-Rust CPU backend.
+    Flex,
+    /// WGPU (Vulkan, Metal, DX12, or a software adapter such as lavapipe).
+    Wgpu,
+    /// CUDA, device 0.
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// The name used in pipeline files and cache keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Flex => "flex",
+            DeviceChoice::Wgpu => "wgpu",
+            DeviceChoice::Cuda => "cuda",
+        }
+    }
+}
+
+/// Resolves a pipeline's `device:` value. `flex`, `wgpu` and `cuda` are taken as asked when
+/// compiled in (an absent backend is an error that says how to rebuild); `auto` probes the
+/// compiled-in GPU backends, CUDA first, and falls back to flex.
+pub fn resolve_device(requested: &str) -> Result<DeviceChoice, String> {
+    match requested {
+        "flex" => Ok(DeviceChoice::Flex),
+        "wgpu" if cfg!(feature = "wgpu") => Ok(DeviceChoice::Wgpu),
+        "cuda" if cfg!(feature = "cuda") => Ok(DeviceChoice::Cuda),
+        "wgpu" | "cuda" => Err(format!(
+            "this dag was built without the `{requested}` backend; rebuild with \
+             `cargo build --release --features {requested}` or use `device: flex`"
+        )),
+        "auto" => Ok(if cuda_available() {
+            DeviceChoice::Cuda
+        } else if wgpu_available() {
+            DeviceChoice::Wgpu
+        } else {
+            DeviceChoice::Flex
+        }),
+        other => Err(format!(
+            "unknown device `{other}`; expected auto, flex, wgpu or cuda"
+        )),
+    }
+}
+
+/// The Burn device of a resolved choice (without autodiff).
+pub fn device_for(choice: DeviceChoice) -> Device {
+    match choice {
+        DeviceChoice::Flex => Device::flex(),
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu => Device::wgpu(Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda => Device::cuda(0),
+        #[allow(unreachable_patterns)]
+        other => panic!(
+            "device `{}` is not compiled into this build; resolve_device refuses it",
+            other.name()
+        ),
+    }
+}
+
+/// Whether a CUDA device can be opened: enumerating needs the driver, which is the cheap part
+/// of the probe. Backend initialisation may panic without a driver; that means "no".
+fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use burn::tensor::DeviceType;
+        std::panic::catch_unwind(|| !Device::enumerate(DeviceType::Cuda).is_empty())
+            .unwrap_or(false)
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// Whether wgpu finds an adapter.
+fn wgpu_available() -> bool {
+    #[cfg(feature = "wgpu")]
+    {
+        use burn::tensor::DeviceType;
+        std::panic::catch_unwind(|| !Device::enumerate(DeviceType::Wgpu).is_empty())
+            .unwrap_or(false)
+    }
+    #[cfg(not(feature = "wgpu"))]
+    false
+}

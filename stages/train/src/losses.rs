@@ -1,0 +1,49 @@
+//! The losses of ADVENT-style training, on `[N, C, H, W]` logits.
+
+use burn::tensor::activation::{log_softmax, relu, softmax};
+use burn::tensor::{Int, Tensor};
+
+/// Label value that the segmentation loss ignores.
+pub const IGNORE_LABEL: i64 = 255;
+
+/// Cross-entropy of `logits` `[N, C, H, W]` against `labels` `[N, H, W]`, averaged over the
+/// pixels whose label is not [`IGNORE_LABEL`] (PyTorch's `CrossEntropyLoss(ignore_index=255)`).
+/// A batch without any labelled pixel gives 0 rather than NaN, as ADVENT's `cross_entropy_2d`.
+/// Labels other than 255 must lie in `0..C`; the training loop checks that on the host.
+pub fn masked_cross_entropy(logits: Tensor<4>, labels: Tensor<3, Int>) -> Tensor<1> {
+    let log_p = log_softmax(logits, 1);
+    let ignored = labels.clone().equal_elem(IGNORE_LABEL);
+    let valid = ignored.clone().bool_not().float();
+    // Ignored pixels gather class 0 and are then zeroed by the mask.
+    let safe = labels.mask_fill(ignored, 0);
+    let picked: Tensor<3> = log_p.gather(1, safe.unsqueeze_dim(1)).squeeze_dim(1);
+    let count = valid.clone().sum().clamp_min(1.0);
+    (picked * valid).sum().neg() / count
+}
+
+/// ADVENT's weighted self-information map `I = -p * log2(p) / log2(C)` of `logits`
+/// `[N, C, H, W]`, with `p = softmax(logits)` over the class axis. Computed from log-softmax,
+/// so it stays finite where a probability underflows (ADVENT adds 1e-30 inside the log).
+pub fn self_information(logits: Tensor<4>) -> Tensor<4> {
+    let [_, c, _, _] = logits.dims();
+    let log_p = log_softmax(logits.clone(), 1);
+    let p = softmax(logits, 1);
+    // -p ln p / ln C == -p log2 p / log2 C; C == 1 has no uncertainty at all.
+    let norm = if c > 1 { (c as f64).ln() } else { 1.0 };
+    (p * log_p).neg().div_scalar(norm)
+}
+
+/// MinEnt: the mean over `N, H, W` of the per-pixel normalised entropy `sum_c I_c`.
+pub fn entropy_loss(logits: Tensor<4>) -> Tensor<1> {
+    let [n, _, h, w] = logits.dims();
+    self_information(logits)
+        .sum()
+        .div_scalar((n * h * w).max(1) as f64)
+}
+
+/// Binary cross-entropy with logits against a constant `label` (0 = source, 1 = target),
+/// averaged over every element, in the stable form `max(x,0) - x*y + ln(1 + exp(-|x|))`.
+pub fn bce_with_logits(logits: Tensor<4>, label: f64) -> Tensor<1> {
+    let stable = logits.clone().abs().neg().exp().log1p();
+    (relu(logits.clone()) - logits.mul_scalar(label) + stable).mean()
+}

@@ -1,0 +1,471 @@
+//! The adversarial training loop.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
+use burn::module::{Module, ParamGroup};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use dag_model::{
+    load_record_into, save_record, upsample_differentiable as upsample, DeepLabV2, Discriminator,
+    DiscriminatorConfig,
+};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::checkpoint::{self, files, CheckpointState};
+use crate::config::TrainConfig;
+use crate::data::{Batches, ImageBatch, LabelBatch};
+use crate::losses::{bce_with_logits, entropy_loss, masked_cross_entropy, self_information};
+use crate::{IterationLog, TrainError};
+
+/// Domain label of source (and IntraDA easy) predictions for the discriminators.
+pub const SOURCE_LABEL: f64 = 0.0;
+/// Domain label of target (and IntraDA hard) predictions.
+pub const TARGET_LABEL: f64 = 1.0;
+
+/// What [`train`] returns.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// The trained segmentation network, as a validation copy (`.train()` resumes training).
+    pub model: DeepLabV2,
+    /// One record per iteration, including those before a resume.
+    pub log: Vec<IterationLog>,
+    /// The iteration the run started at (0, or where a checkpoint left off).
+    pub resumed_from: usize,
+    /// The main-head discriminator, for methods that train one.
+    pub d_main: Option<Discriminator>,
+    /// The aux-head discriminator, for methods that train one.
+    pub d_aux: Option<Discriminator>,
+}
+
+/// Everything that changes during training.
+struct LoopState {
+    model: DeepLabV2,
+    d_main: Option<Discriminator>,
+    d_aux: Option<Discriminator>,
+    opt_seg: ModuleOptimizer,
+    opt_d_main: ModuleOptimizer,
+    opt_d_aux: ModuleOptimizer,
+    rng: ChaCha8Rng,
+    next_iteration: usize,
+    log: Vec<IterationLog>,
+}
+
+/// Trains `model` with `config.method` for `config.iterations` iterations on `device` (a plain
+/// device; autodiff is added here) and returns the trained model and the log.
+///
+/// `model` is the starting point (random, ImageNet-initialised or an upstream stage's model)
+/// built with the architecture `classes` match. Discriminators are created here, seeded with
+/// `config.seed`. Every `config.checkpoint_every` iterations the whole loop state is written
+/// under `checkpoint_dir`; when that directory already holds a checkpoint, training resumes from
+/// it (the given `model` is then only the architecture to load into) and ends with the same
+/// weights as an uninterrupted run (bit-identical on flex with the same thread count).
+///
+/// `progress` is called after every iteration; raising `cancel` stops before the next one with
+/// [`TrainError::Cancelled`]. A NaN or infinite loss term stops with [`TrainError::NonFinite`].
+pub fn train(
+    config: &TrainConfig,
+    model: DeepLabV2,
+    device: &Device,
+    data: &mut dyn Batches,
+    checkpoint_dir: &Path,
+    progress: &mut dyn FnMut(&IterationLog),
+    cancel: &AtomicBool,
+) -> Result<TrainOutcome, TrainError> {
+    config.validate().map_err(TrainError::Config)?;
+    let ad = device.clone().autodiff();
+    // Seed before anything draws: the discriminators and any lazily-initialised parameter of
+    // `model` take their weights from the device RNG (reading a lazy parameter initialises it,
+    // hence `lazy_shape`).
+    ad.seed(config.seed);
+    let classes = model.layer6.conv2d_list[0].weight.lazy_shape()[0];
+    let mut state = init_state(config, model, classes, &ad)?;
+    std::fs::create_dir_all(checkpoint_dir).map_err(checkpoint::io_err(checkpoint_dir))?;
+    if let Some(ckpt) = checkpoint::find(checkpoint_dir) {
+        state = restore(config, state, &ckpt)?;
+    }
+    let resumed_from = state.next_iteration;
+    let head_group = ParamGroup::from_any_predicates(vec!["layer5", "layer6"]);
+
+    for iteration in state.next_iteration..config.iterations {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(TrainError::Cancelled { iteration });
+        }
+        let (next, record) = step(config, state, data, iteration, classes, &ad, &head_group)?;
+        state = next;
+        state.next_iteration = iteration + 1;
+        progress(&record);
+        state.log.push(record);
+        let every = config.checkpoint_every;
+        if every > 0 && (iteration + 1) % every == 0 && iteration + 1 < config.iterations {
+            write_checkpoint(config, &state, checkpoint_dir)?;
+        }
+    }
+    Ok(TrainOutcome {
+        model: state.model.valid(),
+        log: state.log,
+        resumed_from,
+        d_main: state.d_main.map(|d| d.valid()),
+        d_aux: state.d_aux.map(|d| d.valid()),
+    })
+}
+
+fn init_state(
+    config: &TrainConfig,
+    model: DeepLabV2,
+    classes: usize,
+    ad: &Device,
+) -> Result<LoopState, TrainError> {
+    let adversarial = config.method.uses_adversarial();
+    let d_config = DiscriminatorConfig::new(classes).with_ndf(config.disc_ndf);
+    let d_main = if adversarial && config.lambda_adv_main > 0.0 {
+        Some(d_config.init(ad)?)
+    } else {
+        None
+    };
+    let d_aux = if adversarial && config.lambda_adv_aux > 0.0 {
+        Some(d_config.init(ad)?)
+    } else {
+        None
+    };
+    let sgd = SgdConfig::new()
+        .with_momentum(Some(
+            MomentumConfig::new()
+                .with_momentum(config.momentum)
+                .with_dampening(0.0),
+        ))
+        .with_weight_decay(Some(WeightDecayConfig::new(config.weight_decay as f32)));
+    let adam = AdamConfig::new()
+        .with_beta_1(config.adam_beta1 as f32)
+        .with_beta_2(config.adam_beta2 as f32)
+        .with_epsilon(config.adam_epsilon as f32);
+    Ok(LoopState {
+        model: model.fork(ad).train(),
+        d_main: d_main.map(|d| d.fork(ad).train()),
+        d_aux: d_aux.map(|d| d.fork(ad).train()),
+        opt_seg: sgd.init(),
+        opt_d_main: adam.init(),
+        opt_d_aux: adam.init(),
+        rng: ChaCha8Rng::seed_from_u64(config.seed),
+        next_iteration: 0,
+        log: Vec::new(),
+    })
+}
+
+/// Only these may differ between the run that wrote a checkpoint and the one resuming it.
+fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
+    let mut b = b.clone();
+    b.iterations = a.iterations;
+    b.checkpoint_every = a.checkpoint_every;
+    *a == b
+}
+
+fn restore(config: &TrainConfig, mut s: LoopState, ckpt: &Path) -> Result<LoopState, TrainError> {
+    let saved = checkpoint::read_state(ckpt)?;
+    if !same_run(config, &saved.config) {
+        return Err(TrainError::Checkpoint {
+            path: ckpt.to_path_buf(),
+            message: "written with another training config; delete it to start over".into(),
+        });
+    }
+    let word_pos: u128 = saved
+        .rng_word_pos
+        .parse()
+        .map_err(|e| TrainError::Checkpoint {
+            path: ckpt.join(checkpoint::STATE_FILE),
+            message: format!("bad rng_word_pos: {e}"),
+        })?;
+    s.model = load_record_into(s.model, &ckpt.join(files::MODEL))?;
+    s.opt_seg = load_optim(s.opt_seg, &ckpt.join(files::OPTIM_SEG))?;
+    if let Some(d) = s.d_main.take() {
+        s.d_main = Some(load_record_into(d, &ckpt.join(files::D_MAIN))?);
+        s.opt_d_main = load_optim(s.opt_d_main, &ckpt.join(files::OPTIM_D_MAIN))?;
+    }
+    if let Some(d) = s.d_aux.take() {
+        s.d_aux = Some(load_record_into(d, &ckpt.join(files::D_AUX))?);
+        s.opt_d_aux = load_optim(s.opt_d_aux, &ckpt.join(files::OPTIM_D_AUX))?;
+    }
+    let mut rng = ChaCha8Rng::from_seed(saved.rng_seed);
+    rng.set_stream(saved.rng_stream);
+    rng.set_word_pos(word_pos);
+    s.rng = rng;
+    s.next_iteration = saved.next_iteration;
+    // Loss terms are f32 values; JSON parsing may miss an f64 by one ulp, never an f32.
+    s.log = saved
+        .log
+        .into_iter()
+        .take(saved.next_iteration)
+        .map(round_terms_to_f32)
+        .collect();
+    tracing::info!(iteration = s.next_iteration, checkpoint = %ckpt.display(), "resuming training");
+    Ok(s)
+}
+
+fn round_terms_to_f32(mut l: IterationLog) -> IterationLog {
+    for t in [
+        &mut l.seg_main,
+        &mut l.seg_aux,
+        &mut l.ent_main,
+        &mut l.ent_aux,
+        &mut l.adv_main,
+        &mut l.adv_aux,
+        &mut l.d_main,
+        &mut l.d_aux,
+    ] {
+        *t = t.map(|v| f64::from(v as f32));
+    }
+    l
+}
+
+fn load_optim(opt: ModuleOptimizer, path: &Path) -> Result<ModuleOptimizer, TrainError> {
+    opt.load(path).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("{e}; delete the checkpoint directory to start over"),
+    })
+}
+
+fn write_checkpoint(config: &TrainConfig, s: &LoopState, dir: &Path) -> Result<(), TrainError> {
+    let partial = checkpoint::staging(dir)?;
+    // BatchNorm running statistics are merged lazily across threads; `valid()` merges them, so
+    // the record holds the current values rather than ones an update behind.
+    save_record(s.model.valid(), &partial.join(files::MODEL))?;
+    save_optim(&s.opt_seg, &partial.join(files::OPTIM_SEG))?;
+    if let Some(d) = &s.d_main {
+        save_record(d.clone(), &partial.join(files::D_MAIN))?;
+        save_optim(&s.opt_d_main, &partial.join(files::OPTIM_D_MAIN))?;
+    }
+    if let Some(d) = &s.d_aux {
+        save_record(d.clone(), &partial.join(files::D_AUX))?;
+        save_optim(&s.opt_d_aux, &partial.join(files::OPTIM_D_AUX))?;
+    }
+    let state = CheckpointState {
+        format: checkpoint::FORMAT,
+        next_iteration: s.next_iteration,
+        config: config.clone(),
+        rng_seed: s.rng.get_seed(),
+        rng_stream: s.rng.get_stream(),
+        rng_word_pos: s.rng.get_word_pos().to_string(),
+        log: s.log.clone(),
+    };
+    checkpoint::publish(dir, &state)
+}
+
+fn save_optim(opt: &ModuleOptimizer, path: &Path) -> Result<(), TrainError> {
+    opt.save(path).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn images_tensor(batch: &ImageBatch, device: &Device) -> Tensor<4> {
+    Tensor::from_data(TensorData::new(batch.data.clone(), batch.shape), device)
+}
+
+fn labels_tensor(batch: &LabelBatch, device: &Device) -> Tensor<3, Int> {
+    let data: Vec<i64> = batch.data.iter().map(|&l| i64::from(l)).collect();
+    Tensor::from_data(TensorData::new(data, batch.shape), device)
+}
+
+/// Host value of a scalar loss, refused when not finite.
+fn value(loss: &Tensor<1>, iteration: usize, term: &'static str) -> Result<f64, TrainError> {
+    let v = f64::from(loss.clone().into_scalar::<f32>());
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(TrainError::NonFinite {
+            iteration,
+            term,
+            value: v,
+        })
+    }
+}
+
+/// Adds `lambda * term` to an optional running sum.
+fn add(sum: Option<Tensor<1>>, lambda: f64, term: Tensor<1>) -> Option<Tensor<1>> {
+    let weighted = term.mul_scalar(lambda);
+    Some(match sum {
+        Some(s) => s + weighted,
+        None => weighted,
+    })
+}
+
+/// One iteration; takes the state by value because the optimisers consume the modules.
+fn step(
+    config: &TrainConfig,
+    mut s: LoopState,
+    data: &mut dyn Batches,
+    iteration: usize,
+    classes: usize,
+    ad: &Device,
+    head_group: &ParamGroup,
+) -> Result<(LoopState, IterationLog), TrainError> {
+    let start = Instant::now();
+    let method = config.method;
+    let lr = config.poly_lr(config.lr, iteration);
+    let adversarial = s.d_main.is_some() || s.d_aux.is_some();
+    let lr_d = adversarial.then(|| config.poly_lr(config.lr_d, iteration));
+    let batch_err = |which: &'static str| {
+        move |message: String| TrainError::Batch {
+            iteration,
+            which,
+            message,
+        }
+    };
+
+    let source = data
+        .source(iteration, &mut s.rng)
+        .map_err(|e| batch_err("source")(e.to_string()))?;
+    source.images.check().map_err(batch_err("source"))?;
+    source.labels.check(classes).map_err(batch_err("source"))?;
+    if source.images.shape[0] != source.labels.shape[0] {
+        return Err(batch_err("source")(format!(
+            "{} images but {} label maps",
+            source.images.shape[0], source.labels.shape[0]
+        )));
+    }
+    let needs_target = method.uses_target()
+        && ((method.uses_entropy()
+            && (config.lambda_ent_main > 0.0 || config.lambda_ent_aux > 0.0))
+            || adversarial);
+    let target = if needs_target {
+        let t = data
+            .target(iteration, &mut s.rng)
+            .map_err(|e| batch_err("target")(e.to_string()))?;
+        t.check().map_err(batch_err("target"))?;
+        Some(t)
+    } else {
+        None
+    };
+
+    let mut log = IterationLog {
+        iteration,
+        seg_main: None,
+        seg_aux: None,
+        ent_main: None,
+        ent_aux: None,
+        adv_main: None,
+        adv_aux: None,
+        d_main: None,
+        d_aux: None,
+        lr,
+        lr_d,
+        seconds: 0.0,
+    };
+    let mut accumulator = GradientsAccumulator::<DeepLabV2>::new();
+
+    // 1. Supervised segmentation on the labelled batch, logits upsampled to the label size.
+    let label_size = [source.labels.shape[1], source.labels.shape[2]];
+    let (aux_s, main_s) = s.model.forward(images_tensor(&source.images, ad));
+    let main_s = upsample(main_s, label_size);
+    let labels = labels_tensor(&source.labels, ad);
+    let seg_main = masked_cross_entropy(main_s.clone(), labels.clone());
+    log.seg_main = Some(value(&seg_main, iteration, "seg_main")?);
+    let mut loss = add(None, config.lambda_seg_main, seg_main);
+    let aux_s = if config.lambda_seg_aux > 0.0 || s.d_aux.is_some() {
+        Some(upsample(aux_s, label_size))
+    } else {
+        None
+    };
+    if config.lambda_seg_aux > 0.0 {
+        let seg_aux = masked_cross_entropy(aux_s.clone().expect("aux logits"), labels);
+        log.seg_aux = Some(value(&seg_aux, iteration, "seg_aux")?);
+        loss = add(loss, config.lambda_seg_aux, seg_aux);
+    }
+    // The discriminators see the source predictions without a path back into the network.
+    let src_maps = adversarial.then(|| {
+        (
+            self_information(main_s.clone().detach()),
+            aux_s.as_ref().map(|a| self_information(a.clone().detach())),
+        )
+    });
+    if let Some(loss) = loss {
+        let grads = GradientsParams::from_grads(loss.backward(), &s.model);
+        accumulator.accumulate(&s.model, grads);
+    }
+
+    // 2. Target: entropy minimisation and/or fooling the discriminators (label = source).
+    let mut trg_maps = None;
+    if let Some(target) = &target {
+        let size = [target.shape[2], target.shape[3]];
+        let (aux_t, main_t) = s.model.forward(images_tensor(target, ad));
+        let main_t = upsample(main_t, size);
+        let aux_t = upsample(aux_t, size);
+        let mut loss = None;
+        if method.uses_entropy() && config.lambda_ent_main > 0.0 {
+            let ent = entropy_loss(main_t.clone());
+            log.ent_main = Some(value(&ent, iteration, "ent_main")?);
+            loss = add(loss, config.lambda_ent_main, ent);
+        }
+        if method.uses_entropy() && config.lambda_ent_aux > 0.0 {
+            let ent = entropy_loss(aux_t.clone());
+            log.ent_aux = Some(value(&ent, iteration, "ent_aux")?);
+            loss = add(loss, config.lambda_ent_aux, ent);
+        }
+        if let Some(d) = &s.d_main {
+            let adv = bce_with_logits(d.forward(self_information(main_t.clone())), SOURCE_LABEL);
+            log.adv_main = Some(value(&adv, iteration, "adv_main")?);
+            loss = add(loss, config.lambda_adv_main, adv);
+        }
+        if let Some(d) = &s.d_aux {
+            let adv = bce_with_logits(d.forward(self_information(aux_t.clone())), SOURCE_LABEL);
+            log.adv_aux = Some(value(&adv, iteration, "adv_aux")?);
+            loss = add(loss, config.lambda_adv_aux, adv);
+        }
+        if adversarial {
+            trg_maps = Some((
+                self_information(main_t.detach()),
+                self_information(aux_t.detach()),
+            ));
+        }
+        if let Some(loss) = loss {
+            // Discriminator gradients of this pass are dropped: only the network learns here.
+            let grads = GradientsParams::from_grads(loss.backward(), &s.model);
+            accumulator.accumulate(&s.model, grads);
+        }
+    }
+
+    // 3. Discriminators: source maps -> SOURCE_LABEL, target maps -> TARGET_LABEL.
+    if let (Some((src_main, src_aux)), Some((trg_main, trg_aux))) = (src_maps, trg_maps) {
+        let mut d_loss = None;
+        if let Some(d) = &s.d_main {
+            let l = (bce_with_logits(d.forward(src_main), SOURCE_LABEL)
+                + bce_with_logits(d.forward(trg_main), TARGET_LABEL))
+            .div_scalar(2.0);
+            log.d_main = Some(value(&l, iteration, "d_main")?);
+            d_loss = add(d_loss, 1.0, l);
+        }
+        if let (Some(d), Some(src_aux)) = (&s.d_aux, src_aux) {
+            let l = (bce_with_logits(d.forward(src_aux), SOURCE_LABEL)
+                + bce_with_logits(d.forward(trg_aux), TARGET_LABEL))
+            .div_scalar(2.0);
+            log.d_aux = Some(value(&l, iteration, "d_aux")?);
+            d_loss = add(d_loss, 1.0, l);
+        }
+        if let Some(d_loss) = d_loss {
+            let lr_d = lr_d.expect("discriminator lr");
+            let mut grads = d_loss.backward();
+            if let Some(d) = s.d_main.take() {
+                let g = GradientsParams::from_module(&mut grads, &d);
+                s.d_main = Some(s.opt_d_main.step(lr_d, d, g));
+            }
+            if let Some(d) = s.d_aux.take() {
+                let g = GradientsParams::from_module(&mut grads, &d);
+                s.d_aux = Some(s.opt_d_aux.step(lr_d, d, g));
+            }
+        }
+    }
+
+    // 4. Network update: SGD, heads at `head_lr_mult` times the backbone's rate.
+    let lrs: ModuleLearningRate = ModuleLrScheduler::new(lr)
+        .with_group(head_group.clone(), lr * config.head_lr_mult)
+        .step();
+    s.model = s.opt_seg.step(lrs, s.model, accumulator.grads());
+
+    log.seconds = start.elapsed().as_secs_f64();
+    Ok((s, log))
+}

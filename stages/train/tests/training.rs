@@ -1,0 +1,385 @@
+//! The training loop on flex: overfitting, AdvEnt, determinism, checkpoint/resume, aborts.
+//!
+//! Burn's flex RNG is process-global, so every test that draws from it (model initialisation)
+//! holds [`SERIAL`], keeping other tests' draws out of the sequences that are compared.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use dag_model::{load_record_into, DeepLabV2Config, DiscriminatorConfig};
+use dag_train::rand_core::RngCore;
+use dag_train::{
+    train, BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, SourceBatch,
+    TrainConfig, TrainError,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const CLASSES: usize = 3;
+
+fn model_config() -> DeepLabV2Config {
+    DeepLabV2Config {
+        blocks: [1, 1, 1, 1],
+        width: 0.0625,
+        classes: CLASSES,
+    }
+}
+
+/// Two 32x32 source images whose labels (left half 0, right half 1, a band of 2 at the
+/// bottom, a few ignored pixels) are visible in the pixel values, and target images of the
+/// same kind with the colours shifted (the "domain shift").
+struct Toy {
+    /// Iteration at which to put a NaN into the source image, to test the abort.
+    nan_at: Option<usize>,
+    /// Iteration at which to put an out-of-range label.
+    bad_label_at: Option<usize>,
+}
+
+impl Toy {
+    fn new() -> Self {
+        Toy {
+            nan_at: None,
+            bad_label_at: None,
+        }
+    }
+}
+
+const S: usize = 32;
+
+fn label_at(i: usize, y: usize, x: usize) -> u8 {
+    if y >= S - 8 {
+        2
+    } else if (x < S / 2) ^ (i % 2 == 1) {
+        0
+    } else {
+        1
+    }
+}
+
+fn image(i: usize, shift: f32, rng: &mut dyn RngCore) -> Vec<f32> {
+    let mut data = vec![0.0f32; 3 * S * S];
+    for c in 0..3 {
+        for y in 0..S {
+            for x in 0..S {
+                let l = label_at(i, y, x) as usize;
+                let noise = (rng.next_u32() % 1000) as f32 / 1000.0 - 0.5;
+                let base = if l == c { 2.0 } else { -1.0 };
+                data[(c * S + y) * S + x] = base + shift + 0.3 * noise;
+            }
+        }
+    }
+    data
+}
+
+impl Batches for Toy {
+    fn source(
+        &mut self,
+        iteration: usize,
+        rng: &mut dyn RngCore,
+    ) -> Result<SourceBatch, BatchError> {
+        let i = iteration % 2;
+        let mut images = image(i, 0.0, rng);
+        if self.nan_at == Some(iteration) {
+            images[5] = f32::NAN;
+        }
+        let mut labels: Vec<u8> = (0..S * S).map(|p| label_at(i, p / S, p % S)).collect();
+        labels[0] = 255;
+        labels[S * S - 1] = 255;
+        if self.bad_label_at == Some(iteration) {
+            labels[3] = 9;
+        }
+        Ok(SourceBatch {
+            images: ImageBatch {
+                data: images,
+                shape: [1, 3, S, S],
+            },
+            labels: LabelBatch {
+                data: labels,
+                shape: [1, S, S],
+            },
+        })
+    }
+
+    fn target(
+        &mut self,
+        iteration: usize,
+        rng: &mut dyn RngCore,
+    ) -> Result<ImageBatch, BatchError> {
+        Ok(ImageBatch {
+            data: image(iteration % 2 + 1, 0.7, rng),
+            shape: [1, 3, S, S],
+        })
+    }
+}
+
+fn config(method: Method, iterations: usize) -> TrainConfig {
+    TrainConfig {
+        method,
+        iterations,
+        max_iters: 1000,
+        lr: 0.01,
+        lr_d: 1e-3,
+        disc_ndf: 4,
+        checkpoint_every: 0,
+        seed: 7,
+        ..TrainConfig::default()
+    }
+}
+
+struct Run {
+    log: Vec<IterationLog>,
+    weights: Vec<TensorData>,
+    outcome_d_main: Option<dag_model::Discriminator>,
+}
+
+fn run(
+    config: &TrainConfig,
+    dir: &std::path::Path,
+    cancel_after: Option<usize>,
+) -> Result<Run, TrainError> {
+    let device = Device::flex();
+    let model = model_config().init(&device).unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut progress = |r: &IterationLog| {
+        if Some(r.iteration) == cancel_after {
+            cancel.store(true, Ordering::SeqCst);
+        }
+    };
+    let out = train(
+        config,
+        model,
+        &device,
+        &mut Toy::new(),
+        dir,
+        &mut progress,
+        &cancel,
+    )?;
+    Ok(Run {
+        log: out.log,
+        weights: weights(&out.model),
+        outcome_d_main: out.d_main,
+    })
+}
+
+#[derive(Default)]
+struct Collect(Vec<TensorData>);
+
+impl ModuleVisitor for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(param.val().into_data());
+    }
+}
+
+fn weights<M: Module>(m: &M) -> Vec<TensorData> {
+    let mut c = Collect::default();
+    m.visit(&mut c);
+    c.0
+}
+
+fn assert_bit_identical(a: &[TensorData], b: &[TensorData]) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.as_bytes(), y.as_bytes(), "tensor {i} differs");
+    }
+}
+
+#[test]
+fn source_only_overfits_tiny_images() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(Method::SourceOnly, 40);
+    let r = run(&cfg, dir.path(), None).unwrap();
+    assert_eq!(r.log.len(), 40);
+    let first = r.log[0].seg_main.unwrap();
+    let last: f64 = r.log[36..].iter().map(|l| l.seg_main.unwrap()).sum::<f64>() / 4.0;
+    // Chance level is ln 3 = 1.10; the two images are learnt well below that.
+    assert!(last < 0.35, "seg_main went from {first} to {last}");
+    assert!(r
+        .log
+        .iter()
+        .all(|l| l.adv_main.is_none() && l.d_main.is_none()));
+    assert!(r
+        .log
+        .iter()
+        .all(|l| l.seg_aux.is_some() && l.lr_d.is_none()));
+    // Poly schedule applied.
+    assert!(r.log[39].lr < r.log[0].lr);
+    assert!(r.outcome_d_main.is_none());
+}
+
+#[test]
+fn advent_trains_segmentation_and_both_discriminators() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(Method::AdvEnt, 3);
+    cfg.checkpoint_every = 1;
+    let r = run(&cfg, dir.path(), None).unwrap();
+    for l in &r.log {
+        for term in [
+            "seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux",
+        ] {
+            assert!(
+                l.terms().iter().any(|(n, _)| *n == term),
+                "{term} missing at {}",
+                l.iteration
+            );
+        }
+        assert!(l.ent_main.is_none() && l.lr_d.is_some());
+    }
+    // The checkpoint after iteration 1 holds the discriminator after two Adam steps; the final
+    // one has taken a third.
+    let ad = Device::flex();
+    let d = DiscriminatorConfig::new(CLASSES)
+        .with_ndf(4)
+        .init(&ad)
+        .unwrap();
+    let d_ckpt = load_record_into(d, &dir.path().join("checkpoint/d_main.bpk")).unwrap();
+    let d_final = r.outcome_d_main.expect("AdvEnt returns its discriminator");
+    let changed = weights(&d_ckpt)
+        .iter()
+        .zip(weights(&d_final))
+        .any(|(a, b)| a.as_bytes() != b.as_bytes());
+    assert!(changed, "the discriminator optimiser did not change D");
+    assert!(dir.path().join("checkpoint/optim_d_aux.bpk").is_file());
+}
+
+#[test]
+fn minent_and_combined_methods_log_their_terms() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(&config(Method::MinEnt, 2), dir.path(), None).unwrap();
+    assert!(r
+        .log
+        .iter()
+        .all(|l| l.ent_main.is_some() && l.ent_aux.is_some()));
+    assert!(r.log.iter().all(|l| l.adv_main.is_none()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(Method::MinEntAdvEnt, 2);
+    cfg.lambda_adv_aux = 0.0;
+    let r = run(&cfg, dir.path(), None).unwrap();
+    for l in &r.log {
+        assert!(l.ent_main.is_some() && l.adv_main.is_some() && l.d_main.is_some());
+        assert!(
+            l.adv_aux.is_none() && l.d_aux.is_none(),
+            "lambda_adv_aux 0 drops D_aux"
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_weights() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = config(Method::AdvEnt, 3);
+    let a = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
+    let b = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
+    assert_bit_identical(&a.weights, &b.weights);
+    assert_eq!(
+        a.log.iter().map(|l| l.seg_main).collect::<Vec<_>>(),
+        b.log.iter().map(|l| l.seg_main).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn resume_after_interruption_is_bit_identical() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = config(Method::AdvEnt, 6);
+    cfg.checkpoint_every = 2;
+    let full = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    // Killed after iteration 2 ran; the last checkpoint was written after iteration 1.
+    match run(&cfg, dir.path(), Some(2)) {
+        Err(TrainError::Cancelled { iteration: 3 }) => {}
+        other => panic!(
+            "expected a cancellation, got {:?}",
+            other.map(|r| r.log.len())
+        ),
+    }
+    let resumed = run(&cfg, dir.path(), None).unwrap();
+    assert_eq!(resumed.log.len(), 6);
+    assert_bit_identical(&full.weights, &resumed.weights);
+    for (a, b) in full.log.iter().zip(&resumed.log) {
+        assert_eq!(
+            (a.iteration, a.seg_main, a.d_aux),
+            (b.iteration, b.seg_main, b.d_aux)
+        );
+    }
+    // A checkpoint of another configuration is refused rather than silently mixed in.
+    let mut other = cfg.clone();
+    other.lr = 0.02;
+    let err = run(&other, dir.path(), None)
+        .err()
+        .expect("config mismatch");
+    assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
+}
+
+#[test]
+fn non_finite_loss_aborts_naming_iteration_and_term() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_config().init(&device).unwrap();
+    let mut data = Toy::new();
+    data.nan_at = Some(1);
+    let err = train(
+        &config(Method::SourceOnly, 3),
+        model,
+        &device,
+        &mut data,
+        dir.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    match &err {
+        TrainError::NonFinite {
+            iteration: 1,
+            term: "seg_main",
+            ..
+        } => {}
+        other => panic!("unexpected {other}"),
+    }
+    assert!(err.to_string().contains("iteration 1"));
+}
+
+#[test]
+fn bad_labels_are_refused_with_the_iteration() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_config().init(&device).unwrap();
+    let mut data = Toy::new();
+    data.bad_label_at = Some(0);
+    let err = train(
+        &config(Method::SourceOnly, 1),
+        model,
+        &device,
+        &mut data,
+        dir.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("iteration 0") && err.contains("label 9"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_defaults_are_advent() {
+    let c: TrainConfig = serde_json::from_str("{}").unwrap();
+    assert_eq!(c, TrainConfig::default());
+    assert_eq!((c.lr, c.momentum, c.weight_decay), (2.5e-4, 0.9, 5e-4));
+    assert_eq!((c.lr_d, c.adam_beta2, c.adam_epsilon), (1e-4, 0.99, 1e-8));
+    assert_eq!(
+        (c.max_iters, c.iterations, c.power),
+        (250_000, 120_000, 0.9)
+    );
+    assert!(serde_json::from_str::<TrainConfig>(r#"{"lamda_adv_main": 1}"#).is_err());
+    let m: TrainConfig = serde_json::from_str(r#"{"method": "min_ent_adv_ent"}"#).unwrap();
+    assert_eq!(m.method, Method::MinEntAdvEnt);
+}

@@ -1,0 +1,87 @@
+//! A few training steps on WGPU (Mesa's lavapipe in CI). With the `wgpu` feature on, a machine
+//! without any adapter fails this test rather than skipping it.
+#![cfg(feature = "wgpu")]
+
+use std::sync::atomic::AtomicBool;
+
+use burn::tensor::{Device, DeviceType};
+use dag_model::DeepLabV2Config;
+use dag_train::rand_core::RngCore;
+use dag_train::{
+    device_for, resolve_device, train, BatchError, Batches, DeviceChoice, ImageBatch, LabelBatch,
+    Method, SourceBatch, TrainConfig,
+};
+
+struct Stripes;
+
+const S: usize = 32;
+
+impl Batches for Stripes {
+    fn source(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<SourceBatch, BatchError> {
+        let labels: Vec<u8> = (0..S * S).map(|p| ((p % S) * 3 / S) as u8).collect();
+        let data = (0..3 * S * S)
+            .map(|i| labels[i % (S * S)] as f32 + (rng.next_u32() % 7) as f32 * 0.1)
+            .collect();
+        Ok(SourceBatch {
+            images: ImageBatch {
+                data,
+                shape: [1, 3, S, S],
+            },
+            labels: LabelBatch {
+                data: labels,
+                shape: [1, S, S],
+            },
+        })
+    }
+    fn target(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<ImageBatch, BatchError> {
+        let data = (0..3 * S * S)
+            .map(|_| (rng.next_u32() % 100) as f32 / 50.0)
+            .collect();
+        Ok(ImageBatch {
+            data,
+            shape: [1, 3, S, S],
+        })
+    }
+}
+
+#[test]
+fn advent_steps_run_on_wgpu() {
+    assert!(
+        !Device::enumerate(DeviceType::Wgpu).is_empty(),
+        "the wgpu feature is on but no adapter was found (install mesa-vulkan-drivers)"
+    );
+    assert_eq!(resolve_device("wgpu"), Ok(DeviceChoice::Wgpu));
+    let device = device_for(DeviceChoice::Wgpu);
+    let model = DeepLabV2Config {
+        blocks: [1, 1, 1, 1],
+        width: 0.0625,
+        classes: 3,
+    }
+    .init(&device)
+    .unwrap();
+    let config = TrainConfig {
+        method: Method::AdvEnt,
+        iterations: 2,
+        lr: 0.01,
+        disc_ndf: 4,
+        checkpoint_every: 1,
+        ..TrainConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(
+        &config,
+        model,
+        &device,
+        &mut Stripes,
+        dir.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(out.log.len(), 2);
+    for l in &out.log {
+        assert!(l.adv_main.is_some() && l.d_aux.is_some());
+        assert!(l.terms().iter().all(|(_, v)| v.is_finite()));
+    }
+    assert!(dir.path().join("checkpoint/model.bpk").is_file());
+}
