@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 RUNS=${RUNS:-10}
 DVC=${DVC:-/var/tmp/dvc-venv/bin/dvc}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/dag-target}
 
 # DAG_BIN=path/to/dag skips the build.
 if [ -z "${DAG_BIN:-}" ]; then

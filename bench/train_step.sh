@@ -6,10 +6,11 @@
 #                                    # /var/tmp/torch-venv/bin/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dag-target}"
 PY="${1:-/var/tmp/torch-venv/bin/python}"
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
-cargo run --release -q -p dag-train --example train_step -- --warmup 3 --steps 10 | tee "$out"
+cargo run --release -q -p dag-train --features wgpu --example train_step -- --warmup 3 --steps 10 | tee "$out"
 "$PY" bench/train_step/train_step_torch.py --warmup 3 --steps 10 | tee -a "$out"
 awk '
   $2 ~ /_ms$/ { t[$1 " " $2] = $3 }
