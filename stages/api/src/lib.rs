@@ -27,7 +27,10 @@ pub const STAGE_LOG: &str = "stage.log";
 pub enum ParamType {
     Bool,
     /// A signed integer within the inclusive bounds.
-    Int { min: Option<i64>, max: Option<i64> },
+    Int {
+        min: Option<i64>,
+        max: Option<i64>,
+    },
     /// A float within the bounds; `min_exclusive` makes the lower bound open (e.g. `(0, 1]`).
     Float {
         min: Option<f64>,
@@ -241,10 +244,9 @@ impl StageContext<'_> {
         })
     }
     pub fn output(&self, name: &str) -> Result<&Path, StageError> {
-        self.outputs
-            .get(name)
-            .map(PathBuf::as_path)
-            .ok_or_else(|| StageError::new(format!("stage `{}` has no output `{name}`", self.stage)))
+        self.outputs.get(name).map(PathBuf::as_path).ok_or_else(|| {
+            StageError::new(format!("stage `{}` has no output `{name}`", self.stage))
+        })
     }
     /// The dataset named by a param of type [`ParamType::Dataset`].
     pub fn dataset(&self, param: &str) -> Result<&DatasetRef, StageError> {

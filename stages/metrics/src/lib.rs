@@ -13,7 +13,9 @@ use thiserror::Error;
 /// Errors of metric computation.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum MetricsError {
-    #[error("prediction has {pred} pixels but the ground truth has {gt}; they must be the same size")]
+    #[error(
+        "prediction has {pred} pixels but the ground truth has {gt}; they must be the same size"
+    )]
     SizeMismatch { gt: usize, pred: usize },
     #[error("confusion matrices of {left} and {right} classes cannot be merged")]
     ClassMismatch { left: usize, right: usize },

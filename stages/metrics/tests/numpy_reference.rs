@@ -84,5 +84,8 @@ fn miou_matches_numpy_reference() {
     }
     let ours = cm.miou().unwrap();
     let theirs = reference["miou"].as_f64().unwrap();
-    assert!((ours - theirs).abs() < 1e-6, "mIoU {ours} vs NumPy {theirs}");
+    assert!(
+        (ours - theirs).abs() < 1e-6,
+        "mIoU {ours} vs NumPy {theirs}"
+    );
 }
