@@ -187,6 +187,9 @@ pub struct Manifest {
     /// Object digest of the stage's log, when it wrote one.
     #[serde(default)]
     pub log: Option<String>,
+    /// The short text the stage asked `dag run` to print (see `StageOutcome::summary`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
     /// Unix time in seconds (with fraction) when the run finished.
     pub finished_unix: f64,
     /// Seconds in the stage's `run`.

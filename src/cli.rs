@@ -457,6 +457,11 @@ fn print_summary(r: &RunReport) {
         count(Outcome::Failed),
         r.seconds
     );
+    for s in &r.stages {
+        if let Some(text) = &s.summary {
+            let _ = writeln!(out, "\n{}:\n{}", s.stage, text.trim_end());
+        }
+    }
 }
 
 fn cmd_plan(path: &Path, select: &SelectArgs, json: bool, g: &Global) -> Result<ExitCode, Failure> {

@@ -245,6 +245,8 @@ pub struct StageReport {
     pub seconds: f64,
     /// Its key, when known.
     pub key: Option<String>,
+    /// The text the stage asked to be printed after the run (from its manifest).
+    pub summary: Option<String>,
 }
 
 /// Why a stage failed.
@@ -636,6 +638,7 @@ impl<'a> Engine<'a> {
                 outcome: Outcome::Skipped,
                 seconds: 0.0,
                 key: None,
+                summary: None,
             })
             .collect();
         for &i in &p.order {
@@ -691,6 +694,7 @@ impl<'a> Engine<'a> {
                             self.publish_links(i, &m)?;
                             reports[i].outcome = Outcome::Cached;
                             reports[i].key = Some(m.key.clone());
+                            reports[i].summary = m.summary.clone();
                             outs[i] = Some(m.outputs);
                             for &d in &down[i] {
                                 if selected[d] {
@@ -756,6 +760,7 @@ impl<'a> Engine<'a> {
                         reports[i].outcome = Outcome::Ran;
                         reports[i].seconds = m.seconds + m.publish_seconds;
                         reports[i].key = Some(m.key.clone());
+                        reports[i].summary = m.summary.clone();
                         outs[i] = Some(m.outputs);
                         for &d in &down[i] {
                             if selected[d] {
@@ -980,6 +985,7 @@ impl<'a> Engine<'a> {
             outputs: trees,
             metrics: outcome.metrics,
             log: log_digest,
+            summary: outcome.summary,
             finished_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())

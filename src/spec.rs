@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dag_api::{
-    ArtifactType, DatasetRef, OutputSpec, ParamType, Params, Preflight, Registry, Stage, Value,
+    ArtifactType, DatasetRef, InputSpec, OutputSpec, ParamType, Params, Preflight, Registry, Stage,
+    Value,
 };
 use petgraph::graph::{DiGraph, NodeIndex};
 
@@ -873,7 +874,9 @@ impl<'a> Validator<'a> {
         let specs = kind.inputs();
         let mut inputs = BTreeMap::new();
         for (k, v) in &r.inputs {
-            let Some(spec) = specs.iter().find(|s| s.name == k.name) else {
+            let exact = specs.iter().find(|s| s.name == k.name);
+            let variadic = || specs.iter().find(|s| s.name == InputSpec::ANY_NAME);
+            let Some(spec) = exact.or_else(variadic) else {
                 let hint =
                     did_you_mean(&k.name, specs.iter().map(|s| s.name)).unwrap_or_else(|| {
                         if specs.is_empty() {
@@ -949,15 +952,25 @@ impl<'a> Validator<'a> {
             );
         }
         for spec in specs.iter().filter(|s| s.required) {
-            if !r.inputs.iter().any(|(k, _)| k.name == spec.name) {
-                self.err(
-                    r.inputs_span,
+            let given = if spec.name == InputSpec::ANY_NAME {
+                // A variadic slot is satisfied by any input no other slot claims.
+                r.inputs
+                    .iter()
+                    .any(|(k, _)| !specs.iter().any(|s| s.name == k.name))
+            } else {
+                r.inputs.iter().any(|(k, _)| k.name == spec.name)
+            };
+            if !given {
+                let message = if spec.name == InputSpec::ANY_NAME {
+                    format!("stage `{name}` needs at least one input")
+                } else {
                     format!(
                         "stage `{name}` is missing the required input `{}`",
                         spec.name
-                    ),
-                )
-                .hint = Some(format!("`{}`: {}", spec.name, spec.doc));
+                    )
+                };
+                self.err(r.inputs_span, message).hint =
+                    Some(format!("`{}`: {}", spec.name, spec.doc));
             }
         }
 

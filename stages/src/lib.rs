@@ -4,13 +4,26 @@
 
 use dag_api::Registry;
 
+mod common;
+pub mod compare;
+pub mod evaluate;
 pub mod preprocess;
+pub mod score;
+pub mod split;
 pub mod synth;
+pub mod train;
 
 /// Adds every stage kind of this crate to `registry`.
 pub fn register_all(registry: &mut Registry) {
     registry.register(preprocess::Preprocess);
     registry.register(synth::Synth);
+    registry.register(train::TrainStage(train::Role::Source));
+    registry.register(train::TrainStage(train::Role::Adapt));
+    registry.register(score::ScoreEntropy);
+    registry.register(split::Split);
+    registry.register(train::TrainStage(train::Role::SelfTrain));
+    registry.register(evaluate::Evaluate);
+    registry.register(compare::Compare);
 }
 
 /// Resolves the pipeline's `device:` (`auto`, `flex`, `wgpu`, `cuda`) to the device kind that

@@ -119,10 +119,17 @@ pub type ArtifactType = &'static str;
 /// A named input slot of a stage kind.
 #[derive(Debug, Clone)]
 pub struct InputSpec {
+    /// The slot's name; [`InputSpec::ANY_NAME`] makes a variadic slot that accepts any number of
+    /// inputs under names the pipeline chooses (e.g. `compare`'s evaluations).
     pub name: &'static str,
     pub ty: ArtifactType,
     pub required: bool,
     pub doc: &'static str,
+}
+
+impl InputSpec {
+    /// The name of a variadic slot.
+    pub const ANY_NAME: &'static str = "*";
 }
 
 /// A named output of a stage kind. The first output is the stage's default: `inputs: {x: st}`
@@ -211,6 +218,10 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+    /// The underlying flag, for libraries that poll an `AtomicBool`.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
 }
 
 /// Everything a stage's `run` may read and write.
@@ -277,6 +288,9 @@ impl StageContext<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct StageOutcome {
     pub metrics: Map<String, Value>,
+    /// A short text (a few lines, e.g. a comparison table) that `dag run` prints after its
+    /// summary, also when the stage is later found cached.
+    pub summary: Option<String>,
 }
 
 /// What the engine can tell a stage before anything runs, for [`Stage::preflight`].

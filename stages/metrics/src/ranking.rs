@@ -51,8 +51,66 @@ pub fn rank_and_split(scores: &[f64], lambda: f64) -> (Vec<usize>, usize) {
     (ranked, easy.min(scores.len()))
 }
 
+/// Ranks from 1 in ascending order, ties sharing the mean of their positions (as SciPy's
+/// `rankdata`). NaN values are not allowed.
+pub fn average_ranks(values: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    let mut ranks = vec![0.0; values.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && values[order[j + 1]] == values[order[i]] {
+            j += 1;
+        }
+        // Positions i..=j (0-based) share the rank (i + j) / 2 + 1.
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = rank;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// Spearman's rank correlation of two equally long samples: Pearson's correlation of their
+/// average ranks. `None` with fewer than two pairs or when either sample is constant.
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    assert_eq!(a.len(), b.len(), "spearman needs pairs");
+    if a.len() < 2 {
+        return None;
+    }
+    let (ra, rb) = (average_ranks(a), average_ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
+    for (x, y) in ra.iter().zip(&rb) {
+        cov += (x - ma) * (y - mb);
+        va += (x - ma) * (x - ma);
+        vb += (y - mb) * (y - mb);
+    }
+    if va == 0.0 || vb == 0.0 {
+        return None;
+    }
+    Some(cov / (va * vb).sqrt())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn spearman_matches_hand_computed_values() {
+        // Perfectly monotone (not linear) -> 1; reversed -> -1.
+        let a = [1.0, 2.0, 3.0, 4.0];
+        assert!((spearman(&a, &[1.0, 4.0, 9.0, 100.0]).unwrap() - 1.0).abs() < 1e-12);
+        assert!((spearman(&a, &[4.0, 3.0, 2.0, 1.0]).unwrap() + 1.0).abs() < 1e-12);
+        // Ties: ranks of [1, 2, 2, 3] are [1, 2.5, 2.5, 4]; against [1, 2, 3, 4] SciPy gives
+        // 0.9486832980505138.
+        let r = spearman(&[1.0, 2.0, 2.0, 3.0], &a).unwrap();
+        assert!((r - 0.948_683_298_050_513_8).abs() < 1e-12, "{r}");
+        assert_eq!(average_ranks(&[3.0, 1.0, 3.0]), vec![2.5, 1.0, 2.5]);
+        assert!(spearman(&[1.0, 1.0], &[1.0, 2.0]).is_none());
+    }
+
     use super::*;
 
     #[test]

@@ -13,6 +13,36 @@ use crate::TrainError;
 pub const CHECKPOINT: &str = "checkpoint";
 const PARTIAL: &str = "checkpoint.partial";
 const PREVIOUS: &str = "checkpoint.previous";
+/// Directory of the network snapshots (`TrainConfig::snapshot_every`) inside the caller's
+/// checkpoint directory.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+
+/// File name of the snapshot taken after `done` iterations.
+pub fn snapshot_name(done: usize) -> String {
+    format!("iter_{done:06}.bpk")
+}
+
+/// The snapshots under a checkpoint directory, `(iterations done, record file)`, in order.
+pub fn snapshots(checkpoint_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(checkpoint_dir.join(SNAPSHOT_DIR)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(usize, PathBuf)> = rd
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let done = name
+                .strip_prefix("iter_")?
+                .strip_suffix(".bpk")?
+                .parse()
+                .ok()?;
+            Some((done, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// Name of the JSON file with everything that is not a tensor.
 pub const STATE_FILE: &str = "state.json";
 

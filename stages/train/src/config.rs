@@ -77,6 +77,10 @@ pub struct TrainConfig {
     pub disc_ndf: usize,
     /// Write a checkpoint every this many iterations (0: never). Default: 2000.
     pub checkpoint_every: usize,
+    /// Keep a copy of the network every this many iterations (0: never), as ADVENT's
+    /// snapshots, in `<checkpoint_dir>/snapshots/iter_NNNNNN.bpk` (see [`crate::snapshots`]).
+    /// Default: 0.
+    pub snapshot_every: usize,
     /// Seed of the device RNG (discriminator initialisation) and of the RNG handed to the
     /// batch provider. Default: 1234.
     pub seed: u64,
@@ -105,6 +109,7 @@ impl Default for TrainConfig {
             lambda_adv_aux: 0.0002,
             disc_ndf: 64,
             checkpoint_every: 2000,
+            snapshot_every: 0,
             seed: 1234,
         }
     }

@@ -18,6 +18,7 @@ pub mod device;
 pub mod losses;
 mod trainer;
 
+pub use checkpoint::snapshots;
 pub use config::{poly_lr, Method, TrainConfig};
 pub use data::{BatchError, Batches, ImageBatch, LabelBatch, SourceBatch};
 pub use device::{device_for, resolve_device, DeviceChoice};

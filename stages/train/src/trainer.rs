@@ -101,8 +101,13 @@ pub fn train(
         state.next_iteration = iteration + 1;
         progress(&record);
         state.log.push(record);
+        let done = iteration + 1;
+        let snap = config.snapshot_every;
+        if snap > 0 && done % snap == 0 {
+            write_snapshot(&state, checkpoint_dir, done)?;
+        }
         let every = config.checkpoint_every;
-        if every > 0 && (iteration + 1) % every == 0 && iteration + 1 < config.iterations {
+        if every > 0 && done % every == 0 && done < config.iterations {
             write_checkpoint(config, &state, checkpoint_dir)?;
         }
     }
@@ -162,6 +167,7 @@ fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
     let mut b = b.clone();
     b.iterations = a.iterations;
     b.checkpoint_every = a.checkpoint_every;
+    b.snapshot_every = a.snapshot_every;
     *a == b
 }
 
@@ -253,6 +259,17 @@ fn write_checkpoint(config: &TrainConfig, s: &LoopState, dir: &Path) -> Result<(
         log: s.log.clone(),
     };
     checkpoint::publish(dir, &state)
+}
+
+/// Writes the network after `done` iterations to the snapshot directory, atomically (a kill
+/// leaves either the whole file or none).
+fn write_snapshot(s: &LoopState, checkpoint_dir: &Path, done: usize) -> Result<(), TrainError> {
+    let dir = checkpoint_dir.join(crate::checkpoint::SNAPSHOT_DIR);
+    std::fs::create_dir_all(&dir).map_err(checkpoint::io_err(&dir))?;
+    let path = dir.join(crate::checkpoint::snapshot_name(done));
+    let partial = path.with_extension("partial");
+    save_record(s.model.valid(), &partial)?;
+    std::fs::rename(&partial, &path).map_err(checkpoint::io_err(&path))
 }
 
 fn save_optim(opt: &ModuleOptimizer, path: &Path) -> Result<(), TrainError> {

@@ -1,0 +1,314 @@
+//! `score_entropy`: IntraDA's entropy ranking of the target images and their pseudo-labels.
+
+use std::collections::HashMap;
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Tensor, TensorData};
+use dag_api::{
+    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Stage, StageContext, StageError,
+    StageOutcome,
+};
+use dag_data::pngio::{write_color_png, write_label_png};
+use dag_data::{Column, Dataset, Table};
+use dag_metrics::ranking::{
+    count_rare_present, normalized_score, rank_and_split, rare_classes, spearman,
+};
+use dag_model::DeepLabV2;
+use serde::Deserialize;
+
+use crate::common::{
+    check_classes, create_parent, device, f64_column, load_model_input, open_dataset, protocol,
+    read_table, safe_join, str_column,
+};
+use crate::preprocess::data_error;
+
+/// The `score_entropy` stage kind.
+pub struct ScoreEntropy;
+
+/// File name of the table in the `scores` output.
+pub const SCORES_FILE: &str = "scores.parquet";
+/// Folder of the 8-bit class-id pseudo-labels in the `pseudo_labels` output.
+pub const LABELS_DIR: &str = "labels";
+/// Folder of the colour pseudo-labels in the `pseudo_labels` output.
+pub const COLOR_DIR: &str = "color";
+/// The side table of the `synth` target that holds each image's generated difficulty.
+pub const DIFFICULTY_FILE: &str = "difficulty.parquet";
+
+#[derive(Deserialize)]
+struct P {
+    normalize: bool,
+    batch_size: usize,
+    color: bool,
+}
+
+/// Per-image results of one forward pass.
+pub(crate) struct Scored {
+    /// `R(x)`: mean of the weighted self-information over classes and pixels.
+    pub score: f64,
+    /// Argmax of the main head, `H x W`.
+    pub prediction: Vec<u8>,
+}
+
+/// Runs `model` on dataset images `indices` and returns, per image, IntraDA's entropy score
+/// (main head upsampled to the dataset size, softmax, `-p log2(p + 1e-30) / log2 C`, mean over
+/// C x H x W) and the argmax map.
+pub(crate) fn score_batch(
+    model: &DeepLabV2,
+    ds: &Dataset,
+    indices: &[usize],
+    device: &burn::tensor::Device,
+) -> Vec<Scored> {
+    let batch = ds.batch(indices);
+    let [n, _, h, w] = batch.shape;
+    let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
+    let (_, main) = model.predict_logits(x, [h, w]);
+    let classes = main.dims()[1];
+    let p = softmax(main, 1);
+    // log2(p) / log2(C) = ln(p) / ln(C).
+    let info = p
+        .clone()
+        .mul(p.clone().add_scalar(1e-30).log())
+        .neg()
+        .div_scalar((classes as f64).ln());
+    let scores: Vec<f32> = info
+        .reshape([n, classes * h * w])
+        .mean_dim(1)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float scores");
+    let pred: Vec<i64> = p
+        .argmax(1)
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .expect("integer argmax");
+    scores
+        .into_iter()
+        .enumerate()
+        .map(|(k, s)| Scored {
+            score: f64::from(s),
+            prediction: pred[k * h * w..(k + 1) * h * w]
+                .iter()
+                .map(|&c| c as u8)
+                .collect(),
+        })
+        .collect()
+}
+
+impl Stage for ScoreEntropy {
+    fn kind(&self) -> &'static str {
+        "score_entropy"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn doc(&self) -> &'static str {
+        "IntraDA's entropy ranking: runs a model over a preprocessed target set, scores every \
+         image by the mean weighted self-information of its main-head prediction (upsampled to \
+         the image size), optionally normalised by the number of rare classes present, ranks \
+         them (ascending: most confident first) and writes scores.parquet plus an argmax \
+         pseudo-label (8-bit trainId PNG and a colour PNG) for every image."
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::optional(
+                "normalize",
+                ParamType::Bool,
+                false,
+                "rank by the rare-class normalised score R * ((11 - k) / 11 + 0.5) instead of \
+                 the raw score (both columns are always written)",
+            ),
+            ParamSpec::optional(
+                "batch_size",
+                ParamType::positive(),
+                1,
+                "images per forward pass (memory only; results do not depend on it)",
+            ),
+            ParamSpec::optional(
+                "color",
+                ParamType::Bool,
+                true,
+                "also write Cityscapes-coloured pseudo-labels under color/",
+            ),
+        ]
+    }
+
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![
+            InputSpec {
+                name: "model",
+                ty: "model",
+                required: true,
+                doc: "the adapted model (e.g. `adapt`'s output)",
+            },
+            InputSpec {
+                name: "target",
+                ty: "dataset",
+                required: true,
+                doc: "the target training set to rank (a `preprocess` output)",
+            },
+            InputSpec {
+                name: "difficulty",
+                ty: "any",
+                required: false,
+                doc: "a directory with difficulty.parquet (image, difficulty), e.g. \
+                      `synth.target`: adds a difficulty column and the Spearman correlation of \
+                      score and difficulty",
+            },
+        ]
+    }
+
+    fn outputs(&self, _params: &Params) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: "scores".into(),
+                ty: "scores",
+                doc: "scores.parquet: image_id, path, score, normalized_score, \
+                      rare_classes_present, rank, pixels_<class>...",
+            },
+            OutputSpec {
+                name: "pseudo_labels".into(),
+                ty: "pseudo_labels",
+                doc: "labels/<path> (8-bit trainIds) and color/<path> for every image",
+            },
+        ]
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let p: P = ctx.params.parse()?;
+        let device = device(ctx)?;
+        let ds = open_dataset(ctx, "target")?;
+        let proto = protocol(&ds)?;
+        let (model, desc) = load_model_input(ctx, "model", &device)?;
+        check_classes(&desc, proto, "the `target` set")?;
+        let rare = rare_classes(proto.num_classes());
+        if p.normalize && rare.is_none() {
+            return Err(StageError::new(format!(
+                "`normalize: true` needs the rare classes of the 19- or 16-class protocol; this \
+                 set uses {}",
+                proto.name()
+            )));
+        }
+        let (w, h) = ds.size();
+        let pseudo = ctx.output("pseudo_labels")?;
+        let n = ds.len();
+        let classes = proto.num_classes();
+        let mut scores = Vec::with_capacity(n);
+        let mut rare_present = Vec::with_capacity(n);
+        let mut pixels = vec![Vec::with_capacity(n); classes];
+        ctx.progress.start("score", n as u64);
+        let all: Vec<usize> = (0..n).collect();
+        for chunk in all.chunks(p.batch_size) {
+            ctx.check_cancelled()?;
+            for (&i, s) in chunk.iter().zip(score_batch(&model, &ds, chunk, &device)) {
+                if !s.score.is_finite() {
+                    return Err(StageError::new(format!(
+                        "the entropy score of `{}` is {}",
+                        ds.get(i).expect("index").path,
+                        s.score
+                    ))
+                    .with_hint("the model produces non-finite outputs; check its training log"));
+                }
+                let path = ds.get(i).expect("index").path;
+                let label = safe_join(&pseudo.join(LABELS_DIR), path)?;
+                create_parent(&label)?;
+                write_label_png(&label, w, h, &s.prediction).map_err(data_error)?;
+                if p.color {
+                    let color = safe_join(&pseudo.join(COLOR_DIR), path)?;
+                    create_parent(&color)?;
+                    write_color_png(&color, w, h, &s.prediction, proto).map_err(data_error)?;
+                }
+                let mut counts = vec![0u64; classes];
+                for &c in &s.prediction {
+                    counts[c as usize] += 1;
+                }
+                for (col, c) in pixels.iter_mut().zip(counts) {
+                    col.push(c);
+                }
+                rare_present.push(rare.map_or(0, |r| count_rare_present(&s.prediction, r)));
+                scores.push(s.score);
+            }
+            ctx.progress.set_position(scores.len() as u64);
+        }
+
+        let normalized: Vec<f64> = scores
+            .iter()
+            .zip(&rare_present)
+            .map(|(&s, &k)| normalized_score(s, k))
+            .collect();
+        let by = if p.normalize { &normalized } else { &scores };
+        let (ranked, _) = rank_and_split(by, 1.0);
+        let mut rank = vec![0u32; n];
+        for (r, &i) in ranked.iter().enumerate() {
+            rank[i] = r as u32;
+        }
+        let paths: Vec<String> = (0..n)
+            .map(|i| ds.get(i).expect("index").path.to_string())
+            .collect();
+        let mut table = Table::new()
+            .with(
+                "image_id",
+                Column::U32((0..n).map(|i| ds.get(i).expect("index").image_id).collect()),
+            )
+            .with("path", Column::Str(paths.clone()))
+            .with("score", Column::F64(scores.clone()))
+            .with("normalized_score", Column::F64(normalized.clone()))
+            .with(
+                "rare_classes_present",
+                Column::U32(rare_present.iter().map(|&k| k as u32).collect()),
+            )
+            .with("rank", Column::U32(rank));
+        let mut outcome = StageOutcome::default();
+        if ctx.inputs.contains_key("difficulty") {
+            let difficulty = difficulties(ctx, &paths)?;
+            if let Some(rho) = spearman(by, &difficulty) {
+                outcome
+                    .metrics
+                    .insert("spearman_difficulty".into(), rho.into());
+            }
+            table.push("difficulty", Column::F64(difficulty));
+        }
+        for (name, col) in proto.class_names().iter().zip(pixels) {
+            table.push(format!("pixels_{name}"), Column::U64(col));
+        }
+        let file = ctx.output("scores")?.join(SCORES_FILE);
+        table
+            .write_parquet(&file)
+            .map_err(|e| data_error(e).with_path(file.clone()))?;
+
+        let m = &mut outcome.metrics;
+        m.insert("images".into(), n.into());
+        m.insert(
+            "mean_score".into(),
+            (scores.iter().sum::<f64>() / n as f64).into(),
+        );
+        m.insert("normalize".into(), p.normalize.into());
+        Ok(outcome)
+    }
+}
+
+/// The generator's difficulty of every path, from the `difficulty` input.
+fn difficulties(ctx: &StageContext<'_>, paths: &[String]) -> Result<Vec<f64>, StageError> {
+    let dir = &ctx.input("difficulty")?.path;
+    let table = read_table(dir, DIFFICULTY_FILE)?;
+    let file = dir.join(DIFFICULTY_FILE);
+    let images = str_column(&table, "image", &file)?;
+    let values = f64_column(&table, "difficulty", &file)?;
+    let by_image: HashMap<&str, f64> = images
+        .iter()
+        .map(String::as_str)
+        .zip(values.iter().copied())
+        .collect();
+    paths
+        .iter()
+        .map(|p| {
+            by_image.get(p.as_str()).copied().ok_or_else(|| {
+                StageError::new(format!("{DIFFICULTY_FILE} has no row for `{p}`"))
+                    .with_path(file.clone())
+                    .with_hint("the `difficulty` input must describe the scored target set")
+            })
+        })
+        .collect()
+}

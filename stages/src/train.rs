@@ -1,0 +1,827 @@
+//! `train_source`, `adapt` and `self_train`: three stage kinds over the one training loop of
+//! `dag-train`, differing only in where the labelled and unlabelled batches come from.
+//!
+//! - `train_source`: labelled source images, no target (ADVENT's source-only baseline).
+//! - `adapt`: labelled source + unlabelled target, `method: advent | minent | advent+minent`.
+//! - `self_train`: IntraDA's intra-domain step. The EASY target images with their pseudo-labels
+//!   are the labelled set, the HARD target images the unlabelled one.
+
+use std::path::{Path, PathBuf};
+
+use dag_api::{
+    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Preflight, Stage, StageContext,
+    StageError, StageOutcome, Value,
+};
+use dag_data::{Column, Dataset, Sampler, Table};
+use dag_model::{DeepLabV2, DeepLabV2Config};
+use dag_train::rand_core::RngCore;
+use dag_train::{
+    BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, SourceBatch, TrainConfig,
+    TrainError,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::common::{
+    check_classes, create_parent, device, load_model_input, open_dataset, protocol, read_class_png,
+    read_table, safe_join, str_column,
+};
+
+/// Which of the three kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `train_source`.
+    Source,
+    /// `adapt`.
+    Adapt,
+    /// `self_train`.
+    SelfTrain,
+}
+
+/// A training stage kind.
+pub struct TrainStage(pub Role);
+
+/// File name of the training log inside the `log` output.
+pub const LOG_FILE: &str = "log.parquet";
+/// Folder of the kept snapshots inside a model artifact.
+pub const SNAPSHOTS: &str = dag_train::checkpoint::SNAPSHOT_DIR;
+
+#[derive(Deserialize)]
+struct P {
+    iters: usize,
+    max_iters: usize,
+    batch_size: usize,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    power: f64,
+    head_lr_mult: f64,
+    lambda_seg_main: f64,
+    lambda_seg_aux: f64,
+    checkpoint_every: usize,
+    snapshot_every: usize,
+    depth: Option<usize>,
+    width: Option<f64>,
+    imagenet: Option<String>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    lambda_ent_main: Option<f64>,
+    #[serde(default)]
+    lambda_ent_aux: Option<f64>,
+    #[serde(default)]
+    lambda_adv_main: Option<f64>,
+    #[serde(default)]
+    lambda_adv_aux: Option<f64>,
+    #[serde(default)]
+    lr_d: Option<f64>,
+    #[serde(default)]
+    disc_ndf: Option<usize>,
+}
+
+fn float(min: f64) -> ParamType {
+    ParamType::Float {
+        min: Some(min),
+        max: None,
+        min_exclusive: false,
+    }
+}
+
+fn method_of(name: &str) -> Result<Method, StageError> {
+    Ok(match name {
+        "advent" => Method::AdvEnt,
+        "minent" => Method::MinEnt,
+        "advent+minent" => Method::MinEntAdvEnt,
+        other => {
+            return Err(StageError::new(format!(
+                "unknown method `{other}`; expected advent, minent or advent+minent"
+            )))
+        }
+    })
+}
+
+/// The name `model.json` and the comparison table use for a method.
+fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::SourceOnly => "source_only",
+        Method::MinEnt => "minent",
+        Method::AdvEnt => "advent",
+        Method::MinEntAdvEnt => "advent+minent",
+    }
+}
+
+impl TrainStage {
+    fn adversarial(&self) -> bool {
+        self.0 != Role::Source
+    }
+
+    fn config(&self, p: &P, seed: u64) -> Result<TrainConfig, StageError> {
+        let d = TrainConfig::default();
+        let method = match self.0 {
+            Role::Source => Method::SourceOnly,
+            _ => method_of(p.method.as_deref().unwrap_or("advent"))?,
+        };
+        Ok(TrainConfig {
+            method,
+            iterations: p.iters,
+            max_iters: p.max_iters,
+            lr: p.lr,
+            head_lr_mult: p.head_lr_mult,
+            momentum: p.momentum,
+            weight_decay: p.weight_decay,
+            power: p.power,
+            lr_d: p.lr_d.unwrap_or(d.lr_d),
+            lambda_seg_main: p.lambda_seg_main,
+            lambda_seg_aux: p.lambda_seg_aux,
+            lambda_ent_main: p.lambda_ent_main.unwrap_or(d.lambda_ent_main),
+            lambda_ent_aux: p.lambda_ent_aux.unwrap_or(d.lambda_ent_aux),
+            lambda_adv_main: p.lambda_adv_main.unwrap_or(d.lambda_adv_main),
+            lambda_adv_aux: p.lambda_adv_aux.unwrap_or(d.lambda_adv_aux),
+            disc_ndf: p.disc_ndf.unwrap_or(d.disc_ndf),
+            checkpoint_every: p.checkpoint_every,
+            snapshot_every: p.snapshot_every,
+            seed,
+            ..d
+        })
+    }
+}
+
+impl Stage for TrainStage {
+    fn kind(&self) -> &'static str {
+        match self.0 {
+            Role::Source => "train_source",
+            Role::Adapt => "adapt",
+            Role::SelfTrain => "self_train",
+        }
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn doc(&self) -> &'static str {
+        match self.0 {
+            Role::Source => {
+                "Trains DeepLabV2 on the labelled source set only (ADVENT's source-only \
+                 baseline): SGD, 10x lr on the heads, poly schedule, CE on the main head plus \
+                 0.1 x CE on the aux head, batches drawn in a seeded order. Checkpoints every \
+                 `checkpoint_every` iterations and resumes from them after an interruption. \
+                 Outputs the model and log.parquet."
+            }
+            Role::Adapt => {
+                "Inter-domain adaptation (ADVENT): segmentation loss on labelled source batches \
+                 plus, on unlabelled target batches, entropy minimisation (`minent`), adversarial \
+                 alignment of the weighted self-information maps with two discriminators \
+                 (`advent`), or both. Starts from the `init` model input, else from ImageNet \
+                 weights (`imagenet`), else from scratch. Outputs the model and log.parquet."
+            }
+            Role::SelfTrain => {
+                "IntraDA's intra-domain adaptation: AdvEnt with the EASY target images and their \
+                 pseudo-labels as the labelled set and the HARD target images as the unlabelled \
+                 one (inputs from `split` and `score_entropy`). Starts from the `init` model \
+                 input, else from ImageNet weights (`imagenet`, as the paper), else from \
+                 scratch. Outputs the model and log.parquet."
+            }
+        }
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let iters_default = if self.0 == Role::Source {
+            90_000
+        } else {
+            120_000
+        };
+        let mut v = vec![
+            ParamSpec::optional(
+                "iters",
+                ParamType::positive(),
+                iters_default,
+                "iterations to run (ADVENT's EARLY_STOP: 120000 for GTA5, 90000 for SYNTHIA)",
+            ),
+            ParamSpec::optional(
+                "max_iters",
+                ParamType::positive(),
+                250_000,
+                "denominator of the poly schedule lr * (1 - it / max_iters)^power",
+            ),
+            ParamSpec::optional(
+                "batch_size",
+                ParamType::positive(),
+                1,
+                "images per batch, for the labelled and (if used) the unlabelled batch",
+            ),
+            ParamSpec::optional("lr", float(0.0), 2.5e-4, "SGD learning rate of the network"),
+            ParamSpec::optional("momentum", float(0.0), 0.9, "SGD momentum (no dampening)"),
+            ParamSpec::optional("weight_decay", float(0.0), 5e-4, "SGD L2 weight decay"),
+            ParamSpec::optional("power", float(0.0), 0.9, "exponent of the poly schedule"),
+            ParamSpec::optional(
+                "head_lr_mult",
+                float(0.0),
+                10.0,
+                "learning-rate multiplier of the two classifier heads",
+            ),
+            ParamSpec::optional(
+                "lambda_seg_main",
+                float(0.0),
+                1.0,
+                "weight of the main head's cross-entropy",
+            ),
+            ParamSpec::optional(
+                "lambda_seg_aux",
+                float(0.0),
+                0.1,
+                "weight of the aux head's cross-entropy (0 disables it)",
+            ),
+            ParamSpec::optional(
+                "checkpoint_every",
+                ParamType::count(),
+                2000,
+                "write a resumable checkpoint every this many iterations (0: never)",
+            ),
+            ParamSpec::optional(
+                "snapshot_every",
+                ParamType::count(),
+                0,
+                "keep the network every this many iterations in the model artifact's \
+                 snapshots/ (for `evaluate` with `snapshots: all`; 0: keep none)",
+            ),
+            ParamSpec::optional(
+                "depth",
+                ParamType::Int {
+                    min: Some(1),
+                    max: None,
+                },
+                Value::Null,
+                "ResNet depth of a new network: 101 (paper), 50, 26 or 14; default 101 (taken \
+                 from the `init` model when given)",
+            ),
+            ParamSpec::optional(
+                "width",
+                ParamType::Float {
+                    min: Some(0.0),
+                    max: Some(4.0),
+                    min_exclusive: true,
+                },
+                Value::Null,
+                "channel multiplier of a new network (1.0 = paper); default 1.0 (taken from the \
+                 `init` model when given)",
+            ),
+            ParamSpec::optional(
+                "imagenet",
+                ParamType::Path,
+                Value::Null,
+                "ADVENT's DeepLab_resnet_pretrained_imagenet.pth (or a torchvision ResNet \
+                 state dict) to initialise the backbone of a new network",
+            ),
+        ];
+        if self.adversarial() {
+            v.extend([
+                ParamSpec::optional(
+                    "method",
+                    ParamType::Enum(&["advent", "minent", "advent+minent"]),
+                    "advent",
+                    "loss terms on the unlabelled batch",
+                ),
+                ParamSpec::optional(
+                    "lambda_ent_main",
+                    float(0.0),
+                    0.001,
+                    "weight of the main head's entropy loss (minent)",
+                ),
+                ParamSpec::optional(
+                    "lambda_ent_aux",
+                    float(0.0),
+                    0.0002,
+                    "weight of the aux head's entropy loss (minent)",
+                ),
+                ParamSpec::optional(
+                    "lambda_adv_main",
+                    float(0.0),
+                    0.001,
+                    "weight of the main adversarial term (advent)",
+                ),
+                ParamSpec::optional(
+                    "lambda_adv_aux",
+                    float(0.0),
+                    0.0002,
+                    "weight of the aux adversarial term (advent; 0 drops the aux discriminator)",
+                ),
+                ParamSpec::optional(
+                    "lr_d",
+                    float(0.0),
+                    1e-4,
+                    "Adam learning rate of the discriminators (same poly schedule)",
+                ),
+                ParamSpec::optional(
+                    "disc_ndf",
+                    ParamType::positive(),
+                    64,
+                    "channels of the discriminators' first conv (64-128-256-512 in the paper)",
+                ),
+            ]);
+        }
+        v
+    }
+
+    fn inputs(&self) -> Vec<InputSpec> {
+        let init = InputSpec {
+            name: "init",
+            ty: "model",
+            required: false,
+            doc: "a model to start from (its architecture is kept)",
+        };
+        match self.0 {
+            Role::Source => vec![
+                InputSpec {
+                    name: "source",
+                    ty: "dataset",
+                    required: true,
+                    doc: "the labelled source set (a `preprocess` output)",
+                },
+                init,
+            ],
+            Role::Adapt => vec![
+                InputSpec {
+                    name: "source",
+                    ty: "dataset",
+                    required: true,
+                    doc: "the labelled source set (a `preprocess` output)",
+                },
+                InputSpec {
+                    name: "target",
+                    ty: "dataset",
+                    required: true,
+                    doc: "the unlabelled target set (a `preprocess` output; labels unused)",
+                },
+                init,
+            ],
+            Role::SelfTrain => vec![
+                InputSpec {
+                    name: "target",
+                    ty: "dataset",
+                    required: true,
+                    doc: "the target training set the split was made on",
+                },
+                InputSpec {
+                    name: "easy",
+                    ty: "split",
+                    required: true,
+                    doc: "the easy images (`split.easy`): the labelled set, with pseudo-labels",
+                },
+                InputSpec {
+                    name: "hard",
+                    ty: "split",
+                    required: true,
+                    doc: "the hard images (`split.hard`): the unlabelled set",
+                },
+                InputSpec {
+                    name: "pseudo",
+                    ty: "pseudo_labels",
+                    required: true,
+                    doc: "pseudo-labels of the target images (`score_entropy.pseudo_labels`)",
+                },
+                init,
+            ],
+        }
+    }
+
+    fn outputs(&self, _params: &Params) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: "model".into(),
+                ty: "model",
+                doc: "model.bpk (Burn record), model.json (architecture, method, summary), \
+                      snapshots/ when `snapshot_every` > 0",
+            },
+            OutputSpec {
+                name: "log".into(),
+                ty: "table",
+                doc: "log.parquet: iteration, every loss term, lr, lr_d, seconds",
+            },
+        ]
+    }
+
+    fn check(&self, params: &Params) -> Result<(), String> {
+        let p: P = params.parse().map_err(|e| e.message)?;
+        if let Some(d) = p.depth {
+            DeepLabV2Config::blocks_for_depth(d)
+                .ok_or_else(|| format!("depth {d} is not one of 101, 50, 26, 14"))?;
+        }
+        let cfg = self.config(&p, 0).map_err(|e| e.message)?;
+        cfg.validate()?;
+        if p.iters > p.max_iters {
+            return Err(format!(
+                "iters ({}) is larger than max_iters ({}): the poly schedule would reach 0",
+                p.iters, p.max_iters
+            ));
+        }
+        Ok(())
+    }
+
+    fn preflight(&self, pre: &Preflight<'_>) -> Result<(), StageError> {
+        let p: P = pre.params.parse()?;
+        if let Some(w) = &p.imagenet {
+            let path = pre.workdir.join(w);
+            if !path.is_file() {
+                return Err(StageError::new(format!(
+                    "ImageNet weights {} not found",
+                    path.display()
+                ))
+                .with_path(path)
+                .with_hint(
+                    "download ADVENT's DeepLab_resnet_pretrained_imagenet.pth (see README, \
+                     \"Real datasets\") to that path, or remove `imagenet:` to train from scratch",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+        let p: P = ctx.params.parse()?;
+        let config = self.config(&p, ctx.seed)?;
+        let device = device(ctx)?;
+
+        let (labelled, unlabelled) = match self.0 {
+            Role::Source => (open_dataset(ctx, "source")?, None),
+            Role::Adapt => (
+                open_dataset(ctx, "source")?,
+                Some(open_dataset(ctx, "target")?),
+            ),
+            Role::SelfTrain => (open_dataset(ctx, "target")?, None),
+        };
+        let proto = protocol(&labelled)?;
+        let mut batches = match self.0 {
+            Role::Source => ShardBatches::new(&labelled, all(&labelled), None, p.batch_size),
+            Role::Adapt => {
+                let target = unlabelled.as_ref().expect("adapt has a target");
+                ShardBatches::new(&labelled, all(&labelled), None, p.batch_size)
+                    .with_target(target, all(target))
+            }
+            Role::SelfTrain => {
+                let easy = split_indices(ctx, "easy", &labelled)?;
+                let hard = split_indices(ctx, "hard", &labelled)?;
+                let pseudo = ctx.input("pseudo")?.path.join(crate::score::LABELS_DIR);
+                ShardBatches::new(&labelled, easy, Some(pseudo), p.batch_size)
+                    .with_target(&labelled, hard)
+            }
+        }
+        .seeded(ctx.seed);
+
+        let (model, model_config, init) = initial_model(ctx, &p, proto.num_classes(), &device)?;
+        let ckpt_dir = ctx.scratch.join("checkpoints");
+        ctx.progress.start("train", config.iterations as u64);
+        let mut report = |log: &IterationLog| {
+            ctx.progress.set_position(log.iteration as u64 + 1);
+            let mut msg: Vec<String> = log
+                .terms()
+                .iter()
+                .map(|(n, v)| format!("{n}={v:.4}"))
+                .collect();
+            msg.push(format!("lr={:.2e}", log.lr));
+            ctx.progress.message(&msg.join(" "));
+        };
+        let outcome = dag_train::train(
+            &config,
+            model,
+            &device,
+            &mut batches,
+            &ckpt_dir,
+            &mut report,
+            ctx.cancel.flag(),
+        )
+        .map_err(train_error)?;
+
+        let summary = final_losses(&outcome.log);
+        let metadata = json!({
+            "kind": self.kind(),
+            "method": method_name(config.method),
+            "stage": ctx.stage,
+            "iterations": config.iterations,
+            "init": init,
+            "protocol": proto.name(),
+            "class_names": proto.class_names(),
+            "final_losses": summary,
+        });
+        let model_dir = ctx.output("model")?;
+        dag_model::save_model(outcome.model, &model_config, metadata, model_dir)?;
+        keep_snapshots(&ckpt_dir, model_dir)?;
+        write_log(&outcome.log, &ctx.output("log")?.join(LOG_FILE))?;
+
+        let mut out = StageOutcome::default();
+        let m = &mut out.metrics;
+        m.insert("iterations".into(), config.iterations.into());
+        m.insert("resumed_from".into(), outcome.resumed_from.into());
+        let new: Vec<f64> = outcome.log[outcome.resumed_from..]
+            .iter()
+            .map(|l| l.seconds)
+            .collect();
+        if !new.is_empty() {
+            m.insert(
+                "seconds_per_iteration".into(),
+                (new.iter().sum::<f64>() / new.len() as f64).into(),
+            );
+        }
+        for (k, v) in summary.as_object().into_iter().flatten() {
+            m.insert(k.clone(), v.clone());
+        }
+        Ok(out)
+    }
+}
+
+fn train_error(e: TrainError) -> StageError {
+    match e {
+        TrainError::Cancelled { .. } => StageError::cancelled(),
+        TrainError::NonFinite { .. } => {
+            let hint =
+                "the last good checkpoint is kept; lower `lr` or the term's lambda and rerun";
+            StageError::from(e).with_hint(hint)
+        }
+        TrainError::Checkpoint { ref path, .. } => {
+            let path = path.clone();
+            StageError::from(e)
+                .with_path(path)
+                .with_hint("`dag run --force <stage>` starts the stage over without it")
+        }
+        other => StageError::from(other),
+    }
+}
+
+/// Builds the network to train: the `init` input, or a new one (ImageNet backbone when
+/// `imagenet` is set, random otherwise). Returns it with its config and a description of the
+/// initialisation for `model.json`.
+fn initial_model(
+    ctx: &StageContext<'_>,
+    p: &P,
+    classes: usize,
+    device: &burn::tensor::Device,
+) -> Result<(DeepLabV2, DeepLabV2Config, Value), StageError> {
+    if ctx.inputs.contains_key("init") {
+        if p.imagenet.is_some() || p.depth.is_some() || p.width.is_some() {
+            return Err(StageError::new(
+                "`init` gives the starting model, so `imagenet`, `depth` and `width` must not be \
+                 set as well",
+            )
+            .with_hint("remove either the `init` input or those params"));
+        }
+        let (model, desc) = load_model_input(ctx, "init", device)?;
+        let proto = dag_data::Protocol::from_classes(classes as u32)
+            .map_err(crate::preprocess::data_error)?;
+        check_classes(&desc, proto, "the training data")?;
+        let producer = &ctx.input("init")?.producer;
+        return Ok((model, desc.config, json!({ "model": producer })));
+    }
+    let config =
+        DeepLabV2Config::new(p.depth.unwrap_or(101), classes)?.with_width(p.width.unwrap_or(1.0));
+    let mut model = config.init(device)?;
+    let init = match &p.imagenet {
+        Some(w) => {
+            let path = ctx.path(w);
+            let (backbone, report) =
+                dag_model::load_imagenet_backbone(model.backbone, &path, false)?;
+            model.backbone = backbone;
+            tracing::info!(stage = ctx.stage, file = %path.display(), "ImageNet weights: {}", report.summary());
+            json!({ "imagenet": w, "applied": report.applied.len() })
+        }
+        None => {
+            tracing::warn!(
+                stage = ctx.stage,
+                "no `init` input and no `imagenet` weights: training from a random initialisation"
+            );
+            json!("scratch")
+        }
+    };
+    Ok((model, config, init))
+}
+
+fn all(ds: &Dataset) -> Vec<usize> {
+    (0..ds.len()).collect()
+}
+
+/// Dataset indices of the images listed by a `split` input, matched by path.
+fn split_indices(
+    ctx: &StageContext<'_>,
+    input: &str,
+    ds: &Dataset,
+) -> Result<Vec<usize>, StageError> {
+    let art = ctx.input(input)?;
+    let file = crate::split::table_file(input);
+    let table = read_table(&art.path, file)?;
+    let paths = str_column(&table, "path", &art.path.join(file))?;
+    let by_path: std::collections::HashMap<&str, usize> = (0..ds.len())
+        .filter_map(|i| ds.get(i).map(|it| (it.path, i)))
+        .collect();
+    let indices = paths
+        .iter()
+        .map(|p| {
+            by_path.get(p.as_str()).copied().ok_or_else(|| {
+                StageError::new(format!(
+                    "`{p}` of the {input} split is not an image of the `target` input"
+                ))
+                .with_path(art.path.join(file))
+                .with_hint("give `self_train` the same target set that `score_entropy` scored")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if indices.is_empty() {
+        return Err(StageError::new(format!("the {input} split is empty"))
+            .with_hint("choose a `lambda` of `split` that leaves images on both sides"));
+    }
+    Ok(indices)
+}
+
+/// Batches from preprocessed shards, in a seeded order that depends only on the iteration (so
+/// a resumed run draws exactly what the uninterrupted one would have).
+struct ShardBatches<'a> {
+    labelled: &'a Dataset,
+    labelled_indices: Vec<usize>,
+    /// Directory of pseudo-label PNGs (`<path>` of each image) replacing the dataset's labels.
+    pseudo: Option<PathBuf>,
+    unlabelled: Option<(&'a Dataset, Vec<usize>)>,
+    batch: usize,
+    seed: u64,
+    samplers: [Option<(Sampler, usize)>; 2],
+}
+
+impl<'a> ShardBatches<'a> {
+    fn new(
+        labelled: &'a Dataset,
+        labelled_indices: Vec<usize>,
+        pseudo: Option<PathBuf>,
+        batch: usize,
+    ) -> Self {
+        Self {
+            labelled,
+            labelled_indices,
+            pseudo,
+            unlabelled: None,
+            batch,
+            seed: 0,
+            samplers: [None, None],
+        }
+    }
+
+    fn with_target(mut self, ds: &'a Dataset, indices: Vec<usize>) -> Self {
+        self.unlabelled = Some((ds, indices));
+        self
+    }
+
+    fn seeded(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The dataset positions of `iteration`'s batch from stream `which` (0 labelled, 1 not).
+    fn draw(&mut self, which: usize, len: usize, iteration: usize) -> Vec<usize> {
+        let b = self.batch;
+        let slot = &mut self.samplers[which];
+        let fresh = !matches!(slot, Some((_, next)) if *next == iteration);
+        if fresh {
+            // Distinct streams for the two sets, so that equal sizes do not mean equal orders.
+            let seed = self.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(which as u64 + 1));
+            *slot = Some((Sampler::at(len, seed, (iteration * b) as u64), iteration));
+        }
+        let (sampler, next) = slot.as_mut().expect("set above");
+        *next = iteration + 1;
+        sampler.next_batch(b)
+    }
+}
+
+impl Batches for ShardBatches<'_> {
+    fn source(
+        &mut self,
+        iteration: usize,
+        _rng: &mut dyn RngCore,
+    ) -> Result<SourceBatch, BatchError> {
+        let picks = self.draw(0, self.labelled_indices.len(), iteration);
+        let idx: Vec<usize> = picks.iter().map(|&k| self.labelled_indices[k]).collect();
+        let mut b = self.labelled.batch(&idx);
+        if let Some(dir) = &self.pseudo {
+            let (w, h) = self.labelled.size();
+            let px = (w * h) as usize;
+            for (k, &i) in idx.iter().enumerate() {
+                let item = self.labelled.get(i).expect("index from the dataset");
+                let path = safe_join(dir, item.path).map_err(|e| e.message)?;
+                let (pw, ph, data) = read_class_png(&path)
+                    .map_err(|e| format!("pseudo-label {}: {}", path.display(), e.message))?;
+                if (pw, ph) != (w, h) {
+                    return Err(format!(
+                        "pseudo-label {} is {pw}x{ph}, the images are {w}x{h}",
+                        path.display()
+                    )
+                    .into());
+                }
+                b.labels[k * px..(k + 1) * px].copy_from_slice(&data);
+            }
+        }
+        Ok(SourceBatch {
+            images: ImageBatch {
+                data: b.images,
+                shape: b.shape,
+            },
+            labels: LabelBatch {
+                data: b.labels,
+                shape: [b.shape[0], b.shape[2], b.shape[3]],
+            },
+        })
+    }
+
+    fn target(
+        &mut self,
+        iteration: usize,
+        _rng: &mut dyn RngCore,
+    ) -> Result<ImageBatch, BatchError> {
+        let len = match &self.unlabelled {
+            Some((_, idx)) => idx.len(),
+            None => return Err("this stage has no unlabelled set".into()),
+        };
+        let picks = self.draw(1, len, iteration);
+        let (ds, indices) = self.unlabelled.as_ref().expect("checked");
+        let idx: Vec<usize> = picks.iter().map(|&k| indices[k]).collect();
+        let b = ds.batch(&idx);
+        Ok(ImageBatch {
+            data: b.images,
+            shape: b.shape,
+        })
+    }
+}
+
+/// Mean of each loss term over the last 50 iterations (or fewer), for `model.json` and metrics.
+fn final_losses(log: &[IterationLog]) -> Value {
+    let tail = &log[log.len().saturating_sub(50)..];
+    let mut sums: Vec<(&'static str, f64, usize)> = Vec::new();
+    for l in tail {
+        for (name, v) in l.terms() {
+            match sums.iter_mut().find(|s| s.0 == name) {
+                Some(s) => {
+                    s.1 += v;
+                    s.2 += 1;
+                }
+                None => sums.push((name, v, 1)),
+            }
+        }
+    }
+    let map: serde_json::Map<String, Value> = sums
+        .into_iter()
+        .map(|(n, s, c)| (n.to_string(), json!(s / c as f64)))
+        .collect();
+    Value::Object(map)
+}
+
+/// Writes `log.parquet`: iteration, the loss terms the method computed, lr, lr_d, seconds.
+fn write_log(log: &[IterationLog], path: &Path) -> Result<(), StageError> {
+    create_parent(path)?;
+    let mut t = Table::new().with(
+        "iteration",
+        Column::U64(log.iter().map(|l| l.iteration as u64).collect()),
+    );
+    let terms: [(&str, fn(&IterationLog) -> Option<f64>); 8] = [
+        ("seg_main", |l| l.seg_main),
+        ("seg_aux", |l| l.seg_aux),
+        ("ent_main", |l| l.ent_main),
+        ("ent_aux", |l| l.ent_aux),
+        ("adv_main", |l| l.adv_main),
+        ("adv_aux", |l| l.adv_aux),
+        ("d_main", |l| l.d_main),
+        ("d_aux", |l| l.d_aux),
+    ];
+    for (name, get) in terms {
+        if log.iter().any(|l| get(l).is_some()) {
+            t.push(
+                name,
+                Column::F64(log.iter().map(|l| get(l).unwrap_or(f64::NAN)).collect()),
+            );
+        }
+    }
+    t.push("lr", Column::F64(log.iter().map(|l| l.lr).collect()));
+    if log.iter().any(|l| l.lr_d.is_some()) {
+        t.push(
+            "lr_d",
+            Column::F64(log.iter().map(|l| l.lr_d.unwrap_or(f64::NAN)).collect()),
+        );
+    }
+    t.push(
+        "seconds",
+        Column::F64(log.iter().map(|l| l.seconds).collect()),
+    );
+    t.write_parquet(path)
+        .map_err(|e| crate::preprocess::data_error(e).with_path(path.to_path_buf()))
+}
+
+/// Copies the snapshots the loop kept in the scratch directory into the model artifact.
+fn keep_snapshots(ckpt_dir: &Path, model_dir: &Path) -> Result<(), StageError> {
+    let found = dag_train::snapshots(ckpt_dir);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let dir = model_dir.join(SNAPSHOTS);
+    std::fs::create_dir_all(&dir).map_err(|e| StageError::from(e).with_path(dir.clone()))?;
+    for (_, path) in found {
+        let to = dir.join(path.file_name().expect("a snapshot file"));
+        // A link keeps the scratch copy intact should publishing fail and the stage rerun.
+        if std::fs::hard_link(&path, &to).is_err() {
+            std::fs::copy(&path, &to).map_err(|e| StageError::from(e).with_path(path.clone()))?;
+        }
+    }
+    Ok(())
+}
