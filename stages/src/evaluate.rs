@@ -117,13 +117,22 @@ impl Stage for Evaluate {
         ]
     }
 
-    fn outputs(&self, _params: &Params) -> Vec<OutputSpec> {
-        vec![OutputSpec {
+    fn outputs(&self, params: &Params) -> Vec<OutputSpec> {
+        let mut v = vec![OutputSpec {
             name: "evaluation".into(),
             ty: "evaluation",
             doc: "metrics.parquet, confusion.parquet, summary.json, samples/, \
                   snapshots.parquet (with snapshots: all), predictions/ (with save_predictions)",
-        }]
+        }];
+        if params.get("snapshots").and_then(|v| v.as_str()) == Some("all") {
+            v.push(OutputSpec {
+                name: "best".into(),
+                ty: "model",
+                doc: "the best snapshot as a model artifact (IntraDA ranks with the best \
+                      AdvEnt snapshot)",
+            });
+        }
+        v
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
@@ -208,6 +217,19 @@ impl Stage for Evaluate {
                 .map_err(|e| data_error(e).with_path(path.clone()))?;
         }
         let (best_iteration, cm) = &results[best];
+        if p.snapshots == "all" {
+            let record = if best + 1 == results.len() {
+                model_dir.join(dag_model::WEIGHTS_FILE)
+            } else {
+                candidates[best].1.clone()
+            };
+            let mut best_desc = desc.clone();
+            if let Some(m) = best_desc.metadata.as_object_mut() {
+                m.insert("iterations".into(), json!(best_iteration));
+                m.insert("selected_by".into(), json!(ctx.stage));
+            }
+            write_model_copy(&best_desc, &record, ctx.output("best")?)?;
+        }
         write_tables(cm, proto, out)?;
         let summary = summary(
             cm,
@@ -382,4 +404,17 @@ fn summary(
         "best_is_final": is_final,
         "stage": ctx.stage,
     })
+}
+
+/// Writes a model artifact made of `desc` and an existing Burn record file.
+fn write_model_copy(
+    desc: &dag_model::ModelDescription,
+    record: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(), StageError> {
+    let json = serde_json::to_value(desc)?;
+    write_json(&dir.join(dag_model::CONFIG_FILE), &json)?;
+    let to = dir.join(dag_model::WEIGHTS_FILE);
+    std::fs::copy(record, &to).map_err(|e| StageError::from(e).with_path(record.to_path_buf()))?;
+    Ok(())
 }

@@ -42,16 +42,16 @@ struct P {
 }
 
 /// Per-image results of one forward pass.
-pub(crate) struct Scored {
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
     /// `R(x)`: mean of the weighted self-information over classes and pixels.
     pub score: f64,
     /// Argmax of the main head, `H x W`.
     pub prediction: Vec<u8>,
 }
 
-/// Runs `model` on dataset images `indices` and returns, per image, IntraDA's entropy score
-/// (main head upsampled to the dataset size, softmax, `-p log2(p + 1e-30) / log2 C`, mean over
-/// C x H x W) and the argmax map.
+/// Runs `model` on dataset images `indices` (main head upsampled to the dataset size, softmax)
+/// and scores each image with [`score_probabilities`].
 pub(crate) fn score_batch(
     model: &DeepLabV2,
     ds: &Dataset,
@@ -59,11 +59,16 @@ pub(crate) fn score_batch(
     device: &burn::tensor::Device,
 ) -> Vec<Scored> {
     let batch = ds.batch(indices);
-    let [n, _, h, w] = batch.shape;
+    let [_, _, h, w] = batch.shape;
     let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
     let (_, main) = model.predict_logits(x, [h, w]);
-    let classes = main.dims()[1];
-    let p = softmax(main, 1);
+    score_probabilities(softmax(main, 1))
+}
+
+/// IntraDA's entropy score of each image of softmax probabilities `[N, C, H, W]`: the mean over
+/// C x H x W of the weighted self-information `-p log2(p + 1e-30) / log2(C)`, with the argmax map.
+pub fn score_probabilities(p: Tensor<4>) -> Vec<Scored> {
+    let [n, classes, h, w] = p.dims();
     // log2(p) / log2(C) = ln(p) / ln(C).
     let info = p
         .clone()

@@ -427,7 +427,6 @@ impl Stage for TrainStage {
                     "ImageNet weights {} not found",
                     path.display()
                 ))
-                .with_path(path)
                 .with_hint(
                     "download ADVENT's DeepLab_resnet_pretrained_imagenet.pth (see README, \
                      \"Real datasets\") to that path, or remove `imagenet:` to train from scratch",

@@ -8,6 +8,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::conv::conv_forward;
 use crate::ModelError;
 
 /// Bottleneck expansion: the last 1x1 conv of every block has 4x the block's planes.
@@ -244,12 +245,12 @@ impl Bottleneck {
     /// Applies the block to `[N, inplanes, H, W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let residual = match &self.downsample {
-            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            Some(d) => d.bn.forward(conv_forward(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let out = relu(self.bn1.forward(self.conv1.forward(x)));
-        let out = relu(self.bn2.forward(self.conv2.forward(out)));
-        let out = self.bn3.forward(self.conv3.forward(out));
+        let out = relu(self.bn1.forward(conv_forward(&self.conv1, x)));
+        let out = relu(self.bn2.forward(conv_forward(&self.conv2, out)));
+        let out = self.bn3.forward(conv_forward(&self.conv3, out));
         relu(out + residual)
     }
 }
@@ -278,7 +279,7 @@ pub struct ResNetBackbone {
 impl ResNetBackbone {
     /// Returns the layer3 and layer4 features of `[N, 3, H, W]` images.
     pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = relu(self.bn1.forward(conv_forward(&self.conv1, x)));
         let mut x = self.maxpool.forward(x);
         for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3) {
             x = block.forward(x);
@@ -320,8 +321,8 @@ impl Classifier {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut convs = self.conv2d_list.iter();
         let first = convs.next().expect("four classifier convs");
-        convs.fold(first.forward(x.clone()), |acc, conv| {
-            acc + conv.forward(x.clone())
+        convs.fold(conv_forward(first, x.clone()), |acc, conv| {
+            acc + conv_forward(conv, x.clone())
         })
     }
 }

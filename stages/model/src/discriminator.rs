@@ -7,6 +7,7 @@ use burn::tensor::activation::leaky_relu;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::conv::conv_forward;
 use crate::ModelError;
 
 /// Slope of the LeakyReLU between the discriminator's convs.
@@ -79,7 +80,7 @@ impl Discriminator {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let last = self.convs.len() - 1;
         self.convs.iter().enumerate().fold(x, |x, (i, conv)| {
-            let y = conv.forward(x);
+            let y = conv_forward(conv, x);
             if i < last {
                 leaky_relu(y, LEAKY_SLOPE)
             } else {

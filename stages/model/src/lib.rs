@@ -15,6 +15,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+pub mod conv;
 pub mod deeplab;
 pub mod discriminator;
 pub mod torch;
