@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite the way CI does, after setting up what the tests need:
 #  - Mesa's software Vulkan (lavapipe) for the WGPU training test,
-#  - a Python venv with numpy, pyarrow, duckdb and pillow for the external-reader and reference tests.
+#  - a Python venv with numpy, pyarrow, duckdb, pillow, pandas and polars for the
+#    external-reader, README-command and reference tests.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p dag-metrics`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,10 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
     fi
 fi
 
-if ! "$venv/bin/python" -c 'import numpy, pyarrow, duckdb, PIL' >/dev/null 2>&1; then
-    echo "== creating $venv with numpy, pyarrow, duckdb and pillow"
+if ! "$venv/bin/python" -c 'import numpy, pyarrow, duckdb, PIL, pandas, polars' >/dev/null 2>&1; then
+    echo "== creating $venv with numpy, pyarrow, duckdb, pillow, pandas and polars"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check numpy pyarrow duckdb pillow
+    "$venv/bin/pip" install -q --disable-pip-version-check numpy pyarrow duckdb pillow pandas polars
 fi
 export DAG_TEST_PYTHON="$venv/bin/python"
 

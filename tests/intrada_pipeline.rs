@@ -114,6 +114,39 @@ fn intrada_end_to_end_and_lambda_change_reruns_only_the_split_side() {
         .unwrap_or_else(|e| panic!("cannot run `{python}` (set DAG_TEST_PYTHON): {e}"));
     assert!(check.status.success(), "{}", text(&check));
 
+    // The README's DuckDB / pandas / polars commands, pointed at this pipeline's outputs.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let block = readme
+        .split("<!-- readme-test:begin -->")
+        .nth(1)
+        .and_then(|b| b.split("<!-- readme-test:end -->").next())
+        .expect("README has a readme-test block");
+    let commands: Vec<&str> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(commands.len(), 3, "{commands:?}");
+    for cmd in commands {
+        let cmd = cmd
+            .strip_prefix("python ")
+            .unwrap_or_else(|| panic!("README command does not start with `python`: {cmd}"))
+            .replace("out/quickstart/", "out/tiny/");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("\"$PY\" {cmd}"))
+            .env("PY", &python)
+            .current_dir(ws.path("."))
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "README command failed: {cmd}\n{}",
+            text(&out)
+        );
+    }
+
     // 4. Changing lambda reruns the split and its dependents, nothing upstream.
     ws.edit("lambda: 0.67", "lambda: 0.5");
     let out = ws.dag(&["run", "pipeline.yaml"]);

@@ -27,7 +27,7 @@ impl Stage for Synth {
     }
 
     fn version(&self) -> u32 {
-        1
+        6
     }
 
     fn doc(&self) -> &'static str {

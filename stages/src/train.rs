@@ -156,7 +156,7 @@ impl Stage for TrainStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn doc(&self) -> &'static str {
@@ -494,7 +494,11 @@ impl Stage for TrainStage {
         let summary = final_losses(&outcome.log);
         let metadata = json!({
             "kind": self.kind(),
-            "method": method_name(config.method),
+            "method": match self.0 {
+                // The comparison table should tell the intra-domain step from step 1.
+                Role::SelfTrain => format!("intrada ({})", method_name(config.method)),
+                _ => method_name(config.method).to_string(),
+            },
             "stage": ctx.stage,
             "iterations": config.iterations,
             "init": init,

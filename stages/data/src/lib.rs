@@ -13,6 +13,7 @@
 //! files out.
 
 pub mod error;
+mod fastpng;
 pub mod formats;
 pub mod pngio;
 pub mod preprocess;

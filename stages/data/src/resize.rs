@@ -14,6 +14,19 @@ pub fn resize_rgb_bicubic(
     dst_w: u32,
     dst_h: u32,
 ) -> Result<Vec<u8>, DataError> {
+    resize_rgb_bicubic_with(&mut Resizer::new(), src, src_w, src_h, dst_w, dst_h)
+}
+
+/// [`resize_rgb_bicubic`] with a caller-owned [`Resizer`], whose temporary buffer is then reused
+/// from one image to the next instead of being allocated and zeroed every time.
+pub(crate) fn resize_rgb_bicubic_with(
+    resizer: &mut Resizer,
+    src: &[u8],
+    src_w: u32,
+    src_h: u32,
+    dst_w: u32,
+    dst_h: u32,
+) -> Result<Vec<u8>, DataError> {
     if (src_w, src_h) == (dst_w, dst_h) {
         return Ok(src.to_vec());
     }
@@ -21,7 +34,7 @@ pub fn resize_rgb_bicubic(
     let src_img = ImageRef::new(src_w, src_h, src, PixelType::U8x3).map_err(|e| fail(&e))?;
     let mut dst_img = Image::new(dst_w, dst_h, PixelType::U8x3);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    Resizer::new()
+    resizer
         .resize(&src_img, &mut dst_img, &options)
         .map_err(|e| fail(&e))?;
     Ok(dst_img.into_vec())
@@ -33,17 +46,21 @@ pub fn resize_nearest(src: &[u8], src_w: u32, src_h: u32, dst_w: u32, dst_h: u32
     if (src_w, src_h) == (dst_w, dst_h) {
         return src.to_vec();
     }
-    let map = |dst: u32, src_len: u32, dst_len: u32| -> usize {
-        let s = ((2 * dst as u64 + 1) * src_len as u64) / (2 * dst_len as u64);
-        s.min(src_len as u64 - 1) as usize
-    };
-    let cols: Vec<usize> = (0..dst_w).map(|x| map(x, src_w, dst_w)).collect();
+    let cols: Vec<usize> = (0..dst_w)
+        .map(|x| nearest_source(x, src_w, dst_w))
+        .collect();
     let mut out = Vec::with_capacity(dst_w as usize * dst_h as usize);
     for y in 0..dst_h {
-        let row = &src[map(y, src_h, dst_h) * src_w as usize..][..src_w as usize];
+        let row = &src[nearest_source(y, src_h, dst_h) * src_w as usize..][..src_w as usize];
         out.extend(cols.iter().map(|&x| row[x]));
     }
     out
+}
+
+/// The source row (or column) that [`resize_nearest`] samples for output row (column) `dst`.
+pub(crate) fn nearest_source(dst: u32, src_len: u32, dst_len: u32) -> usize {
+    let s = ((2 * dst as u64 + 1) * src_len as u64) / (2 * dst_len as u64);
+    s.min(src_len as u64 - 1) as usize
 }
 
 #[cfg(test)]

@@ -9,7 +9,8 @@
 //! transfer. The target differs the way real data differs from a game: another palette per
 //! class, textures (windows, tiles, leaves, lane markings, road grain), a higher camera, light
 //! that varies across the image, an ego-vehicle hood (ignored label), blur, and per image a
-//! difficulty in [0, 1] made of fog, darkness, sensor noise and contrast loss. That difficulty
+//! difficulty in [0, 1] made of fog, darkness, sensor noise, contrast loss and clutter (extra
+//! small objects crowding the street). That difficulty
 //! goes to `difficulty.parquet` in the target root (readers ignore it), so the intra-domain
 //! split can be checked against the truth.
 //!
@@ -126,11 +127,13 @@ struct Degradation {
     darkness: f32,
     noise: f32,
     contrast: f32,
+    /// Extra small objects (poles, signs, persons, cars) crowding the street.
+    clutter: f32,
 }
 
 impl Degradation {
     fn difficulty(&self) -> f32 {
-        (self.fog + self.darkness + self.noise + self.contrast) / 4.0
+        (self.fog + self.darkness + self.noise + self.contrast + self.clutter) / 5.0
     }
 }
 
@@ -453,10 +456,7 @@ fn render(w: u32, h: u32, domain: Domain, rng: &mut ChaCha8Rng) -> Scene {
     for side in [-1.0f32, 1.0] {
         draw_facades(&mut cv, &st, style, rng, side);
     }
-    draw_street_objects(&mut cv, &st, style, rng);
-    if style.target {
-        draw_ego(&mut cv, rng);
-    }
+    // Drawn before the objects because clutter decides how many there are.
     let degradation = if style.target {
         // Skewed towards easy images with a tail of hard ones, as in real driving data; the
         // extremes stay below "invisible" so every image remains learnable.
@@ -467,10 +467,15 @@ fn render(w: u32, h: u32, domain: Domain, rng: &mut ChaCha8Rng) -> Scene {
             darkness: part(),
             noise: part(),
             contrast: part(),
+            clutter: part(),
         }
     } else {
         Degradation::default()
     };
+    draw_street_objects(&mut cv, &st, style, rng, degradation.clutter);
+    if style.target {
+        draw_ego(&mut cv, rng);
+    }
     let rgb = shade(&cv, &st, style, degradation, rng.random());
     Scene {
         rgb,
@@ -618,7 +623,13 @@ fn draw_facades(cv: &mut Canvas, st: &Street, style: &Style, rng: &mut ChaCha8Rn
 }
 
 /// Poles, signs, traffic lights, cars and persons, painted far to near.
-fn draw_street_objects(cv: &mut Canvas, st: &Street, style: &Style, rng: &mut ChaCha8Rng) {
+fn draw_street_objects(
+    cv: &mut Canvas,
+    st: &Street,
+    style: &Style,
+    rng: &mut ChaCha8Rng,
+    clutter: f32,
+) {
     #[derive(Clone, Copy)]
     enum Obj {
         Pole(f32),
@@ -626,17 +637,19 @@ fn draw_street_objects(cv: &mut Canvas, st: &Street, style: &Style, rng: &mut Ch
         Person(f32),
     }
     let mut objs: Vec<(f32, Obj)> = Vec::new();
-    for _ in 0..rng.random_range(1..5) {
+    // Clutter adds up to 12 objects of each kind; 0 keeps the source's scene statistics.
+    let extra = (clutter * 12.0).round() as usize;
+    for _ in 0..rng.random_range(1..5) + extra {
         let side = if rng.random_bool(0.5) { -1.0 } else { 1.0 };
         objs.push((rng.random_range(0.1..1.2), Obj::Pole(side)));
     }
-    for _ in 0..rng.random_range(0..6) {
+    for _ in 0..rng.random_range(0..6) + extra / 2 {
         objs.push((
             rng.random_range(0.08..0.9),
             Obj::Car(rng.random_range(0.15..0.85)),
         ));
     }
-    for _ in 0..rng.random_range(0..6) {
+    for _ in 0..rng.random_range(0..6) + extra {
         // Most persons walk on the sidewalks; some cross the road.
         let u = if rng.random_bool(0.8) {
             if rng.random_bool(0.5) {
@@ -943,7 +956,11 @@ fn degrade(img: &mut [[f32; 3]], cv: &Canvas, st: &Street, d: Degradation, salt:
         });
         sum.map(|v| (v / img.len().max(1) as f64) as f32)
     };
-    let sigma = 20.0 * d.noise;
+    // Sensor noise, partly fine-grained and partly in blotches a few pixels wide, per channel:
+    // it survives a 2x downscale and makes local colour evidence ambiguous.
+    let sigma = 80.0 * d.noise;
+    let blotch = 3.0 * cv.w as f32 / 320.0;
+    let fog_scale = 0.12 * cv.w as f32;
     for (i, c) in img.iter_mut().enumerate() {
         let (x, y) = ((i % w) as u32, (i / w) as u32);
         // Distance proxy: ground pixels by their row, objects by their contact point.
@@ -956,12 +973,19 @@ fn degrade(img: &mut [[f32; 3]], cv: &Canvas, st: &Street, d: Degradation, salt:
         } else {
             paint_t
         };
-        let fog = (d.fog * (0.15 + 0.55 * (1.0 - t.min(1.0)).powf(1.5))).min(0.7);
-        let contrast = 1.0 - 0.45 * d.contrast;
-        let dark = 1.0 - 0.55 * d.darkness;
-        let g =
+        // Fog comes in banks: its density varies across the image, leaving half-hidden objects.
+        let bank = 0.3 + 1.4 * value_noise(x as f32, y as f32, fog_scale, salt ^ 11);
+        let fog = (d.fog * bank * (0.15 + 0.55 * (1.0 - t.min(1.0)).powf(1.5))).min(0.7);
+        let contrast = 1.0 - 0.35 * d.contrast;
+        // Night is uneven: pools of light between dark stretches.
+        let pools = 0.3 + 1.4 * value_noise(x as f32, y as f32, fog_scale, salt ^ 13);
+        let dark = 1.0 - (0.45 * d.darkness * pools).min(0.8);
+        let fine =
             (hash01(x, y, salt ^ 3) + hash01(x, y, salt ^ 4) + hash01(x, y, salt ^ 5) - 1.5) * 2.0;
         for ch in 0..3 {
+            let coarse =
+                (value_noise(x as f32, y as f32, blotch, salt ^ (7 + ch as u64)) - 0.5) * 3.4;
+            let g = 0.5 * fine + coarse;
             let mut v = c[ch] * (1.0 - fog) + fog_color[ch] * fog;
             v = mean[ch] + (v - mean[ch]) * contrast;
             // Night light is bluish.
@@ -1077,6 +1101,7 @@ pub fn generate(
         .with("darkness", pick(|d| d.darkness))
         .with("noise", pick(|d| d.noise))
         .with("contrast", pick(|d| d.contrast))
+        .with("clutter", pick(|d| d.clutter))
         .write_parquet(&target_dir.join("difficulty.parquet"))?;
     Ok(SynthReport {
         source_images: cfg.source_images,

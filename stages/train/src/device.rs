@@ -1,5 +1,5 @@
-//! Device selection: `flex` (pure-Rust CPU), `wgpu`, `cuda`, or `auto` (first available GPU
-//! backend compiled into this build, else flex).
+//! Device selection: `flex` (pure-Rust CPU), `wgpu`, `cuda`, or `auto` (first GPU backend
+//! compiled into this build that reaches a real card, else flex).
 
 use burn::tensor::Device;
 
@@ -37,17 +37,26 @@ pub fn resolve_device(requested: &str) -> Result<DeviceChoice, String> {
             "this dag was built without the `{requested}` backend; rebuild with \
              `cargo build --release --features {requested}` or use `device: flex`"
         )),
-        "auto" => Ok(if cuda_available() {
+        "auto" => Ok(auto()),
+        other => Err(format!(
+            "unknown device `{other}`; expected auto, flex, wgpu or cuda"
+        )),
+    }
+}
+
+/// The first GPU backend with a real card, else flex. Probed once per process: opening the
+/// backends is slow and the Vulkan loader may print warnings each time.
+fn auto() -> DeviceChoice {
+    static CHOICE: std::sync::OnceLock<DeviceChoice> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        if cuda_available() {
             DeviceChoice::Cuda
         } else if wgpu_available() {
             DeviceChoice::Wgpu
         } else {
             DeviceChoice::Flex
-        }),
-        other => Err(format!(
-            "unknown device `{other}`; expected auto, flex, wgpu or cuda"
-        )),
-    }
+        }
+    })
 }
 
 /// The Burn device of a resolved choice (without autodiff).
@@ -79,13 +88,19 @@ fn cuda_available() -> bool {
     false
 }
 
-/// Whether wgpu finds an adapter.
+/// Whether wgpu finds an adapter on a real card. Software adapters (Mesa's lavapipe, which
+/// CI installs for the WGPU test) report no card and are skipped: on a CPU, flex is faster.
+/// `device: wgpu` still uses them when asked for explicitly.
 fn wgpu_available() -> bool {
     #[cfg(feature = "wgpu")]
     {
         use burn::tensor::DeviceType;
-        std::panic::catch_unwind(|| !Device::enumerate(DeviceType::Wgpu).is_empty())
-            .unwrap_or(false)
+        std::panic::catch_unwind(|| {
+            Device::enumerate(DeviceType::Wgpu)
+                .into_iter()
+                .any(|d| d.identity().is_some_and(|id| id.physical.is_some()))
+        })
+        .unwrap_or(false)
     }
     #[cfg(not(feature = "wgpu"))]
     false

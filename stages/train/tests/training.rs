@@ -268,6 +268,98 @@ fn minent_and_combined_methods_log_their_terms() {
     }
 }
 
+/// Every float parameter with its module path (`layer6.conv2d_list.0.weight`).
+#[derive(Default)]
+struct Named {
+    path: Vec<String>,
+    params: Vec<(String, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Named {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let values = param.val().into_data().try_into_vec_as::<f32>().unwrap();
+        self.params.push((self.path.join("."), values));
+    }
+}
+
+fn named<M: Module>(m: &M) -> Vec<(String, Vec<f32>)> {
+    let mut v = Named::default();
+    m.visit(&mut v);
+    v.params
+}
+
+/// One SGD step from the same weights with `head_lr_mult` 10 and 1: the two heads (`layer5`,
+/// `layer6`) move exactly ten times as far with 10, the backbone the same distance, and the
+/// frozen BatchNorm affine parameters not at all.
+#[test]
+fn heads_get_ten_times_the_learning_rate() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let start = |iterations: usize, mult: f64| {
+        let cfg = TrainConfig {
+            head_lr_mult: mult,
+            ..config(Method::SourceOnly, iterations)
+        };
+        let model = model_config().init(&device).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = train(
+            &cfg,
+            model,
+            &device,
+            &mut Toy::new(),
+            dir.path(),
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        named(&out.model)
+    };
+    let w0 = start(0, 10.0);
+    let w10 = start(1, 10.0);
+    let w1 = start(1, 1.0);
+    let (mut heads, mut backbone, mut frozen) = (0, 0, 0);
+    for ((name, a0), ((_, a10), (_, a1))) in w0.iter().zip(w10.iter().zip(&w1)) {
+        let d10: Vec<f32> = a10.iter().zip(a0).map(|(x, y)| x - y).collect();
+        let d1: Vec<f32> = a1.iter().zip(a0).map(|(x, y)| x - y).collect();
+        let norm = |d: &[f32]| d.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        let is_bn_affine =
+            name.contains("bn") && (name.ends_with("gamma") || name.ends_with("beta"));
+        if name.contains("running") {
+            continue;
+        }
+        if is_bn_affine {
+            assert_eq!(norm(&d10), 0.0, "{name} moved but is frozen");
+            frozen += 1;
+        } else if name.starts_with("layer5") || name.starts_with("layer6") {
+            let ratio = norm(&d10) / norm(&d1);
+            assert!(
+                (ratio - 10.0).abs() < 0.01,
+                "{name}: head step ratio {ratio}"
+            );
+            heads += 1;
+        } else {
+            let ratio = norm(&d10) / norm(&d1);
+            assert!(norm(&d1) > 0.0, "{name} did not move");
+            assert!(
+                (ratio - 1.0).abs() < 1e-3,
+                "{name}: backbone step ratio {ratio}"
+            );
+            backbone += 1;
+        }
+    }
+    let names: Vec<&str> = w0.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        heads >= 8 && backbone > 10 && frozen > 4,
+        "{heads} heads, {backbone} backbone, {frozen} frozen among {names:?}"
+    );
+}
+
 #[test]
 fn same_seed_same_weights() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
