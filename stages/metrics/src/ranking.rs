@@ -103,8 +103,8 @@ mod tests {
         let a = [1.0, 2.0, 3.0, 4.0];
         assert!((spearman(&a, &[1.0, 4.0, 9.0, 100.0]).unwrap() - 1.0).abs() < 1e-12);
         assert!((spearman(&a, &[4.0, 3.0, 2.0, 1.0]).unwrap() + 1.0).abs() < 1e-12);
-        // Ties: ranks of [1, 2, 2, 3] are [1, 2.5, 2.5, 4]; against [1, 2, 3, 4] SciPy gives
-        // 0.9486832980505138.
+        // Ties: ranks of [1, 2, 2, 3] are [1, 2.5, 2.5, 4]; against [1, 2, 3, 4] that is
+        // cov 4.5 / sqrt(4.5 * 5) = 0.9486832980505138 (computed by hand).
         let r = spearman(&[1.0, 2.0, 2.0, 3.0], &a).unwrap();
         assert!((r - 0.948_683_298_050_513_8).abs() < 1e-12, "{r}");
         assert_eq!(average_ranks(&[3.0, 1.0, 3.0]), vec![2.5, 1.0, 2.5]);
