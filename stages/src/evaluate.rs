@@ -269,13 +269,15 @@ fn confusion(
     let mut cm = ConfusionMatrix::new(classes);
     let all: Vec<usize> = (0..ds.len()).collect();
     let (w, h) = ds.size();
+    // One inference copy for the whole set: no autodiff, BatchNorm on running statistics.
+    let net = model.valid();
+    let plain = device.clone().without_autodiff();
     for chunk in all.chunks(p.batch_size) {
         ctx.check_cancelled()?;
         // Images of one batch may have different original sizes: group only for the forward.
         let batch = ds.batch(chunk);
-        let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
-        let plain = device.clone().without_autodiff();
-        let (_, main) = model.valid().forward(x.to_device(&plain));
+        let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &plain);
+        let (_, main) = net.forward(x);
         for (k, &i) in chunk.iter().enumerate() {
             let item = ds.get(i).expect("index");
             let (gw, gh, gt) = if p.full_resolution {

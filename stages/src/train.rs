@@ -467,7 +467,7 @@ impl Stage for TrainStage {
         }
         .seeded(ctx.seed);
 
-        let (model, model_config, init) = initial_model(ctx, &p, proto.num_classes(), &device)?;
+        let (model, model_config, init) = initial_model(ctx, &p, proto, &device)?;
         let ckpt_dir = ctx.scratch.join("checkpoints");
         ctx.progress.start("train", config.iterations as u64);
         let mut report = |log: &IterationLog| {
@@ -556,7 +556,7 @@ fn train_error(e: TrainError) -> StageError {
 fn initial_model(
     ctx: &StageContext<'_>,
     p: &P,
-    classes: usize,
+    proto: dag_data::Protocol,
     device: &burn::tensor::Device,
 ) -> Result<(DeepLabV2, DeepLabV2Config, Value), StageError> {
     if ctx.inputs.contains_key("init") {
@@ -568,14 +568,12 @@ fn initial_model(
             .with_hint("remove either the `init` input or those params"));
         }
         let (model, desc) = load_model_input(ctx, "init", device)?;
-        let proto = dag_data::Protocol::from_classes(classes as u32)
-            .map_err(crate::preprocess::data_error)?;
         check_classes(&desc, proto, "the training data")?;
         let producer = &ctx.input("init")?.producer;
         return Ok((model, desc.config, json!({ "model": producer })));
     }
-    let config =
-        DeepLabV2Config::new(p.depth.unwrap_or(101), classes)?.with_width(p.width.unwrap_or(1.0));
+    let config = DeepLabV2Config::new(p.depth.unwrap_or(101), proto.num_classes())?
+        .with_width(p.width.unwrap_or(1.0));
     let mut model = config.init(device)?;
     let init = match &p.imagenet {
         Some(w) => {
