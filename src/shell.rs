@@ -162,7 +162,12 @@ impl Stage for Shell {
         }
         let log_path = ctx.scratch.join(STAGE_LOG);
         let log = fs::File::create(&log_path)?;
-        let mut child = Command::new("sh")
+        let mut command = Command::new("sh");
+        if std::env::var_os("WAYLAND_DISPLAY").is_some_and(|v| v == NO_WAYLAND_DISPLAY) {
+            // The user's own environment, not the one `quiet_headless_wayland` adjusted.
+            command.env_remove("WAYLAND_DISPLAY");
+        }
+        let mut child = command
             .arg("-c")
             .arg(&p.cmd)
             .current_dir(&work)
@@ -275,4 +280,21 @@ fn last_lines(path: &Path, n: usize) -> String {
         .map_while(Result::ok)
         .collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The `WAYLAND_DISPLAY` that [`quiet_headless_wayland`] sets: an absolute path that no socket
+/// can have, so a Wayland client fails quietly instead of complaining.
+const NO_WAYLAND_DISPLAY: &str = "/nonexistent/dag-headless-no-wayland";
+
+/// On a machine without a graphical session (`XDG_RUNTIME_DIR` unset, as on CI runners and
+/// most servers), probing GPU adapters through Mesa's Vulkan drivers makes libwayland print
+/// "error: XDG_RUNTIME_DIR is invalid or not set" once per probe, although nothing is wrong.
+/// An absolute `WAYLAND_DISPLAY` skips that check. Must run before any thread starts (it sets
+/// an environment variable); `shell` stages get the user's environment back.
+pub fn quiet_headless_wayland() {
+    let runtime_dir_ok =
+        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_absolute());
+    if !runtime_dir_ok && std::env::var_os("WAYLAND_DISPLAY").is_none() {
+        std::env::set_var("WAYLAND_DISPLAY", NO_WAYLAND_DISPLAY);
+    }
 }

@@ -152,3 +152,23 @@ fn plan_json_explains_every_stage() {
         .count();
     assert_eq!(cached, 6);
 }
+
+#[test]
+fn shell_stages_see_the_users_environment_not_dags_headless_fixes() {
+    let ws = Ws::new(
+        "name: envcheck\nstages:\n  env:\n    kind: shell\n    params:\n      cmd: echo \"wayland=[${WAYLAND_DISPLAY-unset}]\" > data/env.txt\n      outs: [data/env.txt]\n",
+        &[],
+    );
+    // A headless session: dag quiets libwayland for its own GPU probe only.
+    let out = ws
+        .cmd(&["run", "pipeline.yaml"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        ws.read("out/envcheck/env/data/env.txt"),
+        "wayland=[unset]\n"
+    );
+}
