@@ -794,12 +794,14 @@ fn cmd_verify(pipeline: Option<&Path>, g: &Global) -> Result<ExitCode, Failure> 
     keys.sort();
     let mut manifests = Vec::new();
     let mut bad_manifests = 0usize;
+    let mut quarantined_keys = HashSet::new();
     for key in &keys {
         match cache.check_manifest(key) {
             Ok(Some(m)) => manifests.push(m),
             Ok(None) => {}
             Err(e) => {
                 bad_manifests += 1;
+                quarantined_keys.insert(key.clone());
                 let to = move_aside(&cache.manifest_path(key), &format!("run-{key}.json"))?;
                 println!("corrupt manifest {e}; moved to {}", to.display());
             }
@@ -819,7 +821,7 @@ fn cmd_verify(pipeline: Option<&Path>, g: &Global) -> Result<ExitCode, Failure> 
             continue;
         };
         let key = key.trim();
-        if !cache.manifest_path(key).exists() && !quarantine.join(format!("run-{key}.json")).exists() {
+        if !cache.manifest_path(key).exists() && !quarantined_keys.contains(key) {
             gone_manifests += 1;
             let stage = e.path().strip_prefix(&latest_dir).unwrap_or(e.path());
             println!(

@@ -224,8 +224,18 @@ impl Stage for Shell {
                 .code()
                 .map(|c| format!("exit status {c}"))
                 .unwrap_or_else(|| "a signal".into());
+            // A full disk also swallows the command's own complaint (its log cannot grow), so
+            // say so rather than show an empty log.
+            let full = if disk_full(&work) {
+                format!(
+                    "; No space left on device: the file system of {} is full",
+                    work.display()
+                )
+            } else {
+                String::new()
+            };
             return Err(StageError::new(format!(
-                "command `{}` failed with {code}; last lines of its output:\n{tail}",
+                "command `{}` failed with {code}{full}; last lines of its output:\n{tail}",
                 p.cmd
             ))
             .with_path(&log_path)
@@ -258,6 +268,20 @@ impl Stage for Shell {
         }
         Ok(StageOutcome::default())
     }
+}
+
+/// Whether the file system holding `dir` has (almost) no space left for an unprivileged writer.
+fn disk_full(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs(3) writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < 64 * 1024
 }
 
 /// Inode, size and modification time of a file.

@@ -20,10 +20,10 @@ datasets:
   synthia:    { format: synthia,    root: synth.source, classes: 16 }
   cityscapes: { format: cityscapes, root: synth.target, classes: 16 }
 stages:
-  synth:  { kind: synth, params: { source_images: 8, target_train: 8, target_val: 4, size: [96, 48] } }
-  source: { kind: preprocess, params: { dataset: synthia, split: all, size: [48, 24] } }
-  target: { kind: preprocess, params: { dataset: cityscapes, split: train, size: [48, 24] } }
-  val:    { kind: preprocess, params: { dataset: cityscapes, split: val, size: [48, 24], keep_full_labels: true } }
+  synth:  { kind: synth, params: { source_images: 8, target_train: 8, target_val: 4, size: [128, 64] } }
+  source: { kind: preprocess, params: { dataset: synthia, split: all, size: [64, 32] } }
+  target: { kind: preprocess, params: { dataset: cityscapes, split: train, size: [64, 32] } }
+  val:    { kind: preprocess, params: { dataset: cityscapes, split: val, size: [64, 32], keep_full_labels: true } }
   src_only: { kind: train_source, inputs: { source: source }, params: { iters: 12, max_iters: 12, depth: 14, width: 0.125, lr: 0.01, checkpoint_every: 2, snapshot_every: 4 } }
   advent:   { kind: adapt, inputs: { source: source, target: target, init: src_only.model }, params: { iters: 10, max_iters: 10, lr: 0.01, disc_ndf: 8, checkpoint_every: 2, snapshot_every: 5 } }
   entropy:  { kind: score_entropy, inputs: { model: advent.model, target: target, difficulty: synth.target } }
