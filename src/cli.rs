@@ -958,7 +958,10 @@ fn tree_matches(cache: &Cache, t: &cache::OutputTree) -> bool {
         if f.rel != e.path || f.size != e.size {
             return false;
         }
-        let same_inode = match (fs::metadata(&f.path), fs::metadata(cache.object_path(&e.digest))) {
+        let same_inode = match (
+            fs::metadata(&f.path),
+            fs::metadata(cache.object_path(&e.digest)),
+        ) {
             (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
             _ => false,
         };

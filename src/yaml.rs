@@ -411,8 +411,15 @@ mod tests {
     fn deep_nesting_is_an_error_not_a_stack_overflow() {
         // yaml-rust2 stops very deep input itself; between its limit and ours, ours applies.
         let e = parse(&"[".repeat(200_000)).unwrap_err();
-        assert!(e.message.contains("recursion limit") || e.message.contains("nested more than"), "{e}");
-        let deep = format!("{}1{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert!(
+            e.message.contains("recursion limit") || e.message.contains("nested more than"),
+            "{e}"
+        );
+        let deep = format!(
+            "{}1{}",
+            "[".repeat(MAX_DEPTH + 1),
+            "]".repeat(MAX_DEPTH + 1)
+        );
         let e = parse(&deep).unwrap_err();
         assert!(e.message.contains("nested more than"), "{e}");
         let ok = format!("{}1{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));

@@ -58,12 +58,7 @@ impl Stage for Synth {
                 200,
                 "images in the target's train split",
             ),
-            ParamSpec::optional(
-                "target_val",
-                COUNT,
-                60,
-                "images in the target's val split",
-            ),
+            ParamSpec::optional("target_val", COUNT, 60, "images in the target's val split"),
             ParamSpec::optional(
                 "size",
                 ParamType::Tuple(vec![

@@ -106,7 +106,10 @@ fn cases() -> Vec<(String, Vec<u8>, &'static str)> {
     v.push(("ten_megabytes_comment", big, "bogus_key"));
     // 10 MB on one line: a key far longer than YAML allows (1024 chars); the error must not
     // crash the snippet renderer.
-    let long = format!("name: long\nstages:\n  {}: {{ kind: nope }}\n", "a".repeat(10 << 20));
+    let long = format!(
+        "name: long\nstages:\n  {}: {{ kind: nope }}\n",
+        "a".repeat(10 << 20)
+    );
     v.push(("ten_megabytes_line", long, "mapping values are not allowed"));
     let mut out: Vec<(String, Vec<u8>, &'static str)> = v
         .into_iter()
@@ -157,8 +160,15 @@ fn malformed_pipelines_are_errors_with_file_line_and_column() {
     let mut problems = Vec::new();
     // Each case breaks a valid pipeline in one place.
     std::fs::write(dir.path().join("base.yaml"), BASE).unwrap();
-    let out = output_within(cmd_in(dir.path(), &["plan", "base.yaml"]), Duration::from_secs(30));
-    assert!(out.status.success(), "the base pipeline must be valid:\n{}", text(&out));
+    let out = output_within(
+        cmd_in(dir.path(), &["plan", "base.yaml"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "the base pipeline must be valid:\n{}",
+        text(&out)
+    );
     for (name, content, expect) in &cases {
         std::fs::write(dir.path().join(name), content).unwrap();
         check_file(dir.path(), name, expect, &mut problems);

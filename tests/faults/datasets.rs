@@ -27,7 +27,14 @@ fn pngs(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     v
 }
 
-fn write_png(path: &Path, w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, data: &[u8]) {
+fn write_png(
+    path: &Path,
+    w: u32,
+    h: u32,
+    color: png::ColorType,
+    depth: png::BitDepth,
+    data: &[u8],
+) {
     let f = fs::File::create(path).unwrap();
     let mut e = png::Encoder::new(std::io::BufWriter::new(f), w, h);
     e.set_color(color);
@@ -48,12 +55,22 @@ const BREAKS: &[(&str, Break)] = &[
     ("truncated image", |root| {
         let f = &pngs(&root.join("leftImg8bit/val"), "_leftImg8bit.png")[0];
         let len = fs::metadata(f).unwrap().len();
-        fs::OpenOptions::new().write(true).open(f).unwrap().set_len(len / 2).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
         f.file_name().unwrap().to_string_lossy().into_owned()
     }),
     ("truncated label", |root| {
         let f = &pngs(&root.join("gtFine/val"), "_labelIds.png")[0];
-        fs::OpenOptions::new().write(true).open(f).unwrap().set_len(40).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_len(40)
+            .unwrap();
         f.file_name().unwrap().to_string_lossy().into_owned()
     }),
     ("not a png", |root| {
@@ -64,25 +81,53 @@ const BREAKS: &[(&str, Break)] = &[
     ("16-bit label", |root| {
         let f = &pngs(&root.join("gtFine/val"), "_labelIds.png")[0];
         let (w, h) = size_of(f);
-        write_png(f, w, h, png::ColorType::Grayscale, png::BitDepth::Sixteen, &vec![0u8; (w * h * 2) as usize]);
+        write_png(
+            f,
+            w,
+            h,
+            png::ColorType::Grayscale,
+            png::BitDepth::Sixteen,
+            &vec![0u8; (w * h * 2) as usize],
+        );
         f.file_name().unwrap().to_string_lossy().into_owned()
     }),
     ("colour label", |root| {
         let f = &pngs(&root.join("gtFine/val"), "_labelIds.png")[0];
         let (w, h) = size_of(f);
-        write_png(f, w, h, png::ColorType::Rgb, png::BitDepth::Eight, &vec![7u8; (w * h * 3) as usize]);
+        write_png(
+            f,
+            w,
+            h,
+            png::ColorType::Rgb,
+            png::BitDepth::Eight,
+            &vec![7u8; (w * h * 3) as usize],
+        );
         f.file_name().unwrap().to_string_lossy().into_owned()
     }),
     ("label of another size", |root| {
         let f = &pngs(&root.join("gtFine/val"), "_labelIds.png")[0];
         let (w, h) = size_of(f);
-        write_png(f, w / 2, h / 2, png::ColorType::Grayscale, png::BitDepth::Eight, &vec![7u8; (w / 2 * h / 2) as usize]);
+        write_png(
+            f,
+            w / 2,
+            h / 2,
+            png::ColorType::Grayscale,
+            png::BitDepth::Eight,
+            &vec![7u8; (w / 2 * h / 2) as usize],
+        );
         f.file_name().unwrap().to_string_lossy().into_owned()
     }),
     ("label ids out of range", |root| {
         let f = &pngs(&root.join("gtFine/val"), "_labelIds.png")[0];
         let (w, h) = size_of(f);
-        write_png(f, w, h, png::ColorType::Grayscale, png::BitDepth::Eight, &vec![200u8; (w * h) as usize]);
+        write_png(
+            f,
+            w,
+            h,
+            png::ColorType::Grayscale,
+            png::BitDepth::Eight,
+            &vec![200u8; (w * h) as usize],
+        );
         f.file_name().unwrap().to_string_lossy().into_owned()
     }),
     ("image without label", |root| {
@@ -98,7 +143,10 @@ const BREAKS: &[(&str, Break)] = &[
         "leftImg8bit/val".into()
     }),
     ("symlink loop", |root| {
-        let city = pngs(&root.join("leftImg8bit/val"), ".png")[0].parent().unwrap().to_path_buf();
+        let city = pngs(&root.join("leftImg8bit/val"), ".png")[0]
+            .parent()
+            .unwrap()
+            .to_path_buf();
         std::os::unix::fs::symlink(&city, city.join("loop")).unwrap();
         "loop".into()
     }),
@@ -113,8 +161,15 @@ const BREAKS: &[(&str, Break)] = &[
 fn malformed_datasets_are_errors_naming_the_file() {
     let base = Ws::new(PIPELINE, &[]);
     crate::paths::workspace_dataset(&base, "data/cs");
-    let out = output_within(base.cmd(&["run", "pipeline.yaml"]), Duration::from_secs(120));
-    assert!(out.status.success(), "the intact dataset must work:\n{}", text(&out));
+    let out = output_within(
+        base.cmd(&["run", "pipeline.yaml"]),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "the intact dataset must work:\n{}",
+        text(&out)
+    );
     let mut problems = Vec::new();
     for (what, brk) in BREAKS {
         let ws = Ws::new(PIPELINE, &[]);

@@ -36,7 +36,10 @@ fn mount(args: &[&str], dir: &Path) -> Option<Mount> {
 }
 
 fn tmpfs(dir: &Path, size: &str) -> Option<Mount> {
-    mount(&["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"], dir)
+    mount(
+        &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+        dir,
+    )
 }
 
 fn read_only_bind(dir: &Path) -> Option<Mount> {
@@ -58,10 +61,19 @@ stages:
 "#;
 
 fn assert_nothing_partial(ws: &Ws, pipeline: &str, stage: &str) {
-    assert!(!ws.path(&format!("out/{pipeline}/{stage}")).exists(), "{stage} was published");
-    assert!(!ws.path(&format!("cache/latest/{pipeline}/{stage}")).exists());
+    assert!(
+        !ws.path(&format!("out/{pipeline}/{stage}")).exists(),
+        "{stage} was published"
+    );
+    assert!(!ws
+        .path(&format!("cache/latest/{pipeline}/{stage}"))
+        .exists());
     let out = output_within(ws.cmd(&["verify"]), LIMIT);
-    assert!(out.status.success(), "the cache is damaged:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "the cache is damaged:\n{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -102,7 +114,10 @@ fn a_full_disk_in_a_real_stage_names_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("stage `synth` failed"), "{err}");
     assert!(err.contains("No space left on device"), "{err}");
-    assert!(err.contains(&ws.path("cache").display().to_string()), "no path named: {err}");
+    assert!(
+        err.contains(&ws.path("cache").display().to_string()),
+        "no path named: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(ws.manifests(), 0);
     assert_nothing_partial(&ws, "tiny", "synth");
@@ -123,11 +138,18 @@ fn a_read_only_cache_or_output_directory_is_a_clear_error() {
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("Read-only file system"), "{err}");
-        assert!(err.contains(&ws.path("cache").display().to_string()), "{err}");
+        assert!(
+            err.contains(&ws.path("cache").display().to_string()),
+            "{err}"
+        );
         assert!(err.contains("hint: "), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    assert_eq!(snapshot_tree(&ws.path("cache")), before, "a read-only cache was changed");
+    assert_eq!(
+        snapshot_tree(&ws.path("cache")),
+        before,
+        "a read-only cache was changed"
+    );
 
     // A read-only output directory: the run fails naming it; the cache stays consistent.
     let ws = Ws::new(FILL, &[]);

@@ -10,7 +10,7 @@ use crate::common::*;
 
 const SEED: u64 = 0x6b11_1e55;
 
-/// Kills per stage: three for training stages (the first after a checkpoint exists), two for
+/// Kills per stage: three for training stages (the last just after a new checkpoint), two for
 /// the others.
 fn kills_for(kind: &str) -> usize {
     match kind {
@@ -48,7 +48,7 @@ fn sigkill_at_random_points_of_every_stage_kind() {
     assert!(out.status.success(), "{}", text(&out));
     let reference_seconds = t0.elapsed().as_secs_f64();
     let names: Vec<&str> = TINY_STAGES.iter().map(|(s, _)| *s).collect();
-    let reference = output_digests(&cache, "tiny", &names);
+    let mut reference = output_digests(&cache, "tiny", &names);
 
     let mut rng = Rng::new(SEED);
     let (mut tried, mut survived, mut missed) = (0usize, 0usize, 0usize);
@@ -66,21 +66,41 @@ fn sigkill_at_random_points_of_every_stage_kind() {
         let mut attempts = 0usize;
         while k < kills_for(kind) {
             attempts += 1;
-            assert!(attempts < 20, "{stage}: could not land a kill in 20 attempts");
+            assert!(
+                attempts < 20,
+                "{stage}: could not land a kill in 20 attempts"
+            );
+            let spawned = std::time::SystemTime::now();
             let mut child = spawn_quiet(ws.cmd(&["run", "pipeline.yaml"]));
             let pid = child.id() as i32;
             let started = wait_for(Duration::from_secs(120), || {
                 staging_exists(&cache, stage, pid) || child.try_wait().ok().flatten().is_some()
             });
             assert!(started, "{stage} never started");
-            if training && k == 0 {
-                // The first kill of a training stage comes after a checkpoint, to prove resuming.
+            let last = training && k + 1 == kills_for(kind);
+            if last {
+                // The last kill of a training stage comes just after a new checkpoint, so that
+                // the completing rerun must resume from it.
+                let state = cache
+                    .join("scratch")
+                    .join(&key)
+                    .join("checkpoints/checkpoint/state.json");
                 wait_for(Duration::from_secs(120), || {
-                    checkpoint_iteration(&cache, &key).unwrap_or(0) > last_checkpoint
+                    std::fs::metadata(&state)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t > spawned)
                         || child.try_wait().ok().flatten().is_some()
                 });
             }
-            let delay = rng.unit() * stage_secs * if training { 0.6 } else { 1.0 };
+            let delay = rng.unit()
+                * stage_secs
+                * if last {
+                    0.05
+                } else if training {
+                    0.6
+                } else {
+                    1.0
+                };
             std::thread::sleep(Duration::from_secs_f64(delay));
             kill_group(pid);
             let status = child.wait().unwrap();
@@ -91,7 +111,10 @@ fn sigkill_at_random_points_of_every_stage_kind() {
                     use std::io::Read;
                     let _ = e.read_to_string(&mut err);
                 }
-                assert!(status.success(), "a run failed while killing {stage}: {err}");
+                assert!(
+                    status.success(),
+                    "a run failed while killing {stage}: {err}"
+                );
                 missed += 1;
                 if let Some(k2) = latest(&cache, "tiny", stage) {
                     let _ = std::fs::remove_file(cache.join("runs").join(format!("{k2}.json")));
@@ -107,32 +130,52 @@ fn sigkill_at_random_points_of_every_stage_kind() {
         }
         // The rerun: it completes, reruns only this stage, and reproduces its bytes.
         let out = output_within(ws.cmd(&["run", "pipeline.yaml"]), limit);
-        assert!(out.status.success(), "rerun after killing {stage}:\n{}", text(&out));
-        let ran = with_outcome(&out, "ran");
         assert!(
-            ran.is_empty() || ran == [stage.to_string()],
-            "after killing {stage}, other stages reran (their inputs changed): {ran:?}"
+            out.status.success(),
+            "rerun after killing {stage}:\n{}",
+            text(&out)
         );
+        let ran = with_outcome(&out, "ran");
         let now = output_digests(&cache, "tiny", &names);
-        for ((s, o), d) in &reference {
-            if deterministic(s, o) {
-                assert_eq!(&now[&(s.clone(), o.clone())], d, "{s}.{o} differs after killing {stage}");
+        if training {
+            // Training on flex is not bit-reproducible yet (two uninterrupted runs already
+            // differ: RELIABILITY.md), so its dependents may rerun; they must all complete, and
+            // the new outputs become the reference for the next kills.
+            reference = now;
+        } else {
+            assert!(
+                ran.is_empty() || ran == [stage.to_string()],
+                "after killing {stage}, other stages reran (its output bytes changed): {ran:?}"
+            );
+            for ((s, o), d) in &reference {
+                if deterministic(s, o) {
+                    assert_eq!(
+                        &now[&(s.clone(), o.clone())],
+                        d,
+                        "{s}.{o} differs after killing {stage}"
+                    );
+                }
             }
         }
-        if training && ran.len() == 1 {
+        if training && ran.iter().any(|r| r == stage) {
             let m = manifest(&cache, &key).expect("manifest of the rerun");
             let from = m["metrics"]["resumed_from"].as_u64().unwrap();
             assert_eq!(
                 from, last_checkpoint,
                 "{stage} did not resume from the checkpoint the killed run left"
             );
-            resumed.entry(stage).or_default().push((last_checkpoint, from));
+            resumed
+                .entry(stage)
+                .or_default()
+                .push((last_checkpoint, from));
         }
         survived += k;
     }
     for s in ["src_only", "advent", "intrada"] {
         assert!(
-            resumed.get(s).is_some_and(|v| v.iter().any(|&(_, f)| f > 0)),
+            resumed
+                .get(s)
+                .is_some_and(|v| v.iter().any(|&(_, f)| f > 0)),
             "{s} never resumed from a checkpoint: {resumed:?}"
         );
     }

@@ -18,10 +18,15 @@ stages:
   file: { kind: shell, params: { cmd: "ln -s \"$OUTSIDE/keep.txt\" f.txt", outs: [f.txt], env: { OUTSIDE: OUTSIDE_DIR } } }
   inner: { kind: shell, params: { cmd: "mkdir d; echo x > d/a.txt; ln -s \"$OUTSIDE/keep.txt\" d/b.txt", outs: [d], env: { OUTSIDE: OUTSIDE_DIR } } }
 "#,
-        &[("outside/keep.txt", "precious\n"), ("outside/sub/more.txt", "also\n")],
+        &[
+            ("outside/keep.txt", "precious\n"),
+            ("outside/sub/more.txt", "also\n"),
+        ],
     );
     let outside = ws.path("outside");
-    let s = ws.read("pipeline.yaml").replace("OUTSIDE_DIR", &outside.display().to_string());
+    let s = ws
+        .read("pipeline.yaml")
+        .replace("OUTSIDE_DIR", &outside.display().to_string());
     ws.write("pipeline.yaml", &s);
     let before = snapshot_tree(&outside);
     for stage in ["dir", "file", "inner"] {
@@ -31,7 +36,11 @@ stages:
         assert!(err.contains("symlink"), "{stage}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
-    assert_eq!(snapshot_tree(&outside), before, "files outside the cache changed");
+    assert_eq!(
+        snapshot_tree(&outside),
+        before,
+        "files outside the cache changed"
+    );
     assert_eq!(ws.manifests(), 0);
 }
 
@@ -53,7 +62,10 @@ fn copy_dir(from: &Path, to: &Path) {
 /// Makes a small Cityscapes-format dataset in the workspace (from the `synth` stage).
 pub fn workspace_dataset(ws: &Ws, dir: &str) {
     let gen = Ws::new(TINY, &[]);
-    let out = output_within(gen.cmd(&["run", "pipeline.yaml", "--until", "synth"]), LIMIT);
+    let out = output_within(
+        gen.cmd(&["run", "pipeline.yaml", "--until", "synth"]),
+        LIMIT,
+    );
     assert!(out.status.success(), "{}", text(&out));
     copy_dir(&gen.path("out/tiny/synth/target"), &ws.path(dir));
 }
@@ -114,12 +126,18 @@ stages:
     // SAFETY: geteuid(2) has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if root {
-        assert!(err.contains("the command wrote to its input `a.txt`"), "{err}");
+        assert!(
+            err.contains("the command wrote to its input `a.txt`"),
+            "{err}"
+        );
         let v = output_within(ws.cmd(&["verify"]), LIMIT);
         assert_eq!(v.status.code(), Some(1), "{}", text(&v));
         assert!(String::from_utf8_lossy(&v.stdout).contains("corrupt object"));
     }
-    ws.edit("echo more >> a.txt; cp a.txt b.txt", "cp a.txt b.txt; echo more >> b.txt");
+    ws.edit(
+        "echo more >> a.txt; cp a.txt b.txt",
+        "cp a.txt b.txt; echo more >> b.txt",
+    );
     let out = output_within(ws.cmd(&["run", "pipeline.yaml"]), LIMIT);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(ws.read("out/poke/b/b.txt"), "original\nmore\n");
