@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use crate::hash;
 use crate::key::Encoder;
 
-/// Version of the manifest format.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// Version of the manifest format. Format 2 adds [`Manifest::checksum`].
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// A failure of the cache, naming the file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +196,82 @@ pub struct Manifest {
     pub seconds: f64,
     /// Seconds the engine spent publishing (hashing, moving, manifest).
     pub publish_seconds: f64,
+    /// blake3 of the file's bytes without this field (see [`Cache::write_manifest`]). A bit
+    /// flip that still parses as JSON (a digit of a metric, a hex digit of a digest) would
+    /// otherwise be served as a valid result. Must stay the last field: it is checked by
+    /// cutting its line off the pretty-printed file, which avoids re-serialising floats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// Why a manifest file cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file is not a manifest (truncated, not JSON, wrong fields).
+    #[error("{}: not a readable manifest: {message}", path.display())]
+    Unreadable {
+        /// The manifest file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The file parses but its bytes do not match its checksum.
+    #[error("{}: checksum mismatch (the file was modified or damaged)", path.display())]
+    Checksum {
+        /// The manifest file.
+        path: PathBuf,
+    },
+    /// The file cannot be read at all.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The manifest file.
+        path: PathBuf,
+        #[source]
+        /// The operating system's error.
+        source: io::Error,
+    },
+}
+
+fn manifest_checksum(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// Parses manifest bytes and checks their checksum. Format 1 manifests (written before the
+/// checksum existed) are accepted without one; from format 2 on it is required.
+pub fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, ManifestError> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Unreadable {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    match &m.checksum {
+        Some(c) => {
+            let line = format!(",\n  \"checksum\": \"{c}\"");
+            let text = std::str::from_utf8(bytes).map_err(|e| ManifestError::Unreadable {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            let Some(at) = text.rfind(&line) else {
+                return Err(ManifestError::Checksum {
+                    path: path.to_path_buf(),
+                });
+            };
+            let mut body = String::with_capacity(text.len());
+            body.push_str(&text[..at]);
+            body.push_str(&text[at + line.len()..]);
+            if manifest_checksum(body.as_bytes()) != *c {
+                return Err(ManifestError::Checksum {
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        None if m.format >= 2 => {
+            return Err(ManifestError::Checksum {
+                path: path.to_path_buf(),
+            })
+        }
+        None => {}
+    }
+    Ok(m)
 }
 
 /// The store at one root directory.
@@ -327,22 +403,44 @@ impl Cache {
         Ok(p)
     }
 
-    /// The manifest of a completed run with this key, if any. An unreadable manifest counts as
-    /// absent (the stage reruns and rewrites it).
+    /// The manifest of a completed run with this key, if any. A damaged manifest counts as
+    /// absent (the stage reruns and rewrites it); `dag verify` reports and quarantines it.
     pub fn read_manifest(&self, key: &str) -> Option<Manifest> {
-        let bytes = fs::read(self.manifest_path(key)).ok()?;
-        match serde_json::from_slice(&bytes) {
-            Ok(m) => Some(m),
+        match self.check_manifest(key) {
+            Ok(m) => m,
             Err(e) => {
-                tracing::warn!(key, error = %e, "ignoring an unreadable manifest");
+                tracing::warn!(key, error = %e, "ignoring a damaged manifest; its stage reruns");
                 None
             }
         }
     }
 
-    /// Publishes a manifest atomically (write, fsync, rename, fsync dir).
+    /// The manifest with this key: `Ok(None)` when there is none, an error when it is damaged.
+    pub fn check_manifest(&self, key: &str) -> Result<Option<Manifest>, ManifestError> {
+        let path = self.manifest_path(key);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ManifestError::Io { path, source }),
+        };
+        let m = parse_manifest(&path, &bytes)?;
+        if m.key != key {
+            // A manifest copied or renamed onto another key would hand out another run's outputs.
+            return Err(ManifestError::Unreadable {
+                path,
+                message: format!("it records key {} instead", m.key),
+            });
+        }
+        Ok(Some(m))
+    }
+
+    /// Publishes a manifest atomically (write, fsync, rename, fsync dir), with its checksum.
     pub fn write_manifest(&self, m: &Manifest) -> Result<(), CacheError> {
-        let bytes = serde_json::to_vec_pretty(m).expect("manifests serialize");
+        let mut m = m.clone();
+        m.checksum = None;
+        let body = serde_json::to_vec_pretty(&m).expect("manifests serialize");
+        m.checksum = Some(manifest_checksum(&body));
+        let bytes = serde_json::to_vec_pretty(&m).expect("manifests serialize");
         let dst = self.manifest_path(&m.key);
         write_atomic(&self.tmp_path("manifest"), &dst, &bytes)
     }
@@ -391,7 +489,20 @@ impl Cache {
     /// Moves a finished output (a directory, or a single file) into the object store and returns
     /// its tree. The source is consumed.
     pub fn ingest(&self, src: &Path, ty: &str) -> Result<OutputTree, CacheError> {
-        let is_file = fs::symlink_metadata(src).ctx("read", src)?.is_file();
+        let meta = fs::symlink_metadata(src).ctx("read", src)?;
+        if meta.file_type().is_symlink() {
+            // Ingesting moves files: following a link would move the files it points at (a
+            // user's data, anywhere on the disk) into the cache.
+            return Err(CacheError::Io {
+                op: "ingest",
+                path: src.to_path_buf(),
+                source: io::Error::other(
+                    "an output is a symlink; artifacts may hold regular files only (copy the \
+                     target instead of linking it)",
+                ),
+            });
+        }
+        let is_file = meta.is_file();
         let files = hash::list_files(src).ctx("list", src)?;
         let digests = hash::hash_files(&files).ctx("hash", src)?;
         use rayon::prelude::*;

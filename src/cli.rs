@@ -760,7 +760,76 @@ fn cmd_verify(pipeline: Option<&Path>, g: &Global) -> Result<ExitCode, Failure> 
         return Ok(ExitCode::SUCCESS);
     };
     let _lock = cache.lock(true)?;
-    let manifests = cache.manifests()?;
+    let quarantine = cache.root.join("quarantine");
+    fs::create_dir_all(&quarantine).map_err(|e| {
+        Failure::msg(
+            1,
+            format!("cannot create {}: {e}", quarantine.display()),
+            None,
+        )
+    })?;
+    let move_aside = |from: &Path, name: &str| -> Result<PathBuf, Failure> {
+        let to = quarantine.join(name);
+        fs::rename(from, &to).map_err(|e| {
+            Failure::msg(
+                1,
+                format!("cannot quarantine {}: {e}", from.display()),
+                Some("check the permissions of the cache directory".into()),
+            )
+        })?;
+        Ok(to)
+    };
+    // Manifests first: a damaged one must neither be trusted nor hide the objects it names.
+    let runs = cache.root.join("runs");
+    let mut keys: Vec<String> = fs::read_dir(&runs)
+        .map_err(|e| Failure::msg(1, format!("cannot list {}: {e}", runs.display()), None))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_string)
+        })
+        .collect();
+    keys.sort();
+    let mut manifests = Vec::new();
+    let mut bad_manifests = 0usize;
+    let mut quarantined_keys = HashSet::new();
+    for key in &keys {
+        match cache.check_manifest(key) {
+            Ok(Some(m)) => manifests.push(m),
+            Ok(None) => {}
+            Err(e) => {
+                bad_manifests += 1;
+                quarantined_keys.insert(key.clone());
+                let to = move_aside(&cache.manifest_path(key), &format!("run-{key}.json"))?;
+                println!("corrupt manifest {e}; moved to {}", to.display());
+            }
+        }
+    }
+    // A manifest deleted by hand leaves its stage's latest pointer behind; that is the only trace.
+    let mut gone_manifests = 0usize;
+    let latest_dir = cache.root.join("latest");
+    for e in walkdir::WalkDir::new(&latest_dir)
+        .min_depth(2)
+        .max_depth(2)
+        .sort_by_file_name()
+        .into_iter()
+        .flatten()
+    {
+        let Ok(key) = fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let key = key.trim();
+        if !cache.manifest_path(key).exists() && !quarantined_keys.contains(key) {
+            gone_manifests += 1;
+            let stage = e.path().strip_prefix(&latest_dir).unwrap_or(e.path());
+            println!(
+                "missing manifest runs/{key}.json (the latest run of {})",
+                stage.display()
+            );
+        }
+    }
     let scope: Option<HashSet<String>> = match pipeline {
         None => None,
         Some(path) => {
@@ -769,7 +838,7 @@ fn cmd_verify(pipeline: Option<&Path>, g: &Global) -> Result<ExitCode, Failure> 
                 .stages
                 .iter()
                 .filter_map(|s| cache.latest(&p.name, &s.name))
-                .filter_map(|k| cache.read_manifest(&k))
+                .filter_map(|k| manifests.iter().find(|m| m.key == k).cloned())
                 .collect();
             Some(reachable(&latest).0)
         }
@@ -790,40 +859,114 @@ fn cmd_verify(pipeline: Option<&Path>, g: &Global) -> Result<ExitCode, Failure> 
         })
         .collect();
     for d in &corrupt {
-        let from = cache.object_path(d);
-        let to = cache.root.join("quarantine").join(d);
-        fs::rename(&from, &to).map_err(|e| {
-            Failure::msg(
-                1,
-                format!("cannot quarantine {}: {e}", from.display()),
-                None,
-            )
-        })?;
+        let to = move_aside(&cache.object_path(d), d)?;
         println!("corrupt object {d} moved to {}", to.display());
     }
-    let mut dropped = Vec::new();
+    // Objects a manifest names but that are gone (deleted by hand, lost in a crash).
+    let in_scope = |d: &String| scope.as_ref().is_none_or(|s| s.contains(d));
+    let mut missing: BTreeSet<String> = BTreeSet::new();
     for m in &manifests {
-        let uses = |t: &cache::OutputTree| t.entries.iter().any(|e| corrupt.contains(&e.digest));
-        if m.outputs.values().any(uses) || m.log.as_ref().is_some_and(|l| corrupt.contains(l)) {
+        for d in m
+            .outputs
+            .values()
+            .flat_map(|t| t.entries.iter().map(|e| &e.digest))
+            .chain(m.log.iter())
+        {
+            if in_scope(d)
+                && !corrupt.contains(d)
+                && !cache.object_path(d).exists()
+                && missing.insert(d.clone())
+            {
+                println!(
+                    "missing object {d} (named by runs/{}.json, {}/{})",
+                    m.key, m.pipeline, m.stage
+                );
+            }
+        }
+    }
+    let lost: BTreeSet<&String> = corrupt.iter().chain(&missing).collect();
+    let mut dropped = Vec::new();
+    let mut bad_trees = 0usize;
+    for m in &manifests {
+        let uses = |t: &cache::OutputTree| t.entries.iter().any(|e| lost.contains(&e.digest));
+        if m.outputs.values().any(uses) || m.log.as_ref().is_some_and(|l| lost.contains(l)) {
             let _ = fs::remove_file(cache.manifest_path(&m.key));
             // Tree files are hard links to the objects, so the trees are corrupt too.
             for t in m.outputs.values().filter(|t| uses(t)) {
                 let _ = cache::remove_all(&cache.tree_path(&t.digest));
             }
             dropped.push(format!("{}/{}", m.pipeline, m.stage));
+            continue;
+        }
+        // A materialised tree with a file removed or replaced is rebuilt from the objects,
+        // which are intact: no stage has to run again.
+        for t in m.outputs.values() {
+            if scope.is_some() && !t.entries.iter().all(|e| in_scope(&e.digest)) {
+                continue;
+            }
+            let dir = cache.tree_path(&t.digest);
+            if fs::symlink_metadata(&dir).is_err() || tree_matches(&cache, t) {
+                continue;
+            }
+            bad_trees += 1;
+            cache::remove_all(&dir).map_err(|e| {
+                Failure::msg(1, format!("cannot remove {}: {e}", dir.display()), None)
+            })?;
+            cache.ensure_tree(t)?;
+            println!(
+                "damaged tree {} of {}/{} rebuilt from its objects",
+                t.digest, m.pipeline, m.stage
+            );
         }
     }
+    dropped.sort();
+    dropped.dedup();
     println!(
-        "verified {} objects: {} corrupt",
+        "verified {} manifests, {} objects: {} corrupt manifests, {} missing manifests, {} corrupt \
+         objects, {} missing objects, {} damaged trees",
+        keys.len(),
         objects.len(),
-        corrupt.len()
+        bad_manifests,
+        gone_manifests,
+        corrupt.len(),
+        missing.len(),
+        bad_trees
     );
-    if corrupt.is_empty() {
+    if bad_manifests + gone_manifests + corrupt.len() + missing.len() + bad_trees == 0 {
         return Ok(ExitCode::SUCCESS);
     }
-    println!("dropped the runs of: {}", dropped.join(", "));
-    println!("the next `dag run` rebuilds them");
+    if !dropped.is_empty() {
+        println!("dropped the runs of: {}", dropped.join(", "));
+    }
+    println!("the next `dag run` rebuilds what is affected");
     Ok(ExitCode::from(1))
+}
+
+/// Whether a materialised tree still holds exactly its entries: each file present, the same
+/// inode as its object when hard-linked, else the same size and bytes.
+fn tree_matches(cache: &Cache, t: &cache::OutputTree) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let root = cache.tree_path(&t.digest);
+    let files = match crate::hash::list_files(&root) {
+        Ok(f) => f,
+        Err(_) => return false,
+    };
+    if files.len() != t.entries.len() {
+        return false;
+    }
+    files.iter().zip(&t.entries).all(|(f, e)| {
+        if f.rel != e.path || f.size != e.size {
+            return false;
+        }
+        let same_inode = match (
+            fs::metadata(&f.path),
+            fs::metadata(cache.object_path(&e.digest)),
+        ) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        same_inode || crate::hash::hash_file(&f.path, f.size).is_ok_and(|d| d == e.digest)
+    })
 }
 
 fn type_name(t: &ParamType) -> String {

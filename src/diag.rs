@@ -80,21 +80,35 @@ impl SpecError {
 
     /// The miette report (snippet, label, help) for printing.
     pub fn report(&self) -> miette::Report {
+        let span = self.src.byte_span(self.span);
+        // miette's graphical handler panics on some very long lines (a 200 kB key), and such a
+        // snippet would not help anyway: past this length the message, which already carries
+        // the line and column, stands alone.
+        let text = &self.src.text;
+        let start = text[..span.offset()].rfind('\n').map_or(0, |i| i + 1);
+        let end = text[span.offset()..]
+            .find('\n')
+            .map_or(text.len(), |i| span.offset() + i);
+        let src = (end - start <= MAX_SNIPPET_LINE)
+            .then(|| NamedSource::new(self.src.name.clone(), text.to_string()));
         miette::Report::new(Rendered {
             message: self.to_string(),
             hint: self.hint.clone(),
-            src: NamedSource::new(self.src.name.clone(), self.src.text.to_string()),
-            span: self.src.byte_span(self.span),
+            src,
+            span,
         })
     }
 }
+
+/// Longest source line (bytes) shown as a snippet under an error.
+const MAX_SNIPPET_LINE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 struct Rendered {
     message: String,
     hint: Option<String>,
-    src: NamedSource<String>,
+    src: Option<NamedSource<String>>,
     span: SourceSpan,
 }
 
@@ -105,9 +119,10 @@ impl Diagnostic for Rendered {
             .map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
     }
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        Some(&self.src)
+        self.src.as_ref().map(|s| s as &dyn miette::SourceCode)
     }
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        self.src.as_ref()?;
         Some(Box::new(std::iter::once(LabeledSpan::new_with_span(
             Some("here".into()),
             self.span,

@@ -992,6 +992,7 @@ impl<'a> Engine<'a> {
                 .unwrap_or(0.0),
             seconds,
             publish_seconds: 0.0,
+            checksum: None,
         };
         let mut m = m;
         m.publish_seconds = t_pub.elapsed().as_secs_f64();

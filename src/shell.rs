@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, BufRead};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -139,6 +139,7 @@ impl Stage for Shell {
         for (name, art) in ctx.inputs {
             place_tree(&art.path, &work.join(name), true)?;
         }
+        let linked = link_states(&work, ctx.inputs.keys());
         for dep in &p.deps {
             let d = normalise_rel(dep);
             let from_input = ctx
@@ -209,14 +210,37 @@ impl Stage for Shell {
                 }
             }
         };
+        // Root ignores the read-only mode of cache objects, so a command can write through the
+        // hard links to its inputs and damage the cache; such a run must not be published.
+        if let Some(rel) = written_links(&linked) {
+            return Err(StageError::new(format!(
+                "the command wrote to its input `{rel}`, a hard link to a read-only cache object, \
+                 which is now damaged"
+            ))
+            .with_path(&log_path)
+            .with_hint(
+                "write to a copy instead (`cp input file`); then run `dag verify`, which \
+                 quarantines the damaged object so that its stage is rebuilt",
+            ));
+        }
         if !status.success() {
             let tail = last_lines(&log_path, 20);
             let code = status
                 .code()
                 .map(|c| format!("exit status {c}"))
                 .unwrap_or_else(|| "a signal".into());
+            // A full disk also swallows the command's own complaint (its log cannot grow), so
+            // say so rather than show an empty log.
+            let full = if disk_full(&work) {
+                format!(
+                    "; No space left on device: the file system of {} is full",
+                    work.display()
+                )
+            } else {
+                String::new()
+            };
             return Err(StageError::new(format!(
-                "command `{}` failed with {code}; last lines of its output:\n{tail}",
+                "command `{}` failed with {code}{full}; last lines of its output:\n{tail}",
                 p.cmd
             ))
             .with_path(&log_path)
@@ -234,12 +258,73 @@ impl Stage for Shell {
                         .with_hint("write it relative to the working directory, or fix `outs`"),
                 );
             }
+            if fs::symlink_metadata(&src).is_ok_and(|m| m.file_type().is_symlink()) {
+                // Publishing moves an out into the cache; through a link it would move the
+                // files the link points at, outside the work directory.
+                return Err(StageError::new(format!(
+                    "out `{out}` is a symlink; outs must be regular files or directories"
+                ))
+                .with_path(&src)
+                .with_hint("copy the file into place (`cp -L`) instead of linking it"));
+            }
             // The engine handed an empty directory; the out may be a file, so it takes its place.
             fs::remove_dir(staging)?;
             fs::rename(&src, staging)?;
         }
         Ok(StageOutcome::default())
     }
+}
+
+/// Whether the file system holding `dir` has (almost) no space left for an unprivileged writer.
+fn disk_full(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs(3) writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < 64 * 1024
+}
+
+/// Inode, size and modification time of a file.
+type LinkState = (u64, u64, i64, i64);
+
+/// The state of every file placed from the inputs, by path relative to the work directory.
+fn link_states<'a>(
+    work: &Path,
+    inputs: impl Iterator<Item = &'a String>,
+) -> Vec<(String, PathBuf, LinkState)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut v = Vec::new();
+    for name in inputs {
+        for e in walkdir::WalkDir::new(work.join(name)).into_iter().flatten() {
+            if let Ok(m) = e.metadata() {
+                // A copy (when linking failed) is the command's own to modify.
+                if m.is_file() && m.nlink() > 1 {
+                    let rel = e.path().strip_prefix(work).unwrap_or(e.path());
+                    v.push((
+                        rel.display().to_string(),
+                        e.path().to_path_buf(),
+                        (m.ino(), m.size(), m.mtime(), m.mtime_nsec()),
+                    ));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The first placed input whose inode was written to (a replaced or removed file is harmless).
+fn written_links(before: &[(String, PathBuf, LinkState)]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    before.iter().find_map(|(rel, path, was)| {
+        let m = fs::symlink_metadata(path).ok()?;
+        let now = (m.ino(), m.size(), m.mtime(), m.mtime_nsec());
+        (now.0 == was.0 && now != *was).then(|| rel.clone())
+    })
 }
 
 /// Puts a copy of `src` (file or directory) at `dst`. Upstream artifacts are hard-linked (they are

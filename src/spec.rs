@@ -267,15 +267,45 @@ pub fn load(
     registry: &Registry,
     overrides: &[Override],
 ) -> Result<Pipeline, SpecErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         let src = Source::new(path.display().to_string(), "");
         SpecErrors(vec![SpecError::new(
             &src,
-            Span::default(),
+            Span {
+                index: 0,
+                len: 1,
+                line: 1,
+                col: 1,
+            },
             format!("cannot read the pipeline file: {e}"),
         )
         .hint("check the path; run `dag` from the directory you expect")])
     })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            // Point at the first bad byte, showing the valid text before it.
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let good = std::str::from_utf8(good).expect("valid up to here");
+            let line = good.matches('\n').count() + 1;
+            let col = good.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            let src = Source::new(path.display().to_string(), good);
+            return Err(SpecErrors(vec![SpecError::new(
+                &src,
+                Span {
+                    index: good.chars().count(),
+                    len: 1,
+                    line,
+                    col,
+                },
+                format!(
+                    "the file is not valid UTF-8 (byte {} is not part of a character)",
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+            .hint("save the pipeline file as UTF-8 text")]));
+        }
+    };
     let file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let workdir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let source = Source::new(path.display().to_string(), text);

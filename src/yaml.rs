@@ -200,6 +200,7 @@ fn parse_float(s: &str) -> Option<f64> {
 pub fn parse(src: &str) -> Result<Yaml, YamlError> {
     let mut reader = Reader {
         parser: Parser::new_from_str(src),
+        depth: 0,
     };
     let mut doc = None;
     loop {
@@ -241,7 +242,13 @@ pub fn parse(src: &str) -> Result<Yaml, YamlError> {
 
 struct Reader<'a> {
     parser: Parser<std::str::Chars<'a>>,
+    depth: usize,
 }
+
+/// Deepest nesting of lists and mappings accepted. A pipeline needs about six levels; the limit
+/// keeps a hostile or generated file (`[[[[...`) from overflowing the stack of the recursive
+/// reader, which would abort the process instead of reporting an error.
+pub const MAX_DEPTH: usize = 64;
 
 impl Reader<'_> {
     fn next(&mut self) -> Result<(Event, Marker), YamlError> {
@@ -253,6 +260,23 @@ impl Reader<'_> {
     }
 
     fn node(&mut self, ev: Event, mark: Marker) -> Result<Yaml, YamlError> {
+        if matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..)) {
+            if self.depth >= MAX_DEPTH {
+                return Err(YamlError {
+                    message: format!("lists and mappings are nested more than {MAX_DEPTH} deep"),
+                    hint: Some("a pipeline file needs only a few levels; flatten the value".into()),
+                    span: Span::at(mark, 1),
+                });
+            }
+            self.depth += 1;
+            let r = self.collection(ev, mark);
+            self.depth -= 1;
+            return r;
+        }
+        self.scalar(ev, mark)
+    }
+
+    fn scalar(&mut self, ev: Event, mark: Marker) -> Result<Yaml, YamlError> {
         match ev {
             Event::Scalar(value, style, _anchor, _tag) => {
                 let quoted = matches!(
@@ -273,6 +297,16 @@ impl Reader<'_> {
                 hint: Some("write the value out; aliases make keys depend on distant text".into()),
                 span: Span::at(mark, 1),
             }),
+            other => Err(YamlError {
+                message: format!("unexpected YAML event {other:?}"),
+                hint: None,
+                span: Span::at(mark, 1),
+            }),
+        }
+    }
+
+    fn collection(&mut self, ev: Event, mark: Marker) -> Result<Yaml, YamlError> {
+        match ev {
             Event::SequenceStart(..) => {
                 let mut items = Vec::new();
                 loop {
@@ -336,11 +370,7 @@ impl Reader<'_> {
                     span: Span::at(mark, 1),
                 })
             }
-            other => Err(YamlError {
-                message: format!("unexpected YAML event {other:?}"),
-                hint: None,
-                span: Span::at(mark, 1),
-            }),
+            _ => unreachable!("called for collection starts only"),
         }
     }
 }
@@ -375,6 +405,25 @@ mod tests {
         assert_eq!(e.span.line, 2);
         let e = parse("[1]: 2\n").unwrap_err();
         assert!(e.message.contains("keys must be strings"), "{e}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // yaml-rust2 stops very deep input itself; between its limit and ours, ours applies.
+        let e = parse(&"[".repeat(200_000)).unwrap_err();
+        assert!(
+            e.message.contains("recursion limit") || e.message.contains("nested more than"),
+            "{e}"
+        );
+        let deep = format!(
+            "{}1{}",
+            "[".repeat(MAX_DEPTH + 1),
+            "]".repeat(MAX_DEPTH + 1)
+        );
+        let e = parse(&deep).unwrap_err();
+        assert!(e.message.contains("nested more than"), "{e}");
+        let ok = format!("{}1{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(parse(&ok).is_ok());
     }
 
     #[test]

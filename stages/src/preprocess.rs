@@ -57,7 +57,8 @@ impl Stage for Preprocess {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: a label with no pixel of a kept class is refused.
+        2
     }
 
     fn doc(&self) -> &'static str {
@@ -68,6 +69,10 @@ impl Stage for Preprocess {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
+        const SIDE: ParamType = ParamType::Int {
+            min: Some(1),
+            max: Some(16384),
+        };
         vec![
             ParamSpec::required(
                 "dataset",
@@ -82,7 +87,9 @@ impl Stage for Preprocess {
             ),
             ParamSpec::optional(
                 "size",
-                ParamType::Tuple(vec![ParamType::positive(), ParamType::positive()]),
+                // Bounded so that a typo is refused at validation rather than failing to
+                // allocate the resize buffers (which aborts the process).
+                ParamType::Tuple(vec![SIDE, SIDE]),
                 serde_json::json!([1024, 512]),
                 "output [width, height] of every image and label",
             ),

@@ -39,25 +39,26 @@ impl Stage for Synth {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
+        // An upper bound turns a typo (`2000000000`) into an error at validation instead of a
+        // run that writes until the disk is full.
+        const COUNT: ParamType = ParamType::Int {
+            min: Some(1),
+            max: Some(1_000_000),
+        };
         vec![
             ParamSpec::optional(
                 "source_images",
-                ParamType::positive(),
+                COUNT,
                 200,
                 "images in the source (SYNTHIA-format) tree",
             ),
             ParamSpec::optional(
                 "target_train",
-                ParamType::positive(),
+                COUNT,
                 200,
                 "images in the target's train split",
             ),
-            ParamSpec::optional(
-                "target_val",
-                ParamType::positive(),
-                60,
-                "images in the target's val split",
-            ),
+            ParamSpec::optional("target_val", COUNT, 60, "images in the target's val split"),
             ParamSpec::optional(
                 "size",
                 ParamType::Tuple(vec![

@@ -189,6 +189,20 @@ fn process(
             label_size: (lab.width, lab.height),
         });
     }
+    // A label without one pixel of a kept class is almost always the wrong file (a trainId or
+    // instance PNG, another dataset's ids): every id outside the format's table maps to ignore,
+    // so it would train on nothing and evaluate as empty without a word.
+    let mapped = lab.full.as_deref().unwrap_or(&lab.resized);
+    if !mapped.is_empty() && mapped.iter().all(|&c| c == IGNORE) {
+        return Err(DataError::LabelFormat {
+            path: s.label.clone(),
+            reason: format!(
+                "no pixel holds a label id of a kept class of the {} format (ids outside its \
+                 table count as ignore); is it the right label file?",
+                cfg.format.name()
+            ),
+        });
+    }
     let rgb = resize_rgb_bicubic_with(
         &mut scratch.resizer,
         &scratch.rgb,

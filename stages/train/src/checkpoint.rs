@@ -13,6 +13,10 @@ use crate::TrainError;
 pub const CHECKPOINT: &str = "checkpoint";
 const PARTIAL: &str = "checkpoint.partial";
 const PREVIOUS: &str = "checkpoint.previous";
+/// Where a checkpoint that failed its checksums is moved, for a person to inspect.
+pub const DAMAGED: &str = "checkpoint.damaged";
+/// blake3 of every other file of a checkpoint, written last into the staging directory.
+pub const CHECKSUMS: &str = "checksums.json";
 /// Directory of the network snapshots (`TrainConfig::snapshot_every`) inside the caller's
 /// checkpoint directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
@@ -61,7 +65,8 @@ pub(crate) struct CheckpointState {
     pub log: Vec<IterationLog>,
 }
 
-pub(crate) const FORMAT: u32 = 1;
+/// Format 2 adds [`CHECKSUMS`].
+pub(crate) const FORMAT: u32 = 2;
 
 /// The tensor files of a checkpoint.
 pub(crate) mod files {
@@ -80,13 +85,75 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError +
     }
 }
 
-/// The directory of the newest complete checkpoint under `dir`, if any. A crash between the two
-/// renames of [`publish`] leaves only the previous one, which is then used.
-pub(crate) fn find(dir: &Path) -> Option<PathBuf> {
+/// The published checkpoints under `dir`, newest first. A crash between the two renames of
+/// [`publish`] leaves only the previous one.
+pub(crate) fn candidates(dir: &Path) -> Vec<PathBuf> {
     [CHECKPOINT, PREVIOUS]
         .iter()
         .map(|name| dir.join(name))
-        .find(|p| p.join(STATE_FILE).is_file())
+        .filter(|p| p.join(STATE_FILE).is_file())
+        .collect()
+}
+
+fn digest(path: &Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+/// Records the digest of every file of the staging directory in [`CHECKSUMS`].
+fn write_checksums(partial: &Path) -> Result<(), TrainError> {
+    let mut sums = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(partial).map_err(io_err(partial))? {
+        let e = e.map_err(io_err(partial))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != CHECKSUMS {
+            sums.insert(name, digest(&e.path())?);
+        }
+    }
+    let path = partial.join(CHECKSUMS);
+    let json = serde_json::to_vec(&sums).expect("a map of strings serializes");
+    std::fs::write(&path, json).map_err(io_err(&path))
+}
+
+/// Checks a checkpoint against its [`CHECKSUMS`]: a flipped byte in a tensor record still loads
+/// and would silently resume from wrong weights, so every file must match.
+pub(crate) fn verify(ckpt: &Path) -> Result<(), TrainError> {
+    let path = ckpt.join(CHECKSUMS);
+    let bad = |message: String| TrainError::Checkpoint {
+        path: path.clone(),
+        message,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| bad(format!("no checksums: {e}")))?;
+    let sums: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("unreadable checksums: {e}")))?;
+    if !sums.contains_key(STATE_FILE) {
+        return Err(bad(format!("{STATE_FILE} is not covered")));
+    }
+    for e in std::fs::read_dir(ckpt).map_err(io_err(ckpt))? {
+        let e = e.map_err(io_err(ckpt))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != CHECKSUMS && !sums.contains_key(&name) {
+            return Err(bad(format!("{name} is not covered")));
+        }
+    }
+    for (name, want) in &sums {
+        let file = ckpt.join(name);
+        let got = digest(&file).map_err(|_| bad(format!("{name} is missing")))?;
+        if &got != want {
+            return Err(bad(format!("{name} does not match its checksum")));
+        }
+    }
+    Ok(())
+}
+
+/// Moves a checkpoint that failed [`verify`] out of the way, so that the next attempt neither
+/// resumes from it nor trips over it again.
+pub(crate) fn set_aside(dir: &Path, ckpt: &Path) -> Result<(), TrainError> {
+    let to = dir.join(DAMAGED);
+    if to.exists() {
+        std::fs::remove_dir_all(&to).map_err(io_err(&to))?;
+    }
+    std::fs::rename(ckpt, &to).map_err(io_err(ckpt))
 }
 
 /// A fresh, empty staging directory for the next checkpoint.
@@ -108,6 +175,7 @@ pub(crate) fn publish(dir: &Path, state: &CheckpointState) -> Result<(), TrainEr
         message: e.to_string(),
     })?;
     std::fs::write(&state_path, json).map_err(io_err(&state_path))?;
+    write_checksums(&partial)?;
     let current = dir.join(CHECKPOINT);
     let previous = dir.join(PREVIOUS);
     if previous.exists() {

@@ -86,8 +86,20 @@ pub fn train(
     let classes = model.layer6.conv2d_list[0].weight.lazy_shape()[0];
     let mut state = init_state(config, model, classes, &ad)?;
     std::fs::create_dir_all(checkpoint_dir).map_err(checkpoint::io_err(checkpoint_dir))?;
-    if let Some(ckpt) = checkpoint::find(checkpoint_dir) {
-        state = restore(config, state, &ckpt)?;
+    for ckpt in checkpoint::candidates(checkpoint_dir) {
+        match checkpoint::verify(&ckpt) {
+            Ok(()) => {
+                state = restore(config, state, &ckpt)?;
+                break;
+            }
+            Err(e) => {
+                // Resuming from damaged weights would publish a wrong model as if it were right;
+                // an older checkpoint, or iteration 0, costs only time.
+                tracing::warn!(checkpoint = %ckpt.display(), error = %e,
+                    "damaged checkpoint set aside; not resuming from it");
+                checkpoint::set_aside(checkpoint_dir, &ckpt)?;
+            }
+        }
     }
     let resumed_from = state.next_iteration;
     let head_group = ParamGroup::from_any_predicates(vec!["layer5", "layer6"]);
