@@ -769,6 +769,9 @@ fn final_losses(log: &[IterationLog]) -> Value {
     Value::Object(map)
 }
 
+/// Reads one optional column of `log.parquet` out of an iteration's log.
+type LogColumn = fn(&IterationLog) -> Option<f64>;
+
 /// Writes `log.parquet`: iteration, the loss terms the method computed, lr, lr_d, seconds.
 fn write_log(log: &[IterationLog], path: &Path) -> Result<(), StageError> {
     create_parent(path)?;
@@ -776,7 +779,7 @@ fn write_log(log: &[IterationLog], path: &Path) -> Result<(), StageError> {
         "iteration",
         Column::U64(log.iter().map(|l| l.iteration as u64).collect()),
     );
-    let terms: [(&str, fn(&IterationLog) -> Option<f64>); 8] = [
+    let terms: [(&str, LogColumn); 8] = [
         ("seg_main", |l| l.seg_main),
         ("seg_aux", |l| l.seg_aux),
         ("ent_main", |l| l.ent_main),

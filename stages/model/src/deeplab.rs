@@ -356,7 +356,7 @@ pub fn output_size([h, w]: [usize; 2]) -> [usize; 2] {
         let conv1 = (x + 2 * 3 - 7) / 2 + 1;
         let pool = (conv1 + 2 - 3).div_ceil(2) + 1;
         // PyTorch drops a last ceil-mode window that would start in the right padding.
-        let pool = if (pool - 1) * 2 >= conv1 + 1 {
+        let pool = if (pool - 1) * 2 > conv1 {
             pool - 1
         } else {
             pool
