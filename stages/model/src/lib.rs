@@ -131,14 +131,38 @@ pub fn save_model(
         path: json_path,
         source,
     })?;
-    let weights = dir.join(WEIGHTS_FILE);
-    model
+    save_weights(model, &dir.join(WEIGHTS_FILE))
+}
+
+/// Writes `module`'s weights to `path` as a Burn record without Burn's parameter ids.
+///
+/// Burn draws an id at random for every parameter and running statistic and stores it beside
+/// each tensor, so two identical trainings would publish different bytes (and the cache would
+/// see different models). A published model must be a function of its training alone. Loading
+/// keeps the ids of the module it loads into; checkpoints, whose optimizer state is keyed by
+/// the ids, are written with [`save_record`] instead.
+pub fn save_weights<M: Module>(module: M, path: &Path) -> Result<(), ModelError> {
+    use burn::store::burn_pack::{Reader, Writer};
+    let record_error = |message: String| ModelError::Record {
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = module
         .into_record()
-        .save(&weights)
-        .map_err(|e| ModelError::Record {
-            path: weights,
-            message: e.to_string(),
+        .into_bytes()
+        .map_err(|e| record_error(e.to_string()))?;
+    let tensors = Reader::from_bytes(bytes)
+        .and_then(Reader::into_tensors)
+        .map_err(|e| record_error(e.to_string()))?
+        .into_iter()
+        .map(|mut tensor| {
+            tensor.param_id = None;
+            tensor
         })
+        .collect();
+    Writer::new(tensors)
+        .write_to_file(path)
+        .map_err(|e| record_error(e.to_string()))
 }
 
 /// Reads the `model.json` of an artifact directory.

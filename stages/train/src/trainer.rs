@@ -11,8 +11,8 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use dag_model::{
-    load_record_into, save_record, upsample_differentiable as upsample, DeepLabV2, Discriminator,
-    DiscriminatorConfig,
+    load_record_into, save_record, save_weights, upsample_differentiable as upsample, DeepLabV2,
+    Discriminator, DiscriminatorConfig,
 };
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -280,7 +280,7 @@ fn write_snapshot(s: &LoopState, checkpoint_dir: &Path, done: usize) -> Result<(
     std::fs::create_dir_all(&dir).map_err(checkpoint::io_err(&dir))?;
     let path = dir.join(crate::checkpoint::snapshot_name(done));
     let partial = path.with_extension("partial");
-    save_record(s.model.valid(), &partial)?;
+    save_weights(s.model.valid(), &partial)?;
     std::fs::rename(&partial, &path).map_err(checkpoint::io_err(&path))
 }
 
