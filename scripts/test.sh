@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite the way CI does, after setting up what the tests need:
 #  - Mesa's software Vulkan (lavapipe) for the WGPU training test,
+#  - Chromium, which opens the HTML report in tests/report_browser.rs,
 #  - a Python venv with numpy, pyarrow, duckdb, pillow, pandas and polars for the
 #    external-reader, README-command and reference tests.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p dag-metrics`).
@@ -19,6 +20,17 @@ if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
         echo "error: the WGPU test needs Mesa's software Vulkan driver (lavapipe)." >&2
         echo "       install it with: sudo apt-get install mesa-vulkan-drivers" >&2
         exit 1
+    fi
+fi
+
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing chromium (the browser check of \`dag report\`)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "warning: no Chromium; tests/report_browser.rs skips its browser check" >&2
+        echo "         (install it with: sudo apt-get install chromium)" >&2
     fi
 fi
 

@@ -5,6 +5,7 @@
 //! cache/trees/<tree digest>   an artifact materialised as hard links to objects (read-only)
 //! cache/runs/<key>.json       one manifest per stage run
 //! cache/latest/<p>/<stage>    the key of the last run of that stage name (for `dag plan`'s why)
+//! cache/last-run/<p>.json     how each stage ended in the pipeline's last `dag run` (for `dag report`)
 //! cache/tmp/                  staging; cleared under the lock at the start of every run
 //! cache/scratch/<key>/        per-key scratch that survives a killed attempt (checkpoints)
 //! cache/quarantine/           corrupt objects found by `dag verify`
@@ -34,6 +35,29 @@ use crate::key::Encoder;
 
 /// Version of the manifest format. Format 2 adds [`Manifest::checksum`].
 pub const MANIFEST_FORMAT: u32 = 2;
+
+/// How the stages of a pipeline ended in its last `dag run`; a hint for `dag report`, which
+/// tells what ran from what was reused and shows why a stage failed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastRun {
+    /// When the run ended, Unix seconds.
+    pub finished_unix: f64,
+    /// One entry per stage, in topological order.
+    pub stages: Vec<LastRunStage>,
+}
+
+/// One stage of a [`LastRun`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastRunStage {
+    /// Stage name.
+    pub stage: String,
+    /// `ran`, `cached`, `FAILED`, `skipped` or `not run`.
+    pub outcome: String,
+    /// Its key, when known.
+    pub key: Option<String>,
+    /// Why it failed.
+    pub message: Option<String>,
+}
 
 /// A failure of the cache, naming the file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -484,6 +508,27 @@ impl Cache {
         let tmp = self.tmp_path("latest");
         fs::write(&tmp, key).ctx("write", &tmp)?;
         fs::rename(&tmp, &dst).ctx("publish", &dst)
+    }
+
+    fn last_run_path(&self, pipeline: &str) -> PathBuf {
+        self.root.join("last-run").join(format!("{pipeline}.json"))
+    }
+
+    /// Records how the stages of `pipeline` ended in the run that just finished.
+    pub fn write_last_run(&self, pipeline: &str, run: &LastRun) -> Result<(), CacheError> {
+        let dst = self.last_run_path(pipeline);
+        let dir = dst.parent().expect("has a parent");
+        fs::create_dir_all(dir).ctx("create", dir)?;
+        let tmp = self.tmp_path("last-run");
+        let bytes = serde_json::to_vec_pretty(run).expect("serializes");
+        fs::write(&tmp, bytes).ctx("write", &tmp)?;
+        fs::rename(&tmp, &dst).ctx("publish", &dst)
+    }
+
+    /// How the stages of `pipeline` ended in its last `dag run`, if one was recorded.
+    pub fn last_run(&self, pipeline: &str) -> Option<LastRun> {
+        let bytes = fs::read(self.last_run_path(pipeline)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Moves a finished output (a directory, or a single file) into the object store and returns

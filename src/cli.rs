@@ -96,6 +96,32 @@ impl SelectArgs {
     }
 }
 
+/// Output formats of `dag metrics`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MetricsFormat {
+    /// Aligned columns for a terminal; per-class IoU as a second table, `*` marks the best.
+    Table,
+    /// Comma-separated values with a header: name, stage, method, miou, miou16, miou13,
+    /// iou_<class>...; undefined values are empty.
+    Csv,
+    /// One object: source, classes, and per model its mIoUs and per-class IoU (null when
+    /// undefined).
+    Json,
+    /// A Markdown table with the best value of each column in bold.
+    Markdown,
+}
+
+impl From<MetricsFormat> for dag_report::Format {
+    fn from(f: MetricsFormat) -> Self {
+        match f {
+            MetricsFormat::Table => dag_report::Format::Table,
+            MetricsFormat::Csv => dag_report::Format::Csv,
+            MetricsFormat::Json => dag_report::Format::Json,
+            MetricsFormat::Markdown => dag_report::Format::Markdown,
+        }
+    }
+}
+
 /// Graph output formats.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum GraphFormat {
@@ -155,6 +181,27 @@ pub enum Command {
         /// Print the manifest as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a static HTML report of the pipeline's results from the cache: the graph with each
+    /// stage's state and time, the comparison table, per-class IoU, training curves, the entropy
+    /// histogram with the split threshold, and pictures of the easiest and hardest target images.
+    /// Runs nothing; stages without a result are shown as such.
+    Report {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Directory to write index.html, charts/ and img/ into (created; an earlier report
+        /// there is replaced). Open index.html in any browser; it needs no network.
+        #[arg(short, long, value_name = "DIR", default_value = "report")]
+        output: PathBuf,
+    },
+    /// Print the comparison table (mIoU and per-class IoU of every evaluated model) from the
+    /// cache: a `compare` stage's table, or else every `evaluate` stage's summary.
+    Metrics {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = MetricsFormat::Table)]
+        format: MetricsFormat,
     },
     /// Delete objects and trees that no kept manifest reaches.
     Gc {
@@ -366,6 +413,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         } => cmd_show(pipeline, stage, *json, g),
         Command::Gc { keep_last, dry_run } => cmd_gc(*keep_last, *dry_run, g),
         Command::Verify { pipeline } => cmd_verify(pipeline.as_deref(), g),
+        Command::Report { pipeline, output } => cmd_report(pipeline, output, g),
+        Command::Metrics { pipeline, format } => cmd_metrics(pipeline, *format, g),
         Command::Kinds => cmd_kinds(),
         Command::Hash { paths } => cmd_hash(paths),
     }
@@ -392,6 +441,7 @@ fn cmd_run(
     let report = engine.run(&select.selection(), jobs);
     stat.save();
     let report = report?;
+    record_last_run(&cache, &p.name, &report);
     if !g.quiet {
         print_summary(&report);
     }
@@ -419,6 +469,35 @@ fn cmd_run(
             ExitCode::from(1)
         }
     })
+}
+
+/// Keeps how each stage ended for `dag report`. Losing it only costs the report the difference
+/// between "ran" and "cached", so a failure to write it is a warning, not an error.
+fn record_last_run(cache: &Cache, pipeline: &str, r: &RunReport) {
+    let finished_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let stages = r
+        .stages
+        .iter()
+        .map(|s| cache::LastRunStage {
+            stage: s.stage.clone(),
+            outcome: s.outcome.word().to_string(),
+            key: s.key.clone(),
+            message: r
+                .failure
+                .as_ref()
+                .filter(|f| f.stage == s.stage && s.outcome == Outcome::Failed)
+                .map(|f| f.message.clone()),
+        })
+        .collect();
+    let run = cache::LastRun {
+        finished_unix,
+        stages,
+    };
+    if let Err(e) = cache.write_last_run(pipeline, &run) {
+        tracing::warn!("cannot record the run for `dag report`: {e}");
+    }
 }
 
 fn print_summary(r: &RunReport) {
@@ -647,6 +726,81 @@ fn cmd_show(path: &Path, stage: &str, json: bool, g: &Global) -> Result<ExitCode
         println!("log      {}", cache.object_path(l).display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The report's view of a pipeline: its stages' states and outputs, from the cache only.
+fn report_input(path: &Path, g: &Global) -> Result<dag_report::ReportInput, Failure> {
+    let p = load(path, g)?;
+    let device = device(&p, g)?;
+    let cache = cache_view(g);
+    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let engine = Engine::new(&p, &cache, &stat, device, g.out.clone());
+    Ok(crate::report::gather(&p, &engine, &cache)?)
+}
+
+fn report_failure(e: dag_report::ReportError) -> Failure {
+    let hint = e.hint();
+    Failure::msg(1, e.to_string(), Some(hint))
+}
+
+fn cmd_report(path: &Path, output: &Path, g: &Global) -> Result<ExitCode, Failure> {
+    let input = report_input(path, g)?;
+    let written = dag_report::write_report(&input, output).map_err(report_failure)?;
+    for e in &written.problems {
+        eprintln!(
+            "warning: {e}
+  hint: {}",
+            e.hint()
+        );
+    }
+    let not_run: Vec<&str> = input
+        .stages
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.state,
+                dag_report::State::NotRun | dag_report::State::Failed
+            )
+        })
+        .map(|s| s.name.as_str())
+        .collect();
+    if !g.quiet {
+        println!(
+            "wrote {} ({} charts and pictures)",
+            written.index.display(),
+            written.images
+        );
+        if !not_run.is_empty() {
+            println!(
+                "without a result: {} (run `dag run {}` to fill them in)",
+                not_run.join(", "),
+                path.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_metrics(path: &Path, format: MetricsFormat, g: &Global) -> Result<ExitCode, Failure> {
+    let input = report_input(path, g)?;
+    match dag_report::comparison(&input).map_err(report_failure)? {
+        Some(c) => {
+            print!("{}", c.render(format.into()));
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Err(Failure::msg(
+            1,
+            format!(
+                "no model of pipeline `{}` is evaluated in {}",
+                input.pipeline,
+                input.cache.display()
+            ),
+            Some(format!(
+                "run `dag run {}` first; `dag metrics` reads the results of its `compare` or                  `evaluate` stages",
+                path.display()
+            )),
+        )),
+    }
 }
 
 fn reachable(ms: &[Manifest]) -> (HashSet<String>, HashSet<String>) {

@@ -724,8 +724,12 @@ impl<'a> Engine<'a> {
                             let bar = self.progress.then(|| {
                                 let bar = bars.add(ProgressBar::new_spinner());
                                 bar.set_style(
+                                    // The stage's message (its phase, or while training every
+                                    // loss term and the lr) comes last, where the terminal's
+                                    // width cuts it rather than the numbers before it.
                                     ProgressStyle::with_template(
-                                        "{spinner} {prefix:.bold} {msg} {wide_bar} {pos}/{len}",
+                                        "{spinner} {prefix:.bold} {bar:24} {pos}/{len} {per_sec} \
+                                         ETA {eta} {wide_msg}",
                                     )
                                     .expect("valid template"),
                                 );

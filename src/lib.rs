@@ -12,6 +12,7 @@ pub mod diag;
 pub mod executor;
 pub mod hash;
 pub mod key;
+pub mod report;
 pub mod shell;
 pub mod spec;
 pub mod yaml;

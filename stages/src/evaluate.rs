@@ -6,7 +6,7 @@ use dag_api::{
     InputSpec, OutputSpec, ParamSpec, ParamType, Params, Stage, StageContext, StageError,
     StageOutcome,
 };
-use dag_data::pngio::{write_color_png, write_label_png};
+use dag_data::pngio::write_label_png;
 use dag_data::{Column, Dataset, Protocol, Table};
 use dag_metrics::{round2, ConfusionMatrix, SYNTHIA_13_OF_16};
 use dag_model::{load_record_into, DeepLabV2};
@@ -28,6 +28,8 @@ pub const METRICS_FILE: &str = "metrics.parquet";
 pub const CONFUSION_FILE: &str = "confusion.parquet";
 /// mIoU and friends.
 pub const SUMMARY_FILE: &str = "summary.json";
+/// Pictures of the first `samples` images, with their `visuals.json`.
+pub const SAMPLES_DIR: &str = "samples";
 /// mIoU of every snapshot (with `snapshots: all`).
 pub const SNAPSHOTS_FILE: &str = "snapshots.parquet";
 
@@ -50,7 +52,9 @@ impl Stage for Evaluate {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: samples/ holds image, ground truth, prediction, entropy heat map and overlay per
+        // sample, listed in samples/visuals.json.
+        2
     }
 
     fn doc(&self) -> &'static str {
@@ -59,7 +63,8 @@ impl Stage for Evaluate {
          compared with the label in a confusion histogram over valid pixels, IoU = tp / (tp + \
          fp + fn), mIoU = mean over defined classes. Writes metrics.parquet (class, iou, tp, fp, \
          fn), confusion.parquet, summary.json (miou, miou16, miou13 for the 16-class protocol) \
-         and colour predictions of the first `samples` images. With `snapshots: all` every kept \
+         and pictures of the first `samples` images (image, ground truth, colour prediction, \
+         entropy heat map, overlay). With `snapshots: all` every kept \
          snapshot is evaluated and the best one reported, as the papers do."
     }
 
@@ -89,7 +94,8 @@ impl Stage for Evaluate {
                 "samples",
                 ParamType::count(),
                 4,
-                "write colour predictions and ground truth of this many images (samples/)",
+                "picture this many images in samples/: image, ground truth, colour prediction, \
+                 per-pixel entropy heat map and the prediction over the image",
             ),
             ParamSpec::optional(
                 "save_predictions",
@@ -269,6 +275,7 @@ fn confusion(
     let mut cm = ConfusionMatrix::new(classes);
     let all: Vec<usize> = (0..ds.len()).collect();
     let (w, h) = ds.size();
+    let mut visuals = Vec::new();
     // One inference copy for the whole set: no autodiff, BatchNorm on running statistics.
     let net = model.valid();
     let plain = device.clone().without_autodiff();
@@ -287,7 +294,10 @@ fn confusion(
                 (w, h, item.label)
             };
             let logits = main.clone().narrow(0, k, 1);
-            let pred: Vec<u8> = dag_model::upsample(logits, [gh as usize, gw as usize])
+            let logits = dag_model::upsample(logits, [gh as usize, gw as usize]);
+            let pictured = out.is_some() && i < p.samples;
+            let entropy = pictured.then(|| crate::visuals::pixel_entropy(logits.clone()).remove(0));
+            let pred: Vec<u8> = logits
                 .argmax(1)
                 .into_data()
                 .try_into_vec_as::<i64>()
@@ -297,13 +307,26 @@ fn confusion(
                 .collect();
             cm.add(gt, &pred)?;
             if let Some(out) = out {
-                if i < p.samples {
-                    let pred_png = safe_join(&out.join("samples").join("prediction"), item.path)?;
-                    create_parent(&pred_png)?;
-                    write_color_png(&pred_png, gw, gh, &pred, proto).map_err(data_error)?;
-                    let gt_png = safe_join(&out.join("samples").join("ground_truth"), item.path)?;
-                    create_parent(&gt_png)?;
-                    write_color_png(&gt_png, gw, gh, gt, proto).map_err(data_error)?;
+                if let Some(entropy) = &entropy {
+                    let pics = crate::visuals::Pictures {
+                        width: gw,
+                        height: gh,
+                        image: item.image,
+                        image_size: (w, h),
+                        truth: Some(gt),
+                        prediction: &pred,
+                        entropy,
+                    };
+                    let dir = out.join(SAMPLES_DIR);
+                    let files =
+                        crate::visuals::write_pictures(&dir, &format!("{i:02}"), &pics, proto)?;
+                    visuals.push(crate::visuals::Visual {
+                        group: SAMPLES_DIR.into(),
+                        path: item.path.to_string(),
+                        rank: None,
+                        score: None,
+                        files,
+                    });
                 }
                 if p.save_predictions {
                     let path = safe_join(&out.join("predictions"), item.path)?;
@@ -314,6 +337,9 @@ fn confusion(
             *done += 1;
         }
         ctx.progress.set_position(*done);
+    }
+    if let Some(out) = out.filter(|_| !visuals.is_empty()) {
+        crate::visuals::write_index(&out.join(SAMPLES_DIR), &visuals)?;
     }
     Ok(cm)
 }

@@ -12,6 +12,7 @@ pub mod score;
 pub mod split;
 pub mod synth;
 pub mod train;
+pub mod visuals;
 
 /// Adds every stage kind of this crate to `registry`.
 pub fn register_all(registry: &mut Registry) {

@@ -39,6 +39,7 @@ struct P {
     normalize: bool,
     batch_size: usize,
     color: bool,
+    gallery: usize,
 }
 
 /// Per-image results of one forward pass.
@@ -105,7 +106,8 @@ impl Stage for ScoreEntropy {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the `visuals` output (pictures of the easiest and hardest images).
+        2
     }
 
     fn doc(&self) -> &'static str {
@@ -113,7 +115,9 @@ impl Stage for ScoreEntropy {
          image by the mean weighted self-information of its main-head prediction (upsampled to \
          the image size), optionally normalised by the number of rare classes present, ranks \
          them (ascending: most confident first) and writes scores.parquet plus an argmax \
-         pseudo-label (8-bit trainId PNG and a colour PNG) for every image."
+         pseudo-label (8-bit trainId PNG and a colour PNG) for every image, plus pictures of \
+         the `gallery` easiest and hardest images (image, ground truth, pseudo-label, entropy \
+         heat map, overlay) for `dag report`."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -136,6 +140,13 @@ impl Stage for ScoreEntropy {
                 ParamType::Bool,
                 true,
                 "also write Cityscapes-coloured pseudo-labels under color/",
+            ),
+            ParamSpec::optional(
+                "gallery",
+                ParamType::count(),
+                8,
+                "picture this many of the easiest and of the hardest images in `visuals` \
+                 (fewer when the set is small; 0: none)",
             ),
         ]
     }
@@ -177,6 +188,13 @@ impl Stage for ScoreEntropy {
                 name: "pseudo_labels".into(),
                 ty: "pseudo_labels",
                 doc: "labels/<path> (8-bit trainIds) and color/<path> for every image",
+            },
+            OutputSpec {
+                name: "visuals".into(),
+                ty: "visuals",
+                doc: "visuals.json and easiest/, hardest/: per pictured image its input, ground \
+                      truth, pseudo-label, per-pixel entropy heat map (0 certain .. 1 uniform) \
+                      and the pseudo-label over the image",
             },
         ]
     }
@@ -249,6 +267,7 @@ impl Stage for ScoreEntropy {
         for (r, &i) in ranked.iter().enumerate() {
             rank[i] = r as u32;
         }
+        let pictured = gallery(ctx, &model, &ds, &ranked, by, p.gallery, &device, proto)?;
         let paths: Vec<String> = (0..n)
             .map(|i| ds.get(i).expect("index").path.to_string())
             .collect();
@@ -290,8 +309,78 @@ impl Stage for ScoreEntropy {
             (scores.iter().sum::<f64>() / n as f64).into(),
         );
         m.insert("normalize".into(), p.normalize.into());
+        m.insert("pictured".into(), pictured.into());
         Ok(outcome)
     }
+}
+
+/// Pictures the `count` easiest and hardest images of the ranking (`ranked`: dataset indices,
+/// most confident first) in the `visuals` output; returns how many images it pictured.
+/// The entropy maps need a second forward pass: keeping every image's map until the ranking
+/// is known would cost gigabytes on Cityscapes, rerunning 2 x `count` images costs seconds.
+#[allow(clippy::too_many_arguments)]
+fn gallery(
+    ctx: &StageContext<'_>,
+    model: &DeepLabV2,
+    ds: &Dataset,
+    ranked: &[usize],
+    by: &[f64],
+    count: usize,
+    device: &burn::tensor::Device,
+    proto: dag_data::Protocol,
+) -> Result<usize, StageError> {
+    let out = ctx.output("visuals")?;
+    let n = ranked.len();
+    // Each image is pictured once: on a small set the two groups split it.
+    let easy = count.min(n.div_ceil(2));
+    let hard = count.min(n - easy);
+    let groups = [
+        ("easiest", ranked[..easy].to_vec()),
+        (
+            "hardest",
+            ranked[n - hard..].iter().rev().copied().collect(),
+        ),
+    ];
+    let pseudo = ctx.output("pseudo_labels")?.join(LABELS_DIR);
+    let (w, h) = ds.size();
+    let mut visuals = Vec::new();
+    for (group, indices) in groups {
+        for (k, &i) in indices.iter().enumerate() {
+            ctx.check_cancelled()?;
+            let item = ds.get(i).expect("index");
+            let batch = ds.batch(&[i]);
+            let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
+            let (_, main) = model.predict_logits(x, [h as usize, w as usize]);
+            let entropy = crate::visuals::pixel_entropy(main).remove(0);
+            // The pseudo-label exactly as written, not a recomputation that a different batch
+            // size could flip at a tie.
+            let (_, _, prediction) =
+                crate::common::read_class_png(&safe_join(&pseudo, item.path)?)?;
+            let pics = crate::visuals::Pictures {
+                width: w,
+                height: h,
+                image: item.image,
+                image_size: (w, h),
+                truth: Some(item.label),
+                prediction: &prediction,
+                entropy: &entropy,
+            };
+            let files =
+                crate::visuals::write_pictures(&out.join(group), &format!("{k:02}"), &pics, proto)?;
+            visuals.push(crate::visuals::Visual {
+                group: group.to_string(),
+                path: item.path.to_string(),
+                rank: Some(ranked.iter().position(|&r| r == i).expect("ranked") as u32),
+                score: Some(by[i]),
+                files: files
+                    .into_iter()
+                    .map(|(name, f)| (name, format!("{group}/{f}")))
+                    .collect(),
+            });
+        }
+    }
+    crate::visuals::write_index(out, &visuals)?;
+    Ok(visuals.len())
 }
 
 /// The generator's difficulty of every path, from the `difficulty` input.

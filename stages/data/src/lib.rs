@@ -8,6 +8,7 @@
 //! - [`shards`]: the reader of those shards for training ([`Dataset`], [`Sampler`], batches).
 //! - [`synth`]: the procedural street-scene generator with a real domain shift.
 //! - [`tables`]: a small Parquet table writer/reader shared by every stage that writes tables.
+//! - [`viz`]: a perceptual colormap for heat maps and label overlays, for the report.
 //!
 //! The crate knows nothing about the cache or the engine: callers pass directories in and get
 //! files out.
@@ -22,6 +23,7 @@ pub mod resize;
 pub mod shards;
 pub mod synth;
 pub mod tables;
+pub mod viz;
 
 pub use error::DataError;
 pub use formats::{Format, SampleRef};
