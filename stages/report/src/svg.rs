@@ -46,13 +46,11 @@ pub fn ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
         .map(|m| m * mag)
         .find(|s| *s >= raw)
         .unwrap_or(10.0 * mag);
-    let first = (lo / step).floor() * step;
-    let mut v = Vec::new();
-    let mut t = first;
-    while t <= hi + step * 0.5 && v.len() < 100 {
-        v.push(t);
-        t += step;
-    }
+    // Whole multiples of the step, from the last at or below `lo` to the first at or above `hi`
+    // (counted, not accumulated, so that rounding cannot drop the end).
+    let first = (lo / step).floor() as i64;
+    let last = ((hi / step).ceil() as i64).max(first).min(first + 99);
+    let v = (first..=last).map(|k| k as f64 * step).collect();
     (v, step)
 }
 
@@ -506,7 +504,7 @@ pub fn dag_diagram(nodes: &[Node]) -> String {
     let layers = layer.iter().copied().max().map_or(0, |m| m + 1);
     let mut row = vec![0f64; n];
     let mut columns: Vec<Vec<usize>> = vec![Vec::new(); layers];
-    for l in 0..layers {
+    for (l, column) in columns.iter_mut().enumerate() {
         let mut members: Vec<(f64, usize)> = (0..n)
             .filter(|&i| layer[i] == l)
             .map(|i| {
@@ -523,7 +521,7 @@ pub fn dag_diagram(nodes: &[Node]) -> String {
         for (r, &(_, i)) in members.iter().enumerate() {
             row[i] = r as f64;
         }
-        columns[l] = members.into_iter().map(|(_, i)| i).collect();
+        *column = members.into_iter().map(|(_, i)| i).collect();
     }
     let (bw, bh, gx, gy, m) = (150.0, 44.0, 46.0, 14.0, 12.0);
     let rows = columns.iter().map(Vec::len).max().unwrap_or(1).max(1);
