@@ -54,6 +54,17 @@ pub fn ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
     (v, step)
 }
 
+/// One tick of a horizontal axis whose line runs at `y`: a short mark and its label below.
+fn x_tick(s: &mut String, x: f64, y: f64, label: &str) {
+    let _ = writeln!(
+        s,
+        "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{y:.1}\" y2=\"{:.1}\" stroke=\"#999\"/>\
+         <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{label}</text>",
+        y + 4.0,
+        y + 17.0,
+    );
+}
+
 /// A tick label with as many decimals as the step needs, or scientific notation for tiny
 /// values (learning rates).
 pub fn tick_label(v: f64, step: f64) -> String {
@@ -158,15 +169,7 @@ pub fn line_chart(c: &LineChart<'_>) -> String {
             continue;
         }
         let x = px(t);
-        let _ = writeln!(
-            s,
-            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#999\"/>\
-             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
-            mt + ph,
-            mt + ph + 4.0,
-            mt + ph + 17.0,
-            tick_label(t, xstep)
-        );
+        x_tick(&mut s, x, mt + ph, &tick_label(t, xstep));
     }
     let _ = writeln!(
         s,
@@ -431,15 +434,7 @@ pub fn histogram(
     let (xt, xstep) = ticks(lo, hi, 6);
     for &t in xt.iter().filter(|t| **t >= lo - 1e-12 && **t <= hi + 1e-12) {
         let x = px(t);
-        let _ = writeln!(
-            s,
-            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#999\"/>\
-             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
-            mt + ph,
-            mt + ph + 4.0,
-            mt + ph + 17.0,
-            tick_label(t, xstep)
-        );
+        x_tick(&mut s, x, mt + ph, &tick_label(t, xstep));
     }
     let _ = writeln!(
         s,
