@@ -108,6 +108,30 @@ pub fn spawn_quiet(mut c: Command) -> Child {
         .expect("spawn dag")
 }
 
+/// Spawns `dag` in its own process group with the stdout and stderr the command was given.
+pub fn spawn_in_group(mut c: Command) -> Child {
+    c.process_group(0)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn dag")
+}
+
+/// Waits for a child, killing its group (and failing the test) after `limit`.
+pub fn wait_within(mut child: Child, limit: Duration) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for dag") {
+            return status;
+        }
+        if t0.elapsed() > limit {
+            kill_group(child.id() as i32);
+            let _ = child.wait();
+            panic!("dag (pid {}) hung for more than {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// SIGKILL to a process group.
 pub fn kill_group(pgid: i32) {
     // SAFETY: kill(2) on a process group this test created; no memory is involved.
