@@ -352,12 +352,22 @@ impl Cache {
             .open(&path)
             .ctx("open", &path)?;
         if !FileExt::try_lock_exclusive(&file).ctx("lock", &path)? {
-            let holder = fs::read_to_string(&path)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .map(|s| format!(" ({s})"))
-                .unwrap_or_default();
+            // The holder writes its pid just after taking the lock; give it a moment to do so.
+            let read_holder = || {
+                fs::read_to_string(&path)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+            };
+            let mut holder = read_holder();
+            for _ in 0..20 {
+                if holder.is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                holder = read_holder();
+            }
+            let holder = holder.map(|s| format!(" ({s})")).unwrap_or_default();
             if !wait {
                 return Err(CacheError::Locked { path, holder });
             }

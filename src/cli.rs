@@ -38,7 +38,7 @@ pub struct Global {
         global = true
     )]
     pub set: Vec<String>,
-    /// Device for stages that compute: auto, flex, wgpu or cuda (overrides the file's `device:`).
+    /// Device for stages that compute: auto, flex, wgpu, cuda or tch (overrides the file's `device:`).
     #[arg(long, global = true)]
     pub device: Option<String>,
     /// The artifact cache directory.
@@ -436,6 +436,7 @@ fn cmd_run(
     let out = std::path::absolute(&g.out).unwrap_or_else(|_| g.out.clone());
     let mut engine = Engine::new(&p, &cache, &stat, device, out);
     engine.progress &= !g.quiet;
+    engine.progress_lines &= !g.quiet;
     let token = engine.cancel.clone();
     let _ = ctrlc::set_handler(move || token.cancel());
     let report = engine.run(&select.selection(), jobs);

@@ -289,6 +289,9 @@ pub struct Engine<'a> {
     pub out_dir: PathBuf,
     /// Draw progress bars (only when stderr is a terminal).
     pub progress: bool,
+    /// Without bars (stderr is a log file or a pipe), report on stderr a line when a stage starts
+    /// and ends, and its progress at most every [`PROGRESS_LINE_EVERY`].
+    pub progress_lines: bool,
     /// Set on Ctrl-C; stages poll it.
     pub cancel: CancelToken,
     fingerprints: Mutex<HashMap<PathBuf, String>>,
@@ -324,6 +327,7 @@ impl<'a> Engine<'a> {
             device,
             out_dir,
             progress: std::io::stderr().is_terminal(),
+            progress_lines: !std::io::stderr().is_terminal(),
             cancel: CancelToken::new(),
             fingerprints: Mutex::new(HashMap::new()),
             leftovers: Mutex::new(Vec::new()),
@@ -718,6 +722,9 @@ impl<'a> Engine<'a> {
                             let why: Vec<String> =
                                 reasons.iter().map(ToString::to_string).collect();
                             tracing::info!(stage = %st.name, key = %&key[..12], why = %why.join("; "), "running");
+                            if self.progress_lines && !self.progress {
+                                eprintln!("{}: running ({})", st.name, why.join("; "));
+                            }
                             let inputs = self.input_artifacts(i, &outs)?;
                             let datasets = self.dataset_refs(i, &outs)?;
                             // Bars (and their ticker threads) only exist when drawn.
@@ -760,6 +767,13 @@ impl<'a> Engine<'a> {
                 }
                 match r {
                     Ok(m) => {
+                        if self.progress_lines && !self.progress {
+                            eprintln!(
+                                "{}: done in {:.1} s",
+                                self.pipeline.stages[i].name,
+                                m.seconds + m.publish_seconds
+                            );
+                        }
                         self.publish_links(i, &m)?;
                         reports[i].outcome = Outcome::Ran;
                         reports[i].seconds = m.seconds + m.publish_seconds;
@@ -890,9 +904,12 @@ impl<'a> Engine<'a> {
         }
         let scratch = self.cache.scratch(key).map_err(cache_fail)?;
         let bar_progress = bar.map(|b| BarProgress(b.clone()));
-        let progress: &dyn Progress = match &bar_progress {
-            Some(b) => b,
-            None => &dag_api::NoProgress,
+        let line_progress =
+            (bar.is_none() && self.progress_lines).then(|| LineProgress::new(&st.name));
+        let progress: &dyn Progress = match (&bar_progress, &line_progress) {
+            (Some(b), _) => b,
+            (None, Some(l)) => l,
+            (None, None) => &dag_api::NoProgress,
         };
         let ctx = StageContext {
             stage: &st.name,
@@ -1020,6 +1037,68 @@ impl<'a> Engine<'a> {
         self.cache
             .set_latest(&self.pipeline.name, &st.name, &m.key)?;
         Ok(())
+    }
+}
+
+/// How often a stage's progress is written as a line when stderr is not a terminal.
+pub const PROGRESS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Writes a stage's [`Progress`] as lines on stderr (for logs and CI, where bars would be
+/// noise): the start of each phase, then the position and status at most every
+/// [`PROGRESS_LINE_EVERY`], and the phase's last step.
+struct LineProgress {
+    stage: String,
+    state: Mutex<LineState>,
+}
+
+struct LineState {
+    phase: String,
+    total: u64,
+    message: String,
+    last_line: Instant,
+}
+
+impl LineProgress {
+    fn new(stage: &str) -> Self {
+        LineProgress {
+            stage: stage.to_string(),
+            state: Mutex::new(LineState {
+                phase: String::new(),
+                total: 0,
+                message: String::new(),
+                last_line: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl Progress for LineProgress {
+    fn start(&self, phase: &str, total: u64) {
+        let mut s = self.state.lock().expect("poisoned");
+        s.phase = phase.to_string();
+        s.total = total;
+        s.message.clear();
+        s.last_line = Instant::now();
+        if total > 0 {
+            eprintln!("{}: {phase} 0/{total}", self.stage);
+        } else {
+            eprintln!("{}: {phase}", self.stage);
+        }
+    }
+    fn set_position(&self, pos: u64) {
+        let mut s = self.state.lock().expect("poisoned");
+        let last = s.total > 0 && pos == s.total;
+        if last || s.last_line.elapsed() >= PROGRESS_LINE_EVERY {
+            s.last_line = Instant::now();
+            let sep = if s.message.is_empty() { "" } else { " " };
+            eprintln!(
+                "{}: {} {pos}/{}{sep}{}",
+                self.stage, s.phase, s.total, s.message
+            );
+        }
+    }
+    fn message(&self, msg: &str) {
+        self.state.lock().expect("poisoned").message = msg.to_string();
     }
 }
 

@@ -18,7 +18,7 @@ use crate::yaml::{self, Key, Node, Span, Yaml};
 const TOP_KEYS: &[&str] = &["name", "device", "seed", "datasets", "stages"];
 const STAGE_KEYS: &[&str] = &["kind", "inputs", "params"];
 const DATASET_KEYS: &[&str] = &["format", "root", "classes"];
-const DEVICES: &[&str] = &["auto", "flex", "wgpu", "cuda"];
+const DEVICES: &[&str] = &["auto", "flex", "wgpu", "cuda", "tch"];
 
 /// A validated pipeline.
 pub struct Pipeline {

@@ -4,7 +4,6 @@
 mod engine_common;
 
 use std::fs;
-use std::path::Path;
 
 use dag::cache::Cache;
 use dag::executor::{Engine, Outcome, Selection};
@@ -195,7 +194,10 @@ fn registry() -> Registry {
 }
 
 fn fixtures_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pipelines")
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("tests/pipelines")
 }
 
 #[test]

@@ -1,8 +1,10 @@
-//! Times one training step of the DeepLabV2-small benchmark configuration on flex:
+//! Times one training step of the DeepLabV2-small benchmark configuration on flex (or, with
+//! `--device tch` in a build with the `tch` feature, on LibTorch's CPU backend):
 //! ResNet-18-like depth (`[2,2,2,2]` bottlenecks, depth 26), width 0.25, 19 classes, batch
 //! 1 source + 1 target at 256x128 (W x H), ADVENT's optimisers and lambdas.
 //!
 //!     cargo run --release -p dag-train --example train_step -- [--warmup 3] [--steps 10]
+//!         [--device flex|tch]
 //!
 //! Runs the real training loop (`dag_train::train`) twice, source-only (the CE step) and
 //! AdvEnt, and prints the median per-iteration wall time of the steps after warm-up, plus a
@@ -16,7 +18,8 @@ use burn::tensor::{Device, Distribution, Tensor};
 use dag_model::DeepLabV2Config;
 use dag_train::rand_core::RngCore;
 use dag_train::{
-    train, BatchError, Batches, ImageBatch, LabelBatch, Method, SourceBatch, TrainConfig,
+    device_for, resolve_device, train, BatchError, Batches, ImageBatch, LabelBatch, Method,
+    SourceBatch, TrainConfig,
 };
 
 const W: usize = 256;
@@ -74,8 +77,8 @@ fn model_config() -> DeepLabV2Config {
         .with_width(0.25)
 }
 
-fn time_loop(method: Method, warmup: usize, steps: usize) -> f64 {
-    let device = Device::flex();
+fn time_loop(device: &Device, method: Method, warmup: usize, steps: usize) -> f64 {
+    let device = device.clone();
     let model = model_config().init(&device).expect("valid config");
     let config = TrainConfig {
         method,
@@ -97,8 +100,8 @@ fn time_loop(method: Method, warmup: usize, steps: usize) -> f64 {
     median(out.log[warmup..].iter().map(|l| l.seconds).collect())
 }
 
-fn time_forward(warmup: usize, steps: usize) -> f64 {
-    let device = Device::flex();
+fn time_forward(device: &Device, warmup: usize, steps: usize) -> f64 {
+    let device = device.clone();
     let model = model_config().init(&device).expect("valid config").valid();
     let x = Tensor::<4>::random([1, 3, H, W], Distribution::Normal(0.0, 50.0), &device);
     let mut times = Vec::new();
@@ -116,27 +119,30 @@ fn time_forward(warmup: usize, steps: usize) -> f64 {
 fn main() {
     let mut warmup = 3;
     let mut steps = 10;
+    let mut device_name = "flex".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let v: usize = args
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{a} needs a number"));
+        let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        let number = || -> usize { v.parse().unwrap_or_else(|_| panic!("{a} needs a number")) };
         match a.as_str() {
-            "--warmup" => warmup = v,
-            "--steps" => steps = v,
-            _ => panic!("unknown option {a}; use --warmup N --steps N"),
+            "--warmup" => warmup = number(),
+            "--steps" => steps = number(),
+            "--device" => device_name = v.clone(),
+            _ => panic!("unknown option {a}; use --warmup N --steps N --device flex|tch"),
         }
     }
+    let choice = resolve_device(&device_name).unwrap_or_else(|e| panic!("{e}"));
+    let device = device_for(choice);
+    let tag = choice.name();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "dag flex: DeepLabV2 depth 26 width 0.25, {CLASSES} classes, 1+1 x {W}x{H}, \
+        "dag-{tag}: DeepLabV2 depth 26 width 0.25, {CLASSES} classes, 1+1 x {W}x{H}, \
          {threads} threads, median of {steps} after {warmup} warm-up"
     );
-    let fwd = time_forward(warmup, steps);
-    println!("dag forward_ms {:.1}", fwd * 1e3);
-    let ce = time_loop(Method::SourceOnly, warmup, steps);
-    println!("dag ce_step_ms {:.1}", ce * 1e3);
-    let adv = time_loop(Method::AdvEnt, warmup, steps);
-    println!("dag advent_step_ms {:.1}", adv * 1e3);
+    let fwd = time_forward(&device, warmup, steps);
+    println!("dag-{tag} forward_ms {:.1}", fwd * 1e3);
+    let ce = time_loop(&device, Method::SourceOnly, warmup, steps);
+    println!("dag-{tag} ce_step_ms {:.1}", ce * 1e3);
+    let adv = time_loop(&device, Method::AdvEnt, warmup, steps);
+    println!("dag-{tag} advent_step_ms {:.1}", adv * 1e3);
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// A temporary directory holding a pipeline, its workspace files, `cache/` and `out/`.
@@ -12,11 +12,15 @@ pub struct Ws {
     pub dir: tempfile::TempDir,
 }
 
-/// The fixture pipelines of this test suite.
+/// The fixture pipelines of this test suite. Test files are found through the CARGO_MANIFEST_DIR
+/// that cargo sets when it runs a test, not the one compiled in: a test binary built in another
+/// checkout sharing the target directory would otherwise read that checkout's files.
 pub fn fixture(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/pipelines")
-        .join(name);
+    let p = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("tests/pipelines")
+    .join(name);
     fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
 }
 

@@ -20,7 +20,8 @@ stages:
 "#;
 
 const LIMIT: Duration = Duration::from_secs(120);
-const WAITING: &str = "waiting for another dag process (pid ";
+/// Printed by every process that finds the lock taken (with the holder's pid once it is written).
+const WAITING: &str = "waiting for another dag process";
 
 /// A workspace whose pipeline's `GATE` placeholder names a file of the workspace that does not
 /// exist yet.

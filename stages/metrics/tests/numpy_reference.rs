@@ -2,7 +2,6 @@
 //! (`tests/miou_reference.py`). The interpreter comes from `DAG_TEST_PYTHON` (set by
 //! `scripts/test.sh`), else `python3`; it must have NumPy.
 
-use std::path::Path;
 use std::process::Command;
 
 use dag_metrics::ConfusionMatrix;
@@ -50,7 +49,10 @@ fn miou_matches_numpy_reference() {
     std::fs::write(dir.path().join("gt.bin"), &gt).unwrap();
     std::fs::write(dir.path().join("pred.bin"), &pred).unwrap();
     let python = std::env::var("DAG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/miou_reference.py");
+    let script = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+    )
+    .join("tests/miou_reference.py");
     let out = Command::new(&python)
         .arg(&script)
         .arg(dir.path().join("gt.bin"))

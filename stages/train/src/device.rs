@@ -1,5 +1,6 @@
-//! Device selection: `flex` (pure-Rust CPU), `wgpu`, `cuda`, or `auto` (first GPU backend
-//! compiled into this build that reaches a real card, else flex).
+//! Device selection: `flex` (pure-Rust CPU), `wgpu`, `cuda`, `tch` (LibTorch on the CPU, in
+//! builds with the `tch` feature), or `auto` (first GPU backend compiled into this build that
+//! reaches a real card, else flex).
 
 use burn::tensor::Device;
 
@@ -12,6 +13,8 @@ pub enum DeviceChoice {
     Wgpu,
     /// CUDA, device 0.
     Cuda,
+    /// LibTorch on the CPU, linked against an installed PyTorch (the `tch` feature).
+    LibTorch,
 }
 
 impl DeviceChoice {
@@ -21,6 +24,7 @@ impl DeviceChoice {
             DeviceChoice::Flex => "flex",
             DeviceChoice::Wgpu => "wgpu",
             DeviceChoice::Cuda => "cuda",
+            DeviceChoice::LibTorch => "tch",
         }
     }
 }
@@ -33,13 +37,19 @@ pub fn resolve_device(requested: &str) -> Result<DeviceChoice, String> {
         "flex" => Ok(DeviceChoice::Flex),
         "wgpu" if cfg!(feature = "wgpu") => Ok(DeviceChoice::Wgpu),
         "cuda" if cfg!(feature = "cuda") => Ok(DeviceChoice::Cuda),
+        "tch" if cfg!(feature = "tch") => Ok(DeviceChoice::LibTorch),
+        "tch" => Err(
+            "this dag was built without the `tch` (LibTorch) backend; see \
+             bench/libtorch/README.md for the build, or use `device: flex`"
+                .to_string(),
+        ),
         "wgpu" | "cuda" => Err(format!(
             "this dag was built without the `{requested}` backend; rebuild with \
              `cargo build --release --features {requested}` or use `device: flex`"
         )),
         "auto" => Ok(auto()),
         other => Err(format!(
-            "unknown device `{other}`; expected auto, flex, wgpu or cuda"
+            "unknown device `{other}`; expected auto, flex, wgpu, cuda or tch"
         )),
     }
 }
@@ -67,6 +77,11 @@ pub fn device_for(choice: DeviceChoice) -> Device {
         DeviceChoice::Wgpu => Device::wgpu(Default::default()),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda => Device::cuda(0),
+        // Burn marks burn-tch deprecated in favour of its CubeCL backends, but on a CPU it is
+        // the backend with PyTorch's own kernels, which is what `device: tch` is for.
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        DeviceChoice::LibTorch => Device::libtorch(),
         #[allow(unreachable_patterns)]
         other => panic!(
             "device `{}` is not compiled into this build; resolve_device refuses it",

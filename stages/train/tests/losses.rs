@@ -7,7 +7,10 @@ struct Fixture(serde_json::Value);
 
 impl Fixture {
     fn load() -> Self {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/losses.json");
+        let path = std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
+        )
+        .join("tests/fixtures/losses.json");
         Fixture(serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
     }
     fn floats(&self, key: &str) -> Vec<f32> {

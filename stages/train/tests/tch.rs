@@ -1,0 +1,108 @@
+//! Training on LibTorch's CPU backend (`device: tch`), in builds with the `tch` feature (not in
+//! CI, which has no PyTorch; see bench/libtorch/README.md). The first iteration's segmentation
+//! losses must match flex's on the same weights and batch: the two backends compute one model.
+#![cfg(feature = "tch")]
+
+use std::sync::atomic::AtomicBool;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use dag_model::DeepLabV2Config;
+use dag_train::rand_core::RngCore;
+use dag_train::{
+    device_for, resolve_device, train, BatchError, Batches, DeviceChoice, ImageBatch, LabelBatch,
+    Method, SourceBatch, TrainConfig, TrainOutcome,
+};
+
+struct Stripes;
+
+const S: usize = 64;
+
+impl Batches for Stripes {
+    fn source(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<SourceBatch, BatchError> {
+        let labels: Vec<u8> = (0..S * S).map(|p| ((p % S) * 3 / S) as u8).collect();
+        let data = (0..3 * S * S)
+            .map(|i| labels[i % (S * S)] as f32 + (rng.next_u32() % 7) as f32 * 0.1)
+            .collect();
+        Ok(SourceBatch {
+            images: ImageBatch {
+                data,
+                shape: [1, 3, S, S],
+            },
+            labels: LabelBatch {
+                data: labels,
+                shape: [1, S, S],
+            },
+        })
+    }
+    fn target(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<ImageBatch, BatchError> {
+        let data = (0..3 * S * S)
+            .map(|_| (rng.next_u32() % 100) as f32 / 50.0)
+            .collect();
+        Ok(ImageBatch {
+            data,
+            shape: [1, 3, S, S],
+        })
+    }
+}
+
+fn run(device: &Device, model: dag_model::DeepLabV2) -> TrainOutcome {
+    let config = TrainConfig {
+        method: Method::AdvEnt,
+        iterations: 3,
+        lr: 0.01,
+        disc_ndf: 4,
+        checkpoint_every: 1,
+        ..TrainConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(
+        &config,
+        model,
+        device,
+        &mut Stripes,
+        dir.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(dir.path().join("checkpoint/model.bpk").is_file());
+    out
+}
+
+#[test]
+fn advent_steps_on_libtorch_match_flex() {
+    assert_eq!(resolve_device("tch"), Ok(DeviceChoice::LibTorch));
+    let flex = Device::flex();
+    flex.seed(5);
+    let model = DeepLabV2Config {
+        blocks: [1, 1, 1, 1],
+        width: 0.0625,
+        classes: 3,
+    }
+    .init(&flex)
+    .unwrap();
+    let tch = device_for(DeviceChoice::LibTorch);
+    let on_tch = run(&tch, model.clone().to_device(&tch));
+    let on_flex = run(&flex, model);
+    assert_eq!(on_tch.log.len(), 3);
+    for l in &on_tch.log {
+        assert!(l.adv_main.is_some() && l.d_aux.is_some());
+        assert!(
+            l.terms().iter().all(|(_, v)| v.is_finite()),
+            "{:?}",
+            l.terms()
+        );
+    }
+    let (a, b) = (&on_tch.log[0], &on_flex.log[0]);
+    for (name, x, y) in [
+        ("seg_main", a.seg_main, b.seg_main),
+        ("seg_aux", a.seg_aux, b.seg_aux),
+    ] {
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert!(
+            (x - y).abs() <= 1e-4 * y.abs().max(1.0),
+            "{name}: tch {x} vs flex {y}"
+        );
+    }
+}
