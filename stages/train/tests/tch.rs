@@ -8,43 +8,12 @@ use std::sync::atomic::AtomicBool;
 use burn::module::Module;
 use burn::tensor::Device;
 use dag_model::DeepLabV2Config;
-use dag_train::rand_core::RngCore;
 use dag_train::{
-    device_for, resolve_device, train, BatchError, Batches, DeviceChoice, ImageBatch, LabelBatch,
-    Method, SourceBatch, TrainConfig, TrainOutcome,
+    device_for, resolve_device, train, DeviceChoice, Method, TrainConfig, TrainOutcome,
 };
 
-struct Stripes;
-
-const S: usize = 64;
-
-impl Batches for Stripes {
-    fn source(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<SourceBatch, BatchError> {
-        let labels: Vec<u8> = (0..S * S).map(|p| ((p % S) * 3 / S) as u8).collect();
-        let data = (0..3 * S * S)
-            .map(|i| labels[i % (S * S)] as f32 + (rng.next_u32() % 7) as f32 * 0.1)
-            .collect();
-        Ok(SourceBatch {
-            images: ImageBatch {
-                data,
-                shape: [1, 3, S, S],
-            },
-            labels: LabelBatch {
-                data: labels,
-                shape: [1, S, S],
-            },
-        })
-    }
-    fn target(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<ImageBatch, BatchError> {
-        let data = (0..3 * S * S)
-            .map(|_| (rng.next_u32() % 100) as f32 / 50.0)
-            .collect();
-        Ok(ImageBatch {
-            data,
-            shape: [1, 3, S, S],
-        })
-    }
-}
+mod stripes;
+use stripes::Stripes;
 
 fn run(device: &Device, model: dag_model::DeepLabV2) -> TrainOutcome {
     let config = TrainConfig {
@@ -60,7 +29,7 @@ fn run(device: &Device, model: dag_model::DeepLabV2) -> TrainOutcome {
         &config,
         model,
         device,
-        &mut Stripes,
+        &mut Stripes { size: 64 },
         dir.path(),
         &mut |_| {},
         &AtomicBool::new(false),

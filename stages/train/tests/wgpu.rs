@@ -6,43 +6,10 @@ use std::sync::atomic::AtomicBool;
 
 use burn::tensor::{Device, DeviceType};
 use dag_model::DeepLabV2Config;
-use dag_train::rand_core::RngCore;
-use dag_train::{
-    device_for, resolve_device, train, BatchError, Batches, DeviceChoice, ImageBatch, LabelBatch,
-    Method, SourceBatch, TrainConfig,
-};
+use dag_train::{device_for, resolve_device, train, DeviceChoice, Method, TrainConfig};
 
-struct Stripes;
-
-const S: usize = 32;
-
-impl Batches for Stripes {
-    fn source(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<SourceBatch, BatchError> {
-        let labels: Vec<u8> = (0..S * S).map(|p| ((p % S) * 3 / S) as u8).collect();
-        let data = (0..3 * S * S)
-            .map(|i| labels[i % (S * S)] as f32 + (rng.next_u32() % 7) as f32 * 0.1)
-            .collect();
-        Ok(SourceBatch {
-            images: ImageBatch {
-                data,
-                shape: [1, 3, S, S],
-            },
-            labels: LabelBatch {
-                data: labels,
-                shape: [1, S, S],
-            },
-        })
-    }
-    fn target(&mut self, _: usize, rng: &mut dyn RngCore) -> Result<ImageBatch, BatchError> {
-        let data = (0..3 * S * S)
-            .map(|_| (rng.next_u32() % 100) as f32 / 50.0)
-            .collect();
-        Ok(ImageBatch {
-            data,
-            shape: [1, 3, S, S],
-        })
-    }
-}
+mod stripes;
+use stripes::Stripes;
 
 #[test]
 fn advent_steps_run_on_wgpu() {
@@ -72,7 +39,7 @@ fn advent_steps_run_on_wgpu() {
         &config,
         model,
         &device,
-        &mut Stripes,
+        &mut Stripes { size: 32 },
         dir.path(),
         &mut |_| {},
         &AtomicBool::new(false),
