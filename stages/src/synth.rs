@@ -27,7 +27,7 @@ impl Stage for Synth {
     }
 
     fn version(&self) -> u32 {
-        6
+        7
     }
 
     fn doc(&self) -> &'static str {

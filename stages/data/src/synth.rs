@@ -339,7 +339,7 @@ const TARGET_STYLE: Style = Style {
     target: true,
     horizon: (0.40, 0.52),
     camera: 1.35,
-    sky: [190.0, 198.0, 205.0],
+    sky: [150.0, 178.0, 212.0],
     building: [
         [115.0, 95.0, 85.0],
         [95.0, 100.0, 100.0],

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs pipelines/quickstart.yaml from an empty cache once per training seed and prints each run's
+# wall time, the mIoU of source-only, AdvEnt and IntraDA (best snapshot on val, as the shipped
+# file reports), the two steps, and the entropy score's Spearman correlation with the
+# generator's difficulty; then the mean of each column. See BENCHMARKS.md, "Quickstart".
+#
+#   bench/quickstart.sh [SEED...]      (default: 1234 0 1; each run takes 10-15 minutes)
+#
+# Every run sees the same images: `synth`'s seed is the pipeline seed + `seed_offset`, so the
+# copy for seed S sets `seed_offset: 1234 - S` and only the training seeds change. Seeds must
+# therefore lie in 0..=1234. Work files go to $DAG_BENCH_DIR (default /var/tmp/dag-bench-quickstart).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seeds=("$@")
+[ ${#seeds[@]} -gt 0 ] || seeds=(1234 0 1)
+work="${DAG_BENCH_DIR:-/var/tmp/dag-bench-quickstart}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dag-target}"
+cargo build --release -q --features wgpu -p dag
+dag="$CARGO_TARGET_DIR/release/dag"
+mkdir -p "$work"
+results="$work/results.tsv"
+printf 'seed\tseconds\tsource_only\tadvent\tintrada\tadvent_step\tintrada_step\tspearman\n' >"$results"
+for seed in "${seeds[@]}"; do
+    if ! [[ "$seed" =~ ^[0-9]+$ ]] || [ "$seed" -gt 1234 ]; then
+        echo "seed $seed: use a number from 0 to 1234 (see the header of $0)" >&2
+        exit 2
+    fi
+    pipeline="$work/quickstart-seed$seed.yaml"
+    sed -e "s/^seed: .*/seed: $seed/" \
+        -e "s/kind: synth, params: { /kind: synth, params: { seed_offset: $((1234 - seed)), /" \
+        pipelines/quickstart.yaml >"$pipeline"
+    grep -q "seed_offset: $((1234 - seed))" "$pipeline" || {
+        echo "could not set synth's seed_offset in $pipeline: has the synth line of pipelines/quickstart.yaml changed?" >&2
+        exit 1
+    }
+    rm -rf "$work/cache-$seed" "$work/out-$seed"
+    log="$work/run-seed$seed.log"
+    echo "seed $seed: running (log: $log)" >&2
+    start=$(date +%s.%N)
+    "$dag" run "$pipeline" --cache "$work/cache-$seed" --out "$work/out-$seed" >"$log" 2>&1
+    end=$(date +%s.%N)
+    spearman=$("$dag" show "$pipeline" entropy --cache "$work/cache-$seed" |
+        awk '$2 == "spearman_difficulty" { printf "%.3f", $4 }')
+    awk -v seed="$seed" -v start="$start" -v end="$end" -v rho="$spearman" '
+        $1 == "source_only" { s = $(NF - 2) } $1 == "advent" { a = $(NF - 2) } $1 == "intrada" { i = $(NF - 2) }
+        END { printf "%s\t%.0f\t%.2f\t%.2f\t%.2f\t%+.2f\t%+.2f\t%s\n", seed, end - start, s, a, i, a - s, i - a, rho }
+    ' "$log" | tee -a "$results"
+done
+echo
+column -t -s $'\t' "$results"
+awk -F'\t' 'NR > 1 { n++; for (c = 2; c <= 8; c++) sum[c] += $c }
+    END { if (n) { printf "mean"; for (c = 2; c <= 8; c++) printf "  %.2f", sum[c] / n; printf "  (%d seeds)\n", n } }' "$results"
