@@ -13,6 +13,10 @@ use crate::ModelError;
 /// Slope of the LeakyReLU between the discriminator's convs.
 pub const LEAKY_SLOPE: f64 = 0.2;
 
+/// Smallest height and width of a map the discriminator accepts: each of its five 4x4 stride-2
+/// convs halves the size (rounding down), and the last needs at least one output pixel.
+pub const MIN_INPUT_SIZE: usize = 32;
+
 /// Architecture of a [`Discriminator`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +80,8 @@ pub struct Discriminator {
 }
 
 impl Discriminator {
-    /// Domain logits `[N, 1, H/32, W/32]` of a `[N, classes, H, W]` map.
+    /// Domain logits `[N, 1, H/32, W/32]` of a `[N, classes, H, W]` map; `H` and `W` must be at
+    /// least [`MIN_INPUT_SIZE`].
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let last = self.convs.len() - 1;
         self.convs.iter().enumerate().fold(x, |x, (i, conv)| {

@@ -10,6 +10,7 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use dag_model::discriminator::MIN_INPUT_SIZE;
 use dag_model::{
     load_record_into, save_record, save_weights, upsample_differentiable as upsample, DeepLabV2,
     Discriminator, DiscriminatorConfig,
@@ -370,6 +371,13 @@ fn step(
     } else {
         None
     };
+    if adversarial {
+        let [_, height, width] = source.labels.shape;
+        check_discriminator_input(height, width).map_err(batch_err("source"))?;
+        if let Some(t) = &target {
+            check_discriminator_input(t.shape[2], t.shape[3]).map_err(batch_err("target"))?;
+        }
+    }
 
     let mut log = IterationLog {
         iteration,
@@ -497,4 +505,17 @@ fn step(
 
     log.seconds = start.elapsed().as_secs_f64();
     Ok((s, log))
+}
+
+/// The discriminators see maps at the batch's size; below [`MIN_INPUT_SIZE`] their last conv
+/// would have no output pixel, which Burn reports as a panic deep inside the backend.
+fn check_discriminator_input(height: usize, width: usize) -> Result<(), String> {
+    if height < MIN_INPUT_SIZE || width < MIN_INPUT_SIZE {
+        return Err(format!(
+            "maps of {width}x{height} are too small for the discriminator, which needs at \
+             least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (it halves the size five times); \
+             preprocess the images to a larger `size`"
+        ));
+    }
+    Ok(())
 }

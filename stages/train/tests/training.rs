@@ -475,3 +475,52 @@ fn config_defaults_are_advent() {
     let m: TrainConfig = serde_json::from_str(r#"{"method": "min_ent_adv_ent"}"#).unwrap();
     assert_eq!(m.method, Method::MinEntAdvEnt);
 }
+
+/// Batches of 40x24 images: large enough for DeepLabV2, too small for the discriminator.
+struct TooSmall;
+
+impl Batches for TooSmall {
+    fn source(&mut self, _: usize, _: &mut dyn RngCore) -> Result<SourceBatch, BatchError> {
+        Ok(SourceBatch {
+            images: ImageBatch {
+                data: vec![0.5; 3 * 24 * 40],
+                shape: [1, 3, 24, 40],
+            },
+            labels: LabelBatch {
+                data: vec![1; 24 * 40],
+                shape: [1, 24, 40],
+            },
+        })
+    }
+
+    fn target(&mut self, _: usize, _: &mut dyn RngCore) -> Result<ImageBatch, BatchError> {
+        Ok(ImageBatch {
+            data: vec![0.5; 3 * 24 * 40],
+            shape: [1, 3, 24, 40],
+        })
+    }
+}
+
+#[test]
+fn maps_too_small_for_the_discriminator_are_refused_with_the_size() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_config().init(&device).unwrap();
+    let err = train(
+        &config(Method::AdvEnt, 1),
+        model,
+        &device,
+        &mut TooSmall,
+        dir.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("source batch of iteration 0") && err.contains("40x24"),
+        "{err}"
+    );
+    assert!(err.contains("at least 32x32"), "{err}");
+}
