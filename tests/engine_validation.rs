@@ -194,10 +194,7 @@ fn registry() -> Registry {
 }
 
 fn fixtures_dir() -> std::path::PathBuf {
-    std::path::PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-    )
-    .join("tests/pipelines")
+    engine_common::manifest_dir().join("tests/pipelines")
 }
 
 #[test]

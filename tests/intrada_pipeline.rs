@@ -103,10 +103,7 @@ fn intrada_end_to_end_and_lambda_change_reruns_only_the_split_side() {
 
     // 3. External readers and an independent mIoU, before the lambda change replaces outputs.
     let python = std::env::var("DAG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = std::path::PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-    )
-    .join("tests/intrada_reference.py");
+    let script = engine_common::manifest_dir().join("tests/intrada_reference.py");
     let target_root = ws.path("out/tiny/synth/target");
     let check = Command::new(&python)
         .arg(script)
@@ -118,13 +115,8 @@ fn intrada_end_to_end_and_lambda_change_reruns_only_the_split_side() {
     assert!(check.status.success(), "{}", text(&check));
 
     // The README's DuckDB / pandas / polars commands, pointed at this pipeline's outputs.
-    let readme = std::fs::read_to_string(
-        std::path::PathBuf::from(
-            std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
-        )
-        .join("README.md"),
-    )
-    .expect("README.md");
+    let readme = std::fs::read_to_string(engine_common::manifest_dir().join("README.md"))
+        .expect("README.md");
     let block = readme
         .split("<!-- readme-test:begin -->")
         .nth(1)

@@ -12,15 +12,18 @@ pub struct Ws {
     pub dir: tempfile::TempDir,
 }
 
-/// The fixture pipelines of this test suite. Test files are found through the CARGO_MANIFEST_DIR
-/// that cargo sets when it runs a test, not the one compiled in: a test binary built in another
-/// checkout sharing the target directory would otherwise read that checkout's files.
-pub fn fixture(name: &str) -> String {
-    let p = std::path::PathBuf::from(
+/// The repository root, from the CARGO_MANIFEST_DIR that cargo sets when it runs a test, not
+/// the one compiled in: a test binary built in another checkout sharing the target directory
+/// would otherwise read that checkout's files.
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
     )
-    .join("tests/pipelines")
-    .join(name);
+}
+
+/// The fixture pipelines of this test suite.
+pub fn fixture(name: &str) -> String {
+    let p = manifest_dir().join("tests/pipelines").join(name);
     fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
 }
 

@@ -10,7 +10,7 @@ use dag_model::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    std::path::PathBuf::from(
+    PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"),
     )
     .join("tests/fixtures")

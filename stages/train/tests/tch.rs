@@ -3,41 +3,13 @@
 //! losses must match flex's on the same weights and batch: the two backends compute one model.
 #![cfg(feature = "tch")]
 
-use std::sync::atomic::AtomicBool;
-
 use burn::module::Module;
 use burn::tensor::Device;
 use dag_model::DeepLabV2Config;
-use dag_train::{
-    device_for, resolve_device, train, DeviceChoice, Method, TrainConfig, TrainOutcome,
-};
+use dag_train::{device_for, resolve_device, DeviceChoice};
 
 mod stripes;
-use stripes::Stripes;
-
-fn run(device: &Device, model: dag_model::DeepLabV2) -> TrainOutcome {
-    let config = TrainConfig {
-        method: Method::AdvEnt,
-        iterations: 3,
-        lr: 0.01,
-        disc_ndf: 4,
-        checkpoint_every: 1,
-        ..TrainConfig::default()
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let out = train(
-        &config,
-        model,
-        device,
-        &mut Stripes { size: 64 },
-        dir.path(),
-        &mut |_| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
-    assert!(dir.path().join("checkpoint/model.bpk").is_file());
-    out
-}
+use stripes::train_advent;
 
 #[test]
 fn advent_steps_on_libtorch_match_flex() {
@@ -52,8 +24,8 @@ fn advent_steps_on_libtorch_match_flex() {
     .init(&flex)
     .unwrap();
     let tch = device_for(DeviceChoice::LibTorch);
-    let on_tch = run(&tch, model.clone().to_device(&tch));
-    let on_flex = run(&flex, model);
+    let on_tch = train_advent(&tch, model.clone().to_device(&tch), 3, 64);
+    let on_flex = train_advent(&flex, model, 3, 64);
     assert_eq!(on_tch.log.len(), 3);
     for l in &on_tch.log {
         assert!(l.adv_main.is_some() && l.d_aux.is_some());

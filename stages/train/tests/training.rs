@@ -407,24 +407,29 @@ fn resume_after_interruption_is_bit_identical() {
     assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
 }
 
-#[test]
-fn non_finite_loss_aborts_naming_iteration_and_term() {
-    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// The error `train` stops with, for `config` on `data` from a fresh model on flex.
+fn train_error(config: &TrainConfig, data: &mut dyn Batches) -> TrainError {
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
     let model = model_config().init(&device).unwrap();
-    let mut data = Toy::new();
-    data.nan_at = Some(1);
-    let err = train(
-        &config(Method::SourceOnly, 3),
+    train(
+        config,
         model,
         &device,
-        &mut data,
+        data,
         dir.path(),
         &mut |_| {},
         &AtomicBool::new(false),
     )
-    .unwrap_err();
+    .expect_err("training should fail")
+}
+
+#[test]
+fn non_finite_loss_aborts_naming_iteration_and_term() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut data = Toy::new();
+    data.nan_at = Some(1);
+    let err = train_error(&config(Method::SourceOnly, 3), &mut data);
     match &err {
         TrainError::NonFinite {
             iteration: 1,
@@ -439,22 +444,9 @@ fn non_finite_loss_aborts_naming_iteration_and_term() {
 #[test]
 fn bad_labels_are_refused_with_the_iteration() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let device = Device::flex();
-    let dir = tempfile::tempdir().unwrap();
-    let model = model_config().init(&device).unwrap();
     let mut data = Toy::new();
     data.bad_label_at = Some(0);
-    let err = train(
-        &config(Method::SourceOnly, 1),
-        model,
-        &device,
-        &mut data,
-        dir.path(),
-        &mut |_| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train_error(&config(Method::SourceOnly, 1), &mut data).to_string();
     assert!(
         err.contains("iteration 0") && err.contains("label 9"),
         "{err}"
@@ -504,20 +496,7 @@ impl Batches for TooSmall {
 #[test]
 fn maps_too_small_for_the_discriminator_are_refused_with_the_size() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let device = Device::flex();
-    let dir = tempfile::tempdir().unwrap();
-    let model = model_config().init(&device).unwrap();
-    let err = train(
-        &config(Method::AdvEnt, 1),
-        model,
-        &device,
-        &mut TooSmall,
-        dir.path(),
-        &mut |_| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train_error(&config(Method::AdvEnt, 1), &mut TooSmall).to_string();
     assert!(
         err.contains("source batch of iteration 0") && err.contains("40x24"),
         "{err}"

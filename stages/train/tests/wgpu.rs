@@ -2,14 +2,11 @@
 //! without any adapter fails this test rather than skipping it.
 #![cfg(feature = "wgpu")]
 
-use std::sync::atomic::AtomicBool;
-
 use burn::tensor::{Device, DeviceType};
 use dag_model::DeepLabV2Config;
-use dag_train::{device_for, resolve_device, train, DeviceChoice, Method, TrainConfig};
+use dag_train::{device_for, resolve_device, DeviceChoice};
 
 mod stripes;
-use stripes::Stripes;
 
 #[test]
 fn advent_steps_run_on_wgpu() {
@@ -26,29 +23,10 @@ fn advent_steps_run_on_wgpu() {
     }
     .init(&device)
     .unwrap();
-    let config = TrainConfig {
-        method: Method::AdvEnt,
-        iterations: 2,
-        lr: 0.01,
-        disc_ndf: 4,
-        checkpoint_every: 1,
-        ..TrainConfig::default()
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let out = train(
-        &config,
-        model,
-        &device,
-        &mut Stripes { size: 32 },
-        dir.path(),
-        &mut |_| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let out = stripes::train_advent(&device, model, 2, 32);
     assert_eq!(out.log.len(), 2);
     for l in &out.log {
         assert!(l.adv_main.is_some() && l.d_aux.is_some());
         assert!(l.terms().iter().all(|(_, v)| v.is_finite()));
     }
-    assert!(dir.path().join("checkpoint/model.bpk").is_file());
 }

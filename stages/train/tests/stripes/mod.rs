@@ -1,8 +1,46 @@
-//! Batches for the backend tests (wgpu, tch): source images of three vertical stripes with their
-//! labels, and target images of noise, `size` x `size`.
+//! For the backend tests (wgpu, tch): batches of `size` x `size` source images of three vertical
+//! stripes with their labels and target images of noise, and a short AdvEnt run on them.
 
+use std::sync::atomic::AtomicBool;
+
+use burn::tensor::Device;
+use dag_model::DeepLabV2;
 use dag_train::rand_core::RngCore;
-use dag_train::{BatchError, Batches, ImageBatch, LabelBatch, SourceBatch};
+use dag_train::{
+    train, BatchError, Batches, ImageBatch, LabelBatch, Method, SourceBatch, TrainConfig,
+    TrainOutcome,
+};
+
+/// `iterations` AdvEnt steps of `model` on `device` over [`Stripes`] of `size`, with a
+/// checkpoint after each; asserts that the checkpoint was written.
+pub fn train_advent(
+    device: &Device,
+    model: DeepLabV2,
+    iterations: usize,
+    size: usize,
+) -> TrainOutcome {
+    let config = TrainConfig {
+        method: Method::AdvEnt,
+        iterations,
+        lr: 0.01,
+        disc_ndf: 4,
+        checkpoint_every: 1,
+        ..TrainConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(
+        &config,
+        model,
+        device,
+        &mut Stripes { size },
+        dir.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(dir.path().join("checkpoint/model.bpk").is_file());
+    out
+}
 
 pub struct Stripes {
     pub size: usize,
