@@ -8,9 +8,16 @@
 #
 # Every run sees the same images: `synth`'s seed is the pipeline seed + `seed_offset`, so the
 # copy for seed S sets `seed_offset: 1234 - S` and only the training seeds change. Seeds must
-# therefore lie in 0..=1234. Work files go to $DAG_BENCH_DIR (default /var/tmp/dag-bench-quickstart).
+# therefore lie in 0..=1234. Work files go to $DAG_BENCH_DIR (default /var/tmp/dag-bench-quickstart);
+# $DAG_BENCH_PIPELINE runs a variant of the quickstart instead (same synth line required).
+#
+# Besides the wall time, each row has the CPU time the run used (user + system, all threads) and
+# the share of the machine's CPU time the hypervisor took away while it ran (`steal` in
+# /proc/stat): on a shared VM a high steal makes the wall time overstate what two dedicated
+# cores need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+pipeline_src="${DAG_BENCH_PIPELINE:-pipelines/quickstart.yaml}"
 seeds=("$@")
 [ ${#seeds[@]} -gt 0 ] || seeds=(1234 0 1)
 work="${DAG_BENCH_DIR:-/var/tmp/dag-bench-quickstart}"
@@ -19,7 +26,7 @@ cargo build --release -q --features wgpu -p dag
 dag="$CARGO_TARGET_DIR/release/dag"
 mkdir -p "$work"
 results="$work/results.tsv"
-printf 'seed\tseconds\tsource_only\tadvent\tintrada\tadvent_step\tintrada_step\tspearman\n' >"$results"
+printf 'seed\tseconds\tcpu_seconds\tsteal_pct\tsource_only\tadvent\tintrada\tadvent_step\tintrada_step\tspearman\n' >"$results"
 for seed in "${seeds[@]}"; do
     if ! [[ "$seed" =~ ^[0-9]+$ ]] || [ "$seed" -gt 1234 ]; then
         echo "seed $seed: use a number from 0 to 1234 (see the header of $0)" >&2
@@ -28,25 +35,29 @@ for seed in "${seeds[@]}"; do
     pipeline="$work/quickstart-seed$seed.yaml"
     sed -e "s/^seed: .*/seed: $seed/" \
         -e "s/kind: synth, params: { /kind: synth, params: { seed_offset: $((1234 - seed)), /" \
-        pipelines/quickstart.yaml >"$pipeline"
+        "$pipeline_src" >"$pipeline"
     grep -q "seed_offset: $((1234 - seed))" "$pipeline" || {
-        echo "could not set synth's seed_offset in $pipeline: has the synth line of pipelines/quickstart.yaml changed?" >&2
+        echo "could not set synth's seed_offset in $pipeline: has the synth line of $pipeline_src changed?" >&2
         exit 1
     }
     rm -rf "$work/cache-$seed" "$work/out-$seed"
     log="$work/run-seed$seed.log"
     echo "seed $seed: running (log: $log)" >&2
-    start=$(date +%s.%N)
-    "$dag" run "$pipeline" --cache "$work/cache-$seed" --out "$work/out-$seed" >"$log" 2>&1
-    end=$(date +%s.%N)
+    steal_before=$(awk '/^cpu / { for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat)
+    TIMEFORMAT='%R %U %S'
+    { time "$dag" run "$pipeline" --cache "$work/cache-$seed" --out "$work/out-$seed" >"$log" 2>&1; } 2>"$work/time-$seed"
+    steal_after=$(awk '/^cpu / { for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat)
+    steal=$(echo "$steal_before $steal_after" | awk '{ printf "%.1f", 100 * ($3 - $1) / ($4 - $2) }')
     spearman=$("$dag" show "$pipeline" entropy --cache "$work/cache-$seed" |
         awk '$2 == "spearman_difficulty" { printf "%.3f", $4 }')
-    awk -v seed="$seed" -v start="$start" -v end="$end" -v rho="$spearman" '
+    read -r wall user sys <"$work/time-$seed"
+    awk -v seed="$seed" -v wall="$wall" -v cpu="$(echo "$user $sys" | awk '{ print $1 + $2 }')" \
+        -v steal="$steal" -v rho="$spearman" '
         $1 == "source_only" { s = $(NF - 2) } $1 == "advent" { a = $(NF - 2) } $1 == "intrada" { i = $(NF - 2) }
-        END { printf "%s\t%.0f\t%.2f\t%.2f\t%.2f\t%+.2f\t%+.2f\t%s\n", seed, end - start, s, a, i, a - s, i - a, rho }
+        END { printf "%s\t%.0f\t%.0f\t%s\t%.2f\t%.2f\t%.2f\t%+.2f\t%+.2f\t%s\n", seed, wall, cpu, steal, s, a, i, a - s, i - a, rho }
     ' "$log" | tee -a "$results"
 done
 echo
 column -t -s $'\t' "$results"
-awk -F'\t' 'NR > 1 { n++; for (c = 2; c <= 8; c++) sum[c] += $c }
-    END { if (n) { printf "mean"; for (c = 2; c <= 8; c++) printf "  %.2f", sum[c] / n; printf "  (%d seeds)\n", n } }' "$results"
+awk -F'\t' 'NR > 1 { n++; for (c = 2; c <= 10; c++) sum[c] += $c }
+    END { if (n) { printf "mean"; for (c = 2; c <= 10; c++) printf "  %.2f", sum[c] / n; printf "  (%d seeds)\n", n } }' "$results"

@@ -11,6 +11,9 @@
 //!
 //! Trained 1x1 convs on flex (most of a Bottleneck's convs) skip the convolution
 //! altogether and run as one matmul, whose gradients autodiff derives as two more.
+//!
+//! Trained convs on LibTorch (`device: tch`, the `tch` feature) take their gradients from
+//! LibTorch's fused backward kernels instead of Burn's generic ones (`libtorch_conv`).
 
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
@@ -26,6 +29,18 @@ const FLEX_SMALL_CHANNELS_OUT: usize = 16;
 /// [`FLEX_SMALL_CHANNELS_OUT`] of them (see the module docs). Same values and gradients, up to
 /// float rounding.
 pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let Some(options) = explicit_options(conv) else {
+        return conv.forward(x);
+    };
+    #[cfg(feature = "tch")]
+    if let Some(y) = crate::libtorch_conv::conv2d(
+        &x,
+        &conv.weight.val(),
+        conv.bias.as_ref().map(|b| b.val()).as_ref(),
+        &options,
+    ) {
+        return y;
+    }
     if let Some(y) = pointwise_as_matmul(conv, &x) {
         return y;
     }
@@ -34,18 +49,6 @@ pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     if cout > FLEX_SMALL_CHANNELS_OUT || conv.groups != 1 || !weight.is_require_grad() {
         return conv.forward(x);
     }
-    // `Same` padding depends on Burn internals; this crate builds only Explicit and Valid.
-    let ((top, bottom), (left, right)) = match conv.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) => ((top, bottom), (left, right)),
-        PaddingConfig2d::Valid => ((0, 0), (0, 0)),
-        PaddingConfig2d::Same => return conv.forward(x),
-    };
-    let options = ConvOptions::new_with_padding(
-        conv.stride,
-        [(top, bottom), (left, right)],
-        conv.dilation,
-        conv.groups,
-    );
     let extra = FLEX_SMALL_CHANNELS_OUT + 1 - cout;
     let device = weight.device();
     let weight = Tensor::cat(
@@ -57,6 +60,22 @@ pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         .as_ref()
         .map(|b| Tensor::cat(vec![b.val(), Tensor::zeros([extra], &device)], 0));
     conv2d(x, weight, bias, options).narrow(1, 0, cout)
+}
+
+/// The conv's options with its padding spelled out, or `None` for `Same` padding, which
+/// depends on Burn internals (this crate builds only Explicit and Valid).
+fn explicit_options(conv: &Conv2d) -> Option<ConvOptions<2>> {
+    let ((top, bottom), (left, right)) = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => ((top, bottom), (left, right)),
+        PaddingConfig2d::Valid => ((0, 0), (0, 0)),
+        PaddingConfig2d::Same => return None,
+    };
+    Some(ConvOptions::new_with_padding(
+        conv.stride,
+        [(top, bottom), (left, right)],
+        conv.dilation,
+        conv.groups,
+    ))
 }
 
 /// A trained 1x1 convolution on flex, computed as one matmul of the weight with the
@@ -117,28 +136,28 @@ mod tests {
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::Distribution;
 
-    /// Values and all three gradients of `conv_forward` against Burn's own conv, for the
+    /// Values and all gradients of `conv_forward` against Burn's own conv on `device`, for the
     /// shapes this crate builds: 1x1 (strided or not), the padded small-channel path, and a
-    /// conv that takes neither detour.
-    #[test]
-    fn conv_forward_matches_burn_conv_in_values_and_gradients() {
-        let device = Device::flex().autodiff();
-        // (kernel, stride, dilation, padding, in, out)
-        for (k, s, d, p, cin, cout) in [
-            (1, 1, 1, 0, 8, 32),
-            (1, 2, 1, 0, 8, 32),
-            (1, 1, 1, 0, 8, 12),
-            (3, 1, 2, 2, 8, 12),
-            (7, 2, 1, 3, 3, 16),
-            (3, 1, 6, 6, 8, 24),
+    /// conv that takes neither detour; with and without bias, and with an input that needs no
+    /// gradient (an image).
+    fn check_against_burn_conv(device: Device) {
+        // (kernel, stride, dilation, padding, in, out, bias, input needs a gradient)
+        for (k, s, d, p, cin, cout, with_bias, input_grad) in [
+            (1, 1, 1, 0, 8, 32, true, true),
+            (1, 2, 1, 0, 8, 32, true, true),
+            (1, 1, 1, 0, 8, 12, false, true),
+            (3, 1, 2, 2, 8, 12, true, true),
+            (7, 2, 1, 3, 3, 16, false, false),
+            (3, 1, 6, 6, 8, 24, true, true),
         ] {
             let conv = Conv2dConfig::new([cin, cout], [k, k])
                 .with_stride([s, s])
                 .with_dilation([d, d])
                 .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+                .with_bias(with_bias)
                 .init(&device);
-            let x = Tensor::<4>::random([2, cin, 11, 9], Distribution::Normal(0.0, 1.0), &device)
-                .require_grad();
+            let x = Tensor::<4>::random([2, cin, 11, 9], Distribution::Normal(0.0, 1.0), &device);
+            let x = if input_grad { x.require_grad() } else { x };
             let reference = conv.forward(x.clone());
             let ours = conv_forward(&conv, x.clone());
             let upstream = reference.clone().detach().cos();
@@ -153,21 +172,35 @@ mod tests {
                 max_diff(wr.unwrap(), wo.unwrap()) < 1e-4,
                 "weight gradient, {case}"
             );
-            let (xr, xo) = (x.grad(&grads_ref), x.grad(&grads_ours));
-            assert!(
-                max_diff(xr.unwrap(), xo.unwrap()) < 1e-5,
-                "input gradient, {case}"
-            );
-            let bias = conv
-                .bias
-                .as_ref()
-                .expect("Conv2dConfig has a bias by default");
-            let (br, bo) = (
-                bias.grad(&grads_ref).unwrap(),
-                bias.grad(&grads_ours).unwrap(),
-            );
-            let bias_diff: f32 = (br - bo).abs().max().into_scalar();
-            assert!(bias_diff < 1e-4, "bias gradient, {case}");
+            match (x.grad(&grads_ref), x.grad(&grads_ours)) {
+                (Some(xr), Some(xo)) => {
+                    assert!(max_diff(xr, xo) < 1e-5, "input gradient, {case}")
+                }
+                (None, None) => assert!(!input_grad, "no input gradient, {case}"),
+                _ => panic!("input gradient present in one run only, {case}"),
+            }
+            if let Some(bias) = &conv.bias {
+                let (br, bo) = (
+                    bias.grad(&grads_ref).unwrap(),
+                    bias.grad(&grads_ours).unwrap(),
+                );
+                let bias_diff: f32 = (br - bo).abs().max().into_scalar();
+                assert!(bias_diff < 1e-4, "bias gradient, {case}");
+            }
         }
+    }
+
+    #[test]
+    fn conv_forward_matches_burn_conv_in_values_and_gradients() {
+        check_against_burn_conv(Device::flex().autodiff());
+    }
+
+    /// The `tch` path records the conv in a LibTorch graph and takes its gradients from
+    /// LibTorch's autograd.
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)]
+    fn libtorch_conv_matches_burn_conv_in_values_and_gradients() {
+        check_against_burn_conv(Device::libtorch().autodiff());
     }
 }

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 pub mod conv;
 pub mod deeplab;
 pub mod discriminator;
+#[cfg(feature = "tch")]
+mod libtorch_conv;
 pub mod torch;
 
 pub use deeplab::{output_size, DeepLabV2, DeepLabV2Config, ResNetBackbone};
