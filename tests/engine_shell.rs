@@ -49,6 +49,17 @@ fn editing_a_param_reruns_exactly_it_and_its_descendants() {
         plan_text.contains("upstream `count` will run"),
         "{plan_text}"
     );
+    // `report` is stale only through `count`: early cutoff could still keep it.
+    assert!(
+        plan_text
+            .lines()
+            .any(|l| l.starts_with("report ") && l.contains(" may run ")),
+        "{plan_text}"
+    );
+    assert!(
+        plan_text.contains("1 of 7 stages will run; 1 more may run"),
+        "{plan_text}"
+    );
     assert_eq!(ws.ran(&[]), names(&["count", "report"]));
     assert_eq!(
         ws.read("out/seven/report/report/summary.txt"),

@@ -443,12 +443,15 @@ fn step(
             log.ent_aux = Some(value(&ent, iteration, "ent_aux")?);
             loss = add(loss, config.lambda_ent_aux, ent);
         }
-        if let Some(d) = &s.d_main {
+        // Only the network learns from this pass. Untracked copies of the discriminators (the
+        // same weights) spare the backward pass their weight gradients, as ADVENT's
+        // `requires_grad = False` does.
+        if let Some(d) = s.d_main.clone().map(Module::no_grad) {
             let adv = bce_with_logits(d.forward(self_information(main_t.clone())), SOURCE_LABEL);
             log.adv_main = Some(value(&adv, iteration, "adv_main")?);
             loss = add(loss, config.lambda_adv_main, adv);
         }
-        if let Some(d) = &s.d_aux {
+        if let Some(d) = s.d_aux.clone().map(Module::no_grad) {
             let adv = bce_with_logits(d.forward(self_information(aux_t.clone())), SOURCE_LABEL);
             log.adv_aux = Some(value(&adv, iteration, "adv_aux")?);
             loss = add(loss, config.lambda_adv_aux, adv);
@@ -460,7 +463,6 @@ fn step(
             ));
         }
         if let Some(loss) = loss {
-            // Discriminator gradients of this pass are dropped: only the network learns here.
             let grads = GradientsParams::from_grads(loss.backward(), &s.model);
             accumulator.accumulate(&s.model, grads);
         }
