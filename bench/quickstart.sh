@@ -25,6 +25,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dag-target}"
 cargo build --release -q --features wgpu -p dag
 dag="$CARGO_TARGET_DIR/release/dag"
 mkdir -p "$work"
+# The machine's steal ticks and all its ticks so far (first line of /proc/stat).
+cpu_ticks() { awk '/^cpu / { for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat; }
 results="$work/results.tsv"
 printf 'seed\tseconds\tcpu_seconds\tsteal_pct\tsource_only\tadvent\tintrada\tadvent_step\tintrada_step\tspearman\n' >"$results"
 for seed in "${seeds[@]}"; do
@@ -43,10 +45,10 @@ for seed in "${seeds[@]}"; do
     rm -rf "$work/cache-$seed" "$work/out-$seed"
     log="$work/run-seed$seed.log"
     echo "seed $seed: running (log: $log)" >&2
-    steal_before=$(awk '/^cpu / { for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat)
+    steal_before=$(cpu_ticks)
     TIMEFORMAT='%R %U %S'
     { time "$dag" run "$pipeline" --cache "$work/cache-$seed" --out "$work/out-$seed" >"$log" 2>&1; } 2>"$work/time-$seed"
-    steal_after=$(awk '/^cpu / { for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat)
+    steal_after=$(cpu_ticks)
     steal=$(echo "$steal_before $steal_after" | awk '{ printf "%.1f", 100 * ($3 - $1) / ($4 - $2) }')
     spearman=$("$dag" show "$pipeline" entropy --cache "$work/cache-$seed" |
         awk '$2 == "spearman_difficulty" { printf "%.3f", $4 }')

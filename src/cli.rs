@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use dag_api::{ParamType, Params, Registry};
 
 use crate::cache::{self, Cache, Manifest};
-use crate::executor::{Engine, EngineError, Outcome, Reason, RunReport, Selection};
+use crate::executor::{Engine, EngineError, Outcome, RunReport, Selection};
 use crate::hash::StatCache;
 use crate::spec::{self, Override, Pipeline};
 
@@ -559,19 +559,10 @@ fn cmd_plan(path: &Path, select: &SelectArgs, json: bool, g: &Global) -> Result<
         return Ok(ExitCode::SUCCESS);
     }
     let width = plan.iter().map(|e| e.stage.len()).max().unwrap_or(5).max(5);
-    // A stage stale only because an upstream stage runs may still be kept: early cutoff reuses
-    // its result when what it reads comes out byte-identical.
-    let only_upstream = |e: &crate::executor::PlanEntry| {
-        e.status == "run"
-            && !e.reasons.is_empty()
-            && e.reasons
-                .iter()
-                .all(|r| matches!(r, Reason::UpstreamWillRun { .. }))
-    };
     for e in &plan {
         let status = match e.status {
             "cached" => "cached",
-            "run" if only_upstream(e) => "may run",
+            "run" if e.stale_only_upstream() => "may run",
             "run" => "will run",
             _ => "skipped",
         };
@@ -583,7 +574,7 @@ fn cmd_plan(path: &Path, select: &SelectArgs, json: bool, g: &Global) -> Result<
             .join("; ");
         println!("{:<width$}  {:<8}  {why}", e.stage, status);
     }
-    let maybe = plan.iter().filter(|e| only_upstream(e)).count();
+    let maybe = plan.iter().filter(|e| e.stale_only_upstream()).count();
     let runs = plan.iter().filter(|e| e.status == "run").count() - maybe;
     if maybe == 0 {
         println!("{runs} of {} stages will run", plan.len());

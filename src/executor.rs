@@ -205,6 +205,19 @@ pub struct PlanEntry {
     pub reasons: Vec<Reason>,
 }
 
+impl PlanEntry {
+    /// Whether the stage runs only because an upstream stage does: early cutoff still keeps
+    /// its result when what it reads comes out byte-identical.
+    pub fn stale_only_upstream(&self) -> bool {
+        self.status == "run"
+            && !self.reasons.is_empty()
+            && self
+                .reasons
+                .iter()
+                .all(|r| matches!(r, Reason::UpstreamWillRun { .. }))
+    }
+}
+
 /// How a stage ended in a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
