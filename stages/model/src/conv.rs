@@ -13,7 +13,7 @@
 //! altogether and run as one matmul, whose gradients autodiff derives as two more.
 //!
 //! Trained convs on LibTorch (`device: tch`, the `tch` feature) take their gradients from
-//! LibTorch's fused backward kernels instead of Burn's generic ones (`libtorch_conv`).
+//! LibTorch's fused backward kernels instead of Burn's generic ones (`libtorch`).
 
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
@@ -33,7 +33,7 @@ pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         return conv.forward(x);
     };
     #[cfg(feature = "tch")]
-    if let Some(y) = crate::libtorch_conv::conv2d(
+    if let Some(y) = crate::libtorch::conv2d(
         &x,
         &conv.weight.val(),
         conv.bias.as_ref().map(|b| b.val()).as_ref(),
@@ -64,7 +64,7 @@ pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 
 /// The conv's options with its padding spelled out, or `None` for `Same` padding, which
 /// depends on Burn internals (this crate builds only Explicit and Valid).
-fn explicit_options(conv: &Conv2d) -> Option<ConvOptions<2>> {
+pub(crate) fn explicit_options(conv: &Conv2d) -> Option<ConvOptions<2>> {
     let ((top, bottom), (left, right)) = match conv.padding {
         PaddingConfig2d::Explicit(top, left, bottom, right) => ((top, bottom), (left, right)),
         PaddingConfig2d::Valid => ((0, 0), (0, 0)),
@@ -184,8 +184,14 @@ mod tests {
                     bias.grad(&grads_ref).unwrap(),
                     bias.grad(&grads_ours).unwrap(),
                 );
+                // Each entry sums the upstream gradient over hundreds of pixels, in an order
+                // that differs between implementations: compare relative to its size.
+                let scale: f32 = br.clone().abs().max().into_scalar();
                 let bias_diff: f32 = (br - bo).abs().max().into_scalar();
-                assert!(bias_diff < 1e-4, "bias gradient, {case}");
+                assert!(
+                    bias_diff <= 1e-6 * scale.max(1.0),
+                    "bias gradient, {case}: off by {bias_diff} at scale {scale}"
+                );
             }
         }
     }

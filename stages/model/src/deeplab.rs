@@ -174,6 +174,34 @@ fn frozen_bn(channels: usize, device: &Device) -> BatchNorm {
     bn
 }
 
+/// `bn(conv(x))`, followed by a ReLU when `then_relu` is set; on `device: tch` in training one
+/// LibTorch operation (see `libtorch`).
+fn conv_batch_norm(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, then_relu: bool) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if let Some(options) = crate::conv::explicit_options(conv) {
+        if let Some(y) = crate::libtorch::conv_batch_norm_train(conv, &options, bn, &x, then_relu) {
+            return y;
+        }
+    }
+    batch_norm(bn, conv_forward(conv, x), then_relu)
+}
+
+/// `bn(x)`, followed by a ReLU when `then_relu` is set. On `device: tch` in training this is one
+/// LibTorch operation with LibTorch's fused kernels and gradients (see `libtorch`); the running
+/// statistics update the same way either way.
+fn batch_norm(bn: &BatchNorm, x: Tensor<4>, then_relu: bool) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if let Some(y) = crate::libtorch::batch_norm_train(bn, &x, then_relu) {
+        return y;
+    }
+    let y = bn.forward(x);
+    if then_relu {
+        relu(y)
+    } else {
+        y
+    }
+}
+
 fn conv1x1(cin: usize, cout: usize, stride: usize, device: &Device) -> Conv2d {
     Conv2dConfig::new([cin, cout], [1, 1])
         .with_stride([stride, stride])
@@ -245,12 +273,24 @@ impl Bottleneck {
     /// Applies the block to `[N, inplanes, H, W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let residual = match &self.downsample {
-            Some(d) => d.bn.forward(conv_forward(&d.conv, x.clone())),
+            Some(d) => conv_batch_norm(&d.conv, &d.bn, x.clone(), false),
             None => x.clone(),
         };
-        let out = relu(self.bn1.forward(conv_forward(&self.conv1, x)));
-        let out = relu(self.bn2.forward(conv_forward(&self.conv2, out)));
-        let out = self.bn3.forward(conv_forward(&self.conv3, out));
+        let out = conv_batch_norm(&self.conv1, &self.bn1, x, true);
+        let out = conv_batch_norm(&self.conv2, &self.bn2, out, true);
+        #[cfg(feature = "tch")]
+        if let Some(options) = crate::conv::explicit_options(&self.conv3) {
+            if let Some(y) = crate::libtorch::conv_batch_norm_add_relu_train(
+                &self.conv3,
+                &options,
+                &self.bn3,
+                &out,
+                &residual,
+            ) {
+                return y;
+            }
+        }
+        let out = conv_batch_norm(&self.conv3, &self.bn3, out, false);
         relu(out + residual)
     }
 }
@@ -279,7 +319,7 @@ pub struct ResNetBackbone {
 impl ResNetBackbone {
     /// Returns the layer3 and layer4 features of `[N, 3, H, W]` images.
     pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let x = relu(self.bn1.forward(conv_forward(&self.conv1, x)));
+        let x = conv_batch_norm(&self.conv1, &self.bn1, x, true);
         let mut x = self.maxpool.forward(x);
         for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3) {
             x = block.forward(x);

@@ -87,10 +87,19 @@ impl Discriminator {
         self.convs.iter().enumerate().fold(x, |x, (i, conv)| {
             let y = conv_forward(conv, x);
             if i < last {
-                leaky_relu(y, LEAKY_SLOPE)
+                leaky(y)
             } else {
                 y
             }
         })
     }
+}
+
+/// LeakyReLU with [`LEAKY_SLOPE`]; one LibTorch kernel each way on `device: tch` in training.
+fn leaky(x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if let Some(y) = crate::libtorch::leaky_relu(&x, LEAKY_SLOPE) {
+        return y;
+    }
+    leaky_relu(x, LEAKY_SLOPE)
 }

@@ -19,7 +19,7 @@ pub mod conv;
 pub mod deeplab;
 pub mod discriminator;
 #[cfg(feature = "tch")]
-mod libtorch_conv;
+pub mod libtorch;
 pub mod torch;
 
 pub use deeplab::{output_size, DeepLabV2, DeepLabV2Config, ResNetBackbone};
@@ -248,6 +248,10 @@ pub fn upsample_differentiable(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
     let [n, c, xh, xw] = x.dims();
     if xh == h && xw == w {
         return x;
+    }
+    #[cfg(feature = "tch")]
+    if let Some(y) = libtorch::upsample_bilinear(&x, [h, w]) {
+        return y;
     }
     let device = x.device();
     // [N*C*xh, xw] x [xw, W] -> [N, C, xh, W]

@@ -4,8 +4,9 @@
 #![cfg(feature = "tch")]
 
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use dag_model::DeepLabV2Config;
+use dag_train::losses::{bce_with_logits, entropy_loss, masked_cross_entropy, self_information};
 use dag_train::{device_for, resolve_device, DeviceChoice};
 
 mod stripes;
@@ -45,5 +46,67 @@ fn advent_steps_on_libtorch_match_flex() {
             (x - y).abs() <= 1e-4 * y.abs().max(1.0),
             "{name}: tch {x} vs flex {y}"
         );
+    }
+}
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    let b = Tensor::<D>::from_data(b.into_data(), &a.device());
+    (a - b).abs().max().into_scalar()
+}
+
+/// Value and logits gradient of `loss` in training on LibTorch (one fused LibTorch op each)
+/// against the same loss on flex (Burn's own ops), under a non-uniform upstream gradient.
+fn check_loss_against_flex<const D: usize>(case: &str, loss: impl Fn(Tensor<4>) -> Tensor<D>) {
+    let values = Tensor::<4>::random(
+        [2, 5, 6, 7],
+        Distribution::Normal(0.0, 3.0),
+        &Device::flex(),
+    )
+    .into_data();
+    let mut results = Vec::new();
+    for device in [device_for(DeviceChoice::LibTorch), Device::flex()] {
+        let device = device.autodiff();
+        let logits = Tensor::<4>::from_data(values.clone(), &device).require_grad();
+        let out = loss(logits.clone());
+        let weights = Tensor::<D>::from_data(out.clone().detach().cos().into_data(), &device);
+        let grads = (out.clone() * weights).sum().backward();
+        results.push((out, logits.grad(&grads).expect("logits gradient")));
+    }
+    let (flex_out, flex_grad) = results.pop().unwrap();
+    let (tch_out, tch_grad) = results.pop().unwrap();
+    let diff = max_diff(tch_out, flex_out);
+    assert!(diff < 1e-5, "{case}: values differ by {diff}");
+    let diff = max_diff(tch_grad, flex_grad);
+    assert!(diff < 1e-5, "{case}: gradients differ by {diff}");
+}
+
+/// Labels `[2, 6, 7]` in `0..5`, with every `ignore_every`-th pixel 255 (all of them for 1).
+fn labels(ignore_every: usize, device: &Device) -> Tensor<3, Int> {
+    let data: Vec<i64> = (0..2 * 6 * 7)
+        .map(|i| {
+            if i % ignore_every == 0 {
+                255
+            } else {
+                (i * 7 % 5) as i64
+            }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(data, [2, 6, 7]), device)
+}
+
+#[test]
+fn fused_losses_on_libtorch_match_flex_in_values_and_gradients() {
+    for ignore_every in [3, 1] {
+        check_loss_against_flex(&format!("cross-entropy, ignore 1/{ignore_every}"), |x| {
+            let labels = labels(ignore_every, &x.device());
+            masked_cross_entropy(x, labels)
+        });
+    }
+    check_loss_against_flex("self-information", self_information);
+    check_loss_against_flex("entropy", entropy_loss);
+    for label in [0.0, 1.0] {
+        check_loss_against_flex(&format!("bce, label {label}"), |x| {
+            bce_with_logits(x, label)
+        });
     }
 }

@@ -1,0 +1,509 @@
+//! Fused operations on LibTorch (`device: tch`) whose gradients come from LibTorch's own autograd.
+//!
+//! Burn 0.22's autodiff differentiates a network op by op with its own generic formulas, and
+//! burn-tch hands each step to LibTorch as a separate call. Where PyTorch runs one fused kernel,
+//! Burn runs a chain of element-wise ops and reductions, each with its own allocation, and for a
+//! convolution it derives the gradients as a transposed convolution and a convolution whose
+//! kernel is the whole output-gradient map, which LibTorch runs on slow paths
+//! (`slow_conv_transpose2d`, im2col + GEMM with thousands of taps). That was most of the gap
+//! between a `tch` training step and PyTorch's (BENCHMARKS.md, "Training step").
+//!
+//! [`record`] closes that gap for any piece of a network: it runs a closure of LibTorch ops on
+//! the inputs' LibTorch tensors, recorded in a LibTorch autograd graph, and registers one Burn
+//! backward step that asks LibTorch's autograd engine for the inputs' gradients. LibTorch then
+//! runs the same fused forward and backward kernels as PyTorch (oneDNN's convolution backward,
+//! `native_batch_norm_backward`, `log_softmax_backward`, ...). The model records each conv with
+//! its BatchNorm, ReLU and (for a bottleneck's last conv) shortcut sum as one operation, and the
+//! classifier convs, the discriminator's LeakyReLUs and the logits' upsampling on their own;
+//! dag-train records its losses the same way.
+//!
+//! This goes through Burn's documented extension points (`Tensor::try_into_primitive`,
+//! `Backward::prepare`, `Tensor::from_primitive`); burn-tch itself keeps LibTorch's autograd out
+//! of its own ops.
+
+// burn-tch is marked deprecated upstream; `device: tch` is an optional, benchmark-driven backend
+// (see dag-train's device module), and these ops are part of it.
+#![allow(deprecated)]
+
+use std::sync::{Arc, Mutex};
+
+use burn::nn::conv::Conv2d;
+use burn::nn::BatchNorm;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Int, Tensor};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::Autodiff;
+use burn_tch::{LibTorch, TchTensor};
+
+/// The `tch` crate, for the closures given to [`record`].
+pub use tch;
+
+/// The backend of a tracked (training) tensor on `device: tch`.
+type TrackedLibTorch = Autodiff<LibTorch, NoCheckpointing>;
+
+/// A float tensor on the training (autodiff) flavour of `device: tch`.
+pub type Tracked = burn_backend::tensor::FloatTensor<TrackedLibTorch>;
+
+/// `t` as a tracked LibTorch tensor, or `None` when it lives on another device or outside
+/// autodiff. A clone is a reference count; nothing is copied.
+pub fn tracked<const D: usize>(t: &Tensor<D>) -> Option<Tracked> {
+    if !t.device().is_autodiff() {
+        return None;
+    }
+    t.clone().try_into_primitive::<TrackedLibTorch>().ok()
+}
+
+/// The LibTorch tensor of an integer tensor on the training flavour of `device: tch`, or `None`.
+pub fn tracked_int<const D: usize>(t: &Tensor<D, Int>) -> Option<tch::Tensor> {
+    if !t.device().is_autodiff() {
+        return None;
+    }
+    let int: TchTensor = t.clone().try_into_primitive::<TrackedLibTorch>().ok()?;
+    Some(int.tensor.shallow_clone())
+}
+
+/// `op(inputs)` as one Burn operation whose gradients LibTorch's autograd computes.
+///
+/// `op` receives the inputs' LibTorch tensors in order and returns the output, of rank `D`; it
+/// may keep by-products (detached) through its captures. When some input takes part in a
+/// backward pass, `op` runs on leaves that require a gradient and its graph is kept until Burn's
+/// backward pass reaches the output; otherwise it runs without a graph.
+pub fn record<const N: usize, const D: usize>(
+    inputs: [Tracked; N],
+    op: impl FnOnce(&[tch::Tensor]) -> tch::Tensor,
+) -> Tensor<D> {
+    let nodes = inputs.each_ref().map(Tracked::node);
+    let output = match Recorded::<N>
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let leaves: Vec<tch::Tensor> = inputs
+                .iter()
+                .map(|input| input.primitive().tensor.detach().set_requires_grad(true))
+                .collect();
+            let output = op(&leaves);
+            let for_burn = TchTensor::new(output.detach());
+            // Holding Burn's handles of the inputs and of the output marks their storage shared,
+            // so burn-tch will not overwrite them in place while the graph may still read them
+            // (LibTorch saves inputs, and outputs such as softmax's, for the backward pass).
+            let held = inputs
+                .iter()
+                .map(|input| input.primitive().clone())
+                .chain([for_burn.clone()])
+                .collect();
+            let graph = Graph {
+                output,
+                leaves,
+                _held: held,
+            };
+            prep.finish(RecordedGraph(Arc::new(Mutex::new(Some(graph)))), for_burn)
+        }
+        OpsKind::UnTracked(prep) => {
+            let plain: Vec<tch::Tensor> = inputs
+                .iter()
+                .map(|input| input.primitive().tensor.shallow_clone())
+                .collect();
+            prep.finish(TchTensor::new(op(&plain)))
+        }
+    };
+    Tensor::from_primitive::<TrackedLibTorch>(output)
+}
+
+/// `conv2d(x, weight, bias, options)` with LibTorch's fused kernels, or `None` when the tensors
+/// are not tracked LibTorch tensors or the padding is asymmetric, which LibTorch's convolution
+/// cannot express.
+pub(crate) fn conv2d(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    options: &ConvOptions<2>,
+) -> Option<Tensor<4>> {
+    let convolve = convolution(options)?;
+    let x = tracked(x)?;
+    let weight = tracked(weight)?;
+    Some(match bias {
+        None => record([x, weight], |t| convolve(&t[0], &t[1], None)),
+        Some(bias) => record([x, weight, tracked(bias)?], |t| {
+            convolve(&t[0], &t[1], Some(&t[2]))
+        }),
+    })
+}
+
+/// LibTorch's `conv2d(x, weight, bias)` with `options`, or `None` for asymmetric padding, which
+/// LibTorch's convolution cannot express.
+fn convolution(
+    options: &ConvOptions<2>,
+) -> Option<impl Fn(&tch::Tensor, &tch::Tensor, Option<&tch::Tensor>) -> tch::Tensor> {
+    if options.padding.iter().any(|(begin, end)| begin != end) {
+        return None;
+    }
+    let stride = options.stride.map(|s| s as i64);
+    let padding = options.padding.map(|(begin, _)| begin as i64);
+    let dilation = options.dilation.map(|d| d as i64);
+    let groups = options.groups as i64;
+    Some(
+        move |x: &tch::Tensor, weight: &tch::Tensor, bias: Option<&tch::Tensor>| {
+            tch::Tensor::conv2d(x, weight, bias, stride, padding, dilation, groups)
+        },
+    )
+}
+
+/// Bilinear resize with `align_corners = true` to `[h, w]` as LibTorch's `upsample_bilinear2d`
+/// (PyTorch's `F.interpolate`), or `None` when `x` is not a tracked LibTorch tensor.
+pub(crate) fn upsample_bilinear(x: &Tensor<4>, [h, w]: [usize; 2]) -> Option<Tensor<4>> {
+    let size = [h as i64, w as i64];
+    Some(record([tracked(x)?], move |t| {
+        t[0].upsample_bilinear2d(size, true, None, None)
+    }))
+}
+
+/// LeakyReLU with `slope`, as LibTorch's one-kernel `prelu` with a constant weight (tch 0.22's
+/// `leaky_relu` has no slope argument), or `None` when `x` is not a tracked LibTorch tensor.
+pub(crate) fn leaky_relu(x: &Tensor<4>, slope: f64) -> Option<Tensor<4>> {
+    let x = tracked(x)?;
+    let weight = tch::Tensor::from_slice(&[slope as f32]);
+    Some(record([x], move |t| t[0].prelu(&weight)))
+}
+
+/// `bn.forward(x)` in training mode (batch statistics, running statistics updated exactly as
+/// Burn's `BatchNorm` does), followed by a ReLU when `relu` is set, as LibTorch's fused
+/// `native_batch_norm` and `relu`; `None` when `x` is not a tracked LibTorch tensor, `bn` is not
+/// in training mode or its affine parameters are trained (the model freezes them).
+pub(crate) fn batch_norm_train(bn: &BatchNorm, x: &Tensor<4>, relu: bool) -> Option<Tensor<4>> {
+    batch_norm_after(
+        [tracked(x)?],
+        bn,
+        |t| t[0].shallow_clone(),
+        move |y, _| maybe_relu(y, relu),
+    )
+}
+
+/// `bn.forward(conv.forward(x))` (and a ReLU when `relu` is set) in training mode as one
+/// recorded operation: LibTorch's convolution and `native_batch_norm` under one backward step.
+/// `None` where [`conv2d`] or [`batch_norm_train`] would decline, or when the conv has a bias.
+pub(crate) fn conv_batch_norm_train(
+    conv: &Conv2d,
+    options: &ConvOptions<2>,
+    bn: &BatchNorm,
+    x: &Tensor<4>,
+    relu: bool,
+) -> Option<Tensor<4>> {
+    if conv.bias.is_some() {
+        return None;
+    }
+    let convolve = convolution(options)?;
+    let inputs = [tracked(x)?, tracked(&conv.weight.val())?];
+    let before = move |t: &[tch::Tensor]| convolve(&t[0], &t[1], None);
+    batch_norm_after(inputs, bn, before, move |y, _| maybe_relu(y, relu))
+}
+
+/// `relu(bn.forward(conv.forward(x)) + residual)` in training mode, a bottleneck's last conv
+/// and its shortcut, as one recorded operation; `None` where [`conv_batch_norm_train`] would
+/// decline or `residual` is not a tracked LibTorch tensor.
+pub(crate) fn conv_batch_norm_add_relu_train(
+    conv: &Conv2d,
+    options: &ConvOptions<2>,
+    bn: &BatchNorm,
+    x: &Tensor<4>,
+    residual: &Tensor<4>,
+) -> Option<Tensor<4>> {
+    if conv.bias.is_some() {
+        return None;
+    }
+    let convolve = convolution(options)?;
+    let inputs = [
+        tracked(x)?,
+        tracked(&conv.weight.val())?,
+        tracked(residual)?,
+    ];
+    let before = move |t: &[tch::Tensor]| convolve(&t[0], &t[1], None);
+    batch_norm_after(inputs, bn, before, |y, t| (y + &t[2]).relu())
+}
+
+fn maybe_relu(y: tch::Tensor, relu: bool) -> tch::Tensor {
+    if relu {
+        y.relu()
+    } else {
+        y
+    }
+}
+
+/// Records `after(bn(before(inputs)), inputs)` with `bn` in training mode, and updates `bn`'s
+/// running statistics from the batch statistics LibTorch computed.
+fn batch_norm_after<const N: usize>(
+    inputs: [Tracked; N],
+    bn: &BatchNorm,
+    before: impl FnOnce(&[tch::Tensor]) -> tch::Tensor,
+    after: impl FnOnce(tch::Tensor, &[tch::Tensor]) -> tch::Tensor,
+) -> Option<Tensor<4>> {
+    let (gamma, beta) = (bn.gamma.val(), bn.beta.val());
+    if !bn.training.is_enabled() || gamma.is_require_grad() || beta.is_require_grad() {
+        return None;
+    }
+    let gamma = tracked(&gamma)?.primitive().tensor.shallow_clone();
+    let beta = tracked(&beta)?.primitive().tensor.shallow_clone();
+    let epsilon = bn.epsilon;
+    let mut statistics = None;
+    let output = record(inputs, |t| {
+        let (y, mean, inv_std) = before(t).native_batch_norm(
+            Some(&gamma),
+            Some(&beta),
+            None::<&tch::Tensor>,
+            None,
+            true,
+            0.0,
+            epsilon,
+        );
+        // Copies: the graph saves both for the backward pass, and Burn may update a tensor it
+        // holds alone in place.
+        statistics = Some((mean.detach().copy(), inv_std.detach()));
+        after(y, t)
+    });
+    let (mean, inv_std) = statistics?;
+    // The biased batch variance, as Burn's `batch_norm_train` returns it: exact to f32 rounding
+    // of `variance + epsilon`.
+    let variance = inv_std.pow_tensor_scalar(-2.0) - epsilon;
+    let as_burn = |t: tch::Tensor| {
+        Tensor::<1>::from_primitive::<TrackedLibTorch>(Tracked::new(TchTensor::new(t)))
+    };
+    let momentum = bn.momentum;
+    let running_mean = bn
+        .running_mean
+        .value_sync()
+        .mul_scalar(1.0 - momentum)
+        .add(as_burn(mean).mul_scalar(momentum));
+    let running_var = bn
+        .running_var
+        .value_sync()
+        .mul_scalar(1.0 - momentum)
+        .add(as_burn(variance).mul_scalar(momentum));
+    bn.running_mean.update(running_mean.detach());
+    bn.running_var.update(running_var.detach());
+    Some(output)
+}
+
+/// Burn's backward step for a graph recorded by [`record`] with `N` inputs.
+#[derive(Debug)]
+struct Recorded<const N: usize>;
+
+/// The LibTorch graph of one recorded operation, taken by its backward step.
+#[derive(Clone, Debug)]
+struct RecordedGraph(Arc<Mutex<Option<Graph>>>);
+
+struct Graph {
+    output: tch::Tensor,
+    /// The inputs, as LibTorch leaves that require a gradient.
+    leaves: Vec<tch::Tensor>,
+    _held: Vec<TchTensor>,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inputs: Vec<_> = self.leaves.iter().map(tch::Tensor::size).collect();
+        write!(f, "Graph({inputs:?} -> {:?})", self.output.size())
+    }
+}
+
+impl<const N: usize> Backward<LibTorch, N> for Recorded<N> {
+    type State = RecordedGraph;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<LibTorch>(&ops.node);
+        let graph = ops
+            .state
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .expect("a recorded operation is differentiated once");
+        let wanted: Vec<_> = ops
+            .parents
+            .iter()
+            .zip(&graph.leaves)
+            .filter_map(|(parent, leaf)| parent.as_ref().map(|parent| (parent.id, leaf)))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        // LibTorch's engine seeds every root with ones, so the root is the dot product of the
+        // output with `grad`: its gradient with respect to the output is `grad`. (A dot product
+        // only reads both; an element-wise product would write a third map and need a map of
+        // ones as its seed.)
+        let root = graph.output.flatten(0, -1).dot(&grad.tensor.flatten(0, -1));
+        let leaves: Vec<&tch::Tensor> = wanted.iter().map(|(_, leaf)| *leaf).collect();
+        let computed = tch::Tensor::run_backward(&[&root], &leaves, false, false);
+        for ((id, _), gradient) in wanted.into_iter().zip(computed) {
+            grads.register::<LibTorch>(id, TchTensor::new(gradient));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Module;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::{BatchNormConfig, PaddingConfig2d};
+    use burn::tensor::{Device, Distribution, TensorData};
+
+    use super::*;
+
+    fn training() -> Device {
+        Device::libtorch().autodiff()
+    }
+
+    /// `module`, with the same weights, on LibTorch for training.
+    fn on_training_tch<M: Module>(module: M) -> M {
+        module
+            .to_device(&Device::libtorch())
+            .fork(&training())
+            .train()
+    }
+
+    /// `values` as a tensor needing a gradient on `device`.
+    fn leaf(values: &TensorData, device: &Device) -> Tensor<4> {
+        Tensor::<4>::from_data(values.clone(), device).require_grad()
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let b = Tensor::<D>::from_data(b.into_data(), &a.device());
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// Value and input gradient of `fused` on LibTorch against `reference` (Burn's own ops) on
+    /// flex, under a non-uniform upstream gradient.
+    fn check_against_flex(
+        case: &str,
+        shape: [usize; 4],
+        fused: impl Fn(&Tensor<4>) -> Option<Tensor<4>>,
+        reference: impl Fn(Tensor<4>) -> Tensor<4>,
+    ) {
+        let values =
+            Tensor::<4>::random(shape, Distribution::Normal(0.0, 2.0), &Device::flex()).into_data();
+        let (tch, flex) = (training(), Device::flex().autodiff());
+        let (x_tch, x_flex) = (leaf(&values, &tch), leaf(&values, &flex));
+        let ours = fused(&x_tch).unwrap_or_else(|| panic!("{case}: no fused path"));
+        let theirs = reference(x_flex.clone());
+        let upstream = theirs.clone().detach().cos().into_data();
+        let grads_ours = (ours.clone() * Tensor::from_data(upstream.clone(), &tch))
+            .sum()
+            .backward();
+        let grads_theirs = (theirs.clone() * Tensor::from_data(upstream, &flex))
+            .sum()
+            .backward();
+        assert!(max_diff(ours, theirs) < 1e-4, "{case}: values");
+        let (g_ours, g_theirs) = (
+            x_tch.grad(&grads_ours).expect("gradient on tch"),
+            x_flex.grad(&grads_theirs).expect("gradient on flex"),
+        );
+        assert!(max_diff(g_ours, g_theirs) < 1e-4, "{case}: input gradient");
+    }
+
+    #[test]
+    fn fused_batch_norm_and_conv_batch_norm_match_burn_in_values_gradients_and_running_statistics()
+    {
+        for relu in [false, true] {
+            let bn_flex = BatchNormConfig::new(6).init(&Device::flex());
+            // Non-trivial affine parameters, frozen as the model freezes them.
+            let bn_flex = BatchNorm {
+                gamma: bn_flex
+                    .gamma
+                    .map(|g| g.mul_scalar(1.5))
+                    .set_require_grad(false),
+                beta: bn_flex
+                    .beta
+                    .map(|b| b.add_scalar(0.25))
+                    .set_require_grad(false),
+                ..bn_flex
+            };
+            let bn_tch = on_training_tch(bn_flex.clone());
+            let bn_flex = bn_flex.fork(&Device::flex().autodiff()).train();
+            check_against_flex(
+                &format!("batch norm, relu {relu}"),
+                [2, 6, 5, 7],
+                |x| batch_norm_train(&bn_tch, x, relu),
+                |x| {
+                    let y = bn_flex.forward(x);
+                    if relu {
+                        burn::tensor::activation::relu(y)
+                    } else {
+                        y
+                    }
+                },
+            );
+            let conv = Conv2dConfig::new([6, 6], [3, 3])
+                .with_dilation([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(2, 2, 2, 2))
+                .with_bias(false)
+                .init(&Device::flex());
+            let options = crate::conv::explicit_options(&conv).expect("explicit padding");
+            let conv_tch = on_training_tch(conv.clone());
+            let conv_flex = conv.fork(&Device::flex().autodiff()).train();
+            check_against_flex(
+                &format!("conv + batch norm, relu {relu}"),
+                [2, 6, 5, 7],
+                |x| conv_batch_norm_train(&conv_tch, &options, &bn_tch, x, relu),
+                |x| {
+                    let y = bn_flex.forward(conv_flex.forward(x));
+                    if relu {
+                        burn::tensor::activation::relu(y)
+                    } else {
+                        y
+                    }
+                },
+            );
+            // The shortcut is the block's input itself, as in a bottleneck without projection:
+            // its gradient arrives through both the conv and the sum.
+            check_against_flex(
+                "conv + batch norm + shortcut, relu",
+                [2, 6, 5, 7],
+                |x| conv_batch_norm_add_relu_train(&conv_tch, &options, &bn_tch, x, x),
+                |x| {
+                    let y = bn_flex.forward(conv_flex.forward(x.clone()));
+                    burn::tensor::activation::relu(y + x)
+                },
+            );
+            for (name, ours, theirs) in [
+                ("mean", &bn_tch.running_mean, &bn_flex.running_mean),
+                ("var", &bn_tch.running_var, &bn_flex.running_var),
+            ] {
+                let diff = max_diff(ours.value_sync(), theirs.value_sync());
+                assert!(diff < 5e-7, "running {name}, relu {relu}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_batch_norm_leaves_evaluation_to_burn() {
+        let mut bn = BatchNormConfig::new(3).init(&training()).train();
+        bn.gamma = bn.gamma.set_require_grad(false);
+        bn.beta = bn.beta.set_require_grad(false);
+        let x = Tensor::<4>::zeros([1, 3, 2, 2], &training());
+        assert!(batch_norm_train(&bn, &x, false).is_some());
+        assert!(batch_norm_train(&bn.valid(), &x, false).is_none());
+    }
+
+    #[test]
+    fn fused_upsample_matches_burn_bilinear_resize() {
+        check_against_flex(
+            "upsample",
+            [1, 3, 5, 7],
+            |x| upsample_bilinear(x, [17, 29]),
+            |x| crate::upsample_differentiable(x, [17, 29]),
+        );
+    }
+
+    #[test]
+    fn fused_leaky_relu_matches_burn() {
+        check_against_flex(
+            "leaky relu",
+            [2, 3, 4, 5],
+            |x| leaky_relu(x, 0.2),
+            |x| burn::tensor::activation::leaky_relu(x, 0.2),
+        );
+    }
+}
