@@ -359,6 +359,10 @@ impl Classifier {
 
     /// Class logits `[N, classes, H, W]` of features `[N, cin, H, W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        #[cfg(feature = "tch")]
+        if let Some(y) = crate::libtorch::classifier(&self.conv2d_list, &x) {
+            return y;
+        }
         let mut convs = self.conv2d_list.iter();
         let first = convs.next().expect("four classifier convs");
         convs.fold(conv_forward(first, x.clone()), |acc, conv| {

@@ -83,23 +83,18 @@ impl Discriminator {
     /// Domain logits `[N, 1, H/32, W/32]` of a `[N, classes, H, W]` map; `H` and `W` must be at
     /// least [`MIN_INPUT_SIZE`].
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        #[cfg(feature = "tch")]
+        if let Some(y) = crate::libtorch::discriminator(&self.convs, LEAKY_SLOPE, &x) {
+            return y;
+        }
         let last = self.convs.len() - 1;
         self.convs.iter().enumerate().fold(x, |x, (i, conv)| {
             let y = conv_forward(conv, x);
             if i < last {
-                leaky(y)
+                leaky_relu(y, LEAKY_SLOPE)
             } else {
                 y
             }
         })
     }
-}
-
-/// LeakyReLU with [`LEAKY_SLOPE`]; one LibTorch kernel each way on `device: tch` in training.
-fn leaky(x: Tensor<4>) -> Tensor<4> {
-    #[cfg(feature = "tch")]
-    if let Some(y) = crate::libtorch::leaky_relu(&x, LEAKY_SLOPE) {
-        return y;
-    }
-    leaky_relu(x, LEAKY_SLOPE)
 }

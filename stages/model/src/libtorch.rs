@@ -153,6 +153,55 @@ fn convolution(
     )
 }
 
+/// A chain of convolutions with biases as one recorded operation: `combine` gets the input and
+/// a function that applies conv `i` (weight and bias from `t`) to a tensor. `N` is
+/// `1 + 2 * convs.len()`: the input, then each conv's weight and bias. `None` when a conv has no
+/// bias or asymmetric padding, or a tensor is not tracked.
+fn record_convs<const N: usize>(
+    x: &Tensor<4>,
+    convs: &[Conv2d],
+    combine: impl FnOnce(&tch::Tensor, &dyn Fn(usize, &tch::Tensor) -> tch::Tensor) -> tch::Tensor,
+) -> Option<Tensor<4>> {
+    let mut inputs = vec![tracked(x)?];
+    let mut convolutions = Vec::with_capacity(convs.len());
+    for conv in convs {
+        let bias = conv.bias.as_ref()?;
+        convolutions.push(convolution(&crate::conv::explicit_options(conv)?)?);
+        inputs.push(tracked(&conv.weight.val())?);
+        inputs.push(tracked(&bias.val())?);
+    }
+    let inputs: [Tracked; N] = inputs.try_into().ok()?;
+    Some(record(inputs, |t| {
+        let apply =
+            |i: usize, x: &tch::Tensor| convolutions[i](x, &t[1 + 2 * i], Some(&t[2 + 2 * i]));
+        combine(&t[0], &apply)
+    }))
+}
+
+/// DeepLabV2's classifier, the sum of four convs of `x`, as one recorded operation (see
+/// [`record_convs`]).
+pub(crate) fn classifier(convs: &[Conv2d], x: &Tensor<4>) -> Option<Tensor<4>> {
+    if convs.len() != 4 {
+        return None;
+    }
+    record_convs::<9>(x, convs, |x, conv| {
+        (1..4).fold(conv(0, x), |sum, i| sum + conv(i, x))
+    })
+}
+
+/// ADVENT's discriminator, five convs with LeakyReLU(`slope`) between them, as one recorded
+/// operation (see [`record_convs`]; tch 0.22's `leaky_relu` has no slope argument, so the
+/// activation is LibTorch's one-kernel `prelu` with a constant weight).
+pub(crate) fn discriminator(convs: &[Conv2d], slope: f64, x: &Tensor<4>) -> Option<Tensor<4>> {
+    if convs.len() != 5 {
+        return None;
+    }
+    let slope = tch::Tensor::from_slice(&[slope as f32]);
+    record_convs::<11>(x, convs, |x, conv| {
+        (1..5).fold(conv(0, x), |y, i| conv(i, &y.prelu(&slope)))
+    })
+}
+
 /// Bilinear resize with `align_corners = true` to `[h, w]` as LibTorch's `upsample_bilinear2d`
 /// (PyTorch's `F.interpolate`), or `None` when `x` is not a tracked LibTorch tensor.
 pub(crate) fn upsample_bilinear(x: &Tensor<4>, [h, w]: [usize; 2]) -> Option<Tensor<4>> {
@@ -160,14 +209,6 @@ pub(crate) fn upsample_bilinear(x: &Tensor<4>, [h, w]: [usize; 2]) -> Option<Ten
     Some(record([tracked(x)?], move |t| {
         t[0].upsample_bilinear2d(size, true, None, None)
     }))
-}
-
-/// LeakyReLU with `slope`, as LibTorch's one-kernel `prelu` with a constant weight (tch 0.22's
-/// `leaky_relu` has no slope argument), or `None` when `x` is not a tracked LibTorch tensor.
-pub(crate) fn leaky_relu(x: &Tensor<4>, slope: f64) -> Option<Tensor<4>> {
-    let x = tracked(x)?;
-    let weight = tch::Tensor::from_slice(&[slope as f32]);
-    Some(record([x], move |t| t[0].prelu(&weight)))
 }
 
 /// `bn.forward(x)` in training mode (batch statistics, running statistics updated exactly as
@@ -337,7 +378,14 @@ impl<const N: usize> Backward<LibTorch, N> for Recorded<N> {
         let root = graph.output.flatten(0, -1).dot(&grad.tensor.flatten(0, -1));
         let leaves: Vec<&tch::Tensor> = wanted.iter().map(|(_, leaf)| *leaf).collect();
         let computed = tch::Tensor::run_backward(&[&root], &leaves, false, false);
-        for ((id, _), gradient) in wanted.into_iter().zip(computed) {
+        for ((id, leaf), gradient) in wanted.into_iter().zip(computed) {
+            // LibTorch leaves the gradient of an input the output does not depend on undefined;
+            // Burn's own ops would give zeros.
+            let gradient = if gradient.defined() {
+                gradient
+            } else {
+                leaf.zeros_like()
+            };
             grads.register::<LibTorch>(id, TchTensor::new(gradient));
         }
     }
@@ -497,13 +545,95 @@ mod tests {
         );
     }
 
+    /// Values and the gradients of the input and of every conv's weight and bias, for a chain
+    /// of convs run by `forward` on LibTorch (one recorded op) and on flex (Burn's ops).
+    fn check_convs_against_flex<M: Module>(
+        case: &str,
+        module: M,
+        convs: impl Fn(&M) -> &[Conv2d],
+        forward: impl Fn(&M, Tensor<4>) -> Tensor<4>,
+        shape: [usize; 4],
+    ) {
+        let values =
+            Tensor::<4>::random(shape, Distribution::Normal(0.0, 2.0), &Device::flex()).into_data();
+        let mut runs = Vec::new();
+        for (device, module) in [
+            (training(), on_training_tch(module.clone())),
+            (
+                Device::flex().autodiff(),
+                module.fork(&Device::flex().autodiff()).train(),
+            ),
+        ] {
+            let x = leaf(&values, &device);
+            let y = forward(&module, x.clone());
+            let upstream = Tensor::<4>::from_data(y.clone().detach().cos().into_data(), &device);
+            let grads = (y.clone() * upstream).sum().backward();
+            let mut gradients = vec![x.grad(&grads).expect("input gradient").into_data()];
+            for conv in convs(&module) {
+                let weight = conv.weight.grad(&grads).expect("weight gradient");
+                let bias = conv
+                    .bias
+                    .as_ref()
+                    .unwrap()
+                    .grad(&grads)
+                    .expect("bias gradient");
+                gradients.push(weight.into_data());
+                gradients.push(bias.into_data());
+            }
+            runs.push((y.into_data(), gradients));
+        }
+        let (flex, tch) = (runs.pop().unwrap(), runs.pop().unwrap());
+        let close = |a: &TensorData, b: &TensorData, what: &str| {
+            let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-5 * scale,
+                "{case}, {what}: off by {diff} at scale {scale}"
+            );
+        };
+        close(&tch.0, &flex.0, "values");
+        for (i, (a, b)) in tch.1.iter().zip(&flex.1).enumerate() {
+            close(
+                a,
+                b,
+                &format!("gradient {i} (0: input, then weight and bias per conv)"),
+            );
+        }
+    }
+
     #[test]
-    fn fused_leaky_relu_matches_burn() {
-        check_against_flex(
-            "leaky relu",
-            [2, 3, 4, 5],
-            |x| leaky_relu(x, 0.2),
-            |x| burn::tensor::activation::leaky_relu(x, 0.2),
+    fn fused_discriminator_matches_burn() {
+        let d = crate::DiscriminatorConfig::new(3)
+            .with_ndf(4)
+            .init(&Device::flex())
+            .unwrap();
+        check_convs_against_flex(
+            "discriminator",
+            d,
+            |d| &d.convs,
+            |d, x| d.forward(x),
+            [1, 3, 32, 64],
+        );
+    }
+
+    #[test]
+    fn fused_classifier_matches_burn() {
+        let config = crate::DeepLabV2Config {
+            blocks: [1, 1, 1, 1],
+            width: 0.0625,
+            classes: 3,
+        };
+        let model = config.init(&Device::flex()).unwrap();
+        check_convs_against_flex(
+            "classifier",
+            model.layer6,
+            |c| &c.conv2d_list,
+            |c, x| c.forward(x),
+            [1, config.main_channels(), 9, 11],
         );
     }
 }
