@@ -11,6 +11,9 @@
 # therefore lie in 0..=1234. Work files go to $DAG_BENCH_DIR (default /var/tmp/dag-bench-quickstart);
 # $DAG_BENCH_PIPELINE runs a variant of the quickstart instead (same synth line required).
 #
+# $DAG_BENCH_DEVICE runs every stage on that device (`--device`, e.g. `tch`), with the dag binary
+# in $DAG_BENCH_DAG (no build; for tch, a binary built and run as bench/libtorch/README.md says).
+#
 # Besides the wall time, each row has the CPU time the run used (user + system, all threads) and
 # the share of the machine's CPU time the hypervisor took away while it ran (`steal` in
 # /proc/stat): on a shared VM a high steal makes the wall time overstate what two dedicated
@@ -22,8 +25,14 @@ seeds=("$@")
 [ ${#seeds[@]} -gt 0 ] || seeds=(1234 0 1)
 work="${DAG_BENCH_DIR:-/var/tmp/dag-bench-quickstart}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dag-target}"
-cargo build --release -q --features wgpu -p dag
-dag="$CARGO_TARGET_DIR/release/dag"
+if [ -n "${DAG_BENCH_DAG:-}" ]; then
+    dag="$DAG_BENCH_DAG"
+else
+    cargo build --release -q --features wgpu -p dag
+    dag="$CARGO_TARGET_DIR/release/dag"
+fi
+device_args=()
+[ -z "${DAG_BENCH_DEVICE:-}" ] || device_args=(--device "$DAG_BENCH_DEVICE")
 mkdir -p "$work"
 # The machine's steal ticks and all its ticks so far (first line of /proc/stat).
 cpu_ticks() { awk '/^cpu / { for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat; }
@@ -47,10 +56,11 @@ for seed in "${seeds[@]}"; do
     echo "seed $seed: running (log: $log)" >&2
     steal_before=$(cpu_ticks)
     TIMEFORMAT='%R %U %S'
-    { time "$dag" run "$pipeline" --cache "$work/cache-$seed" --out "$work/out-$seed" >"$log" 2>&1; } 2>"$work/time-$seed"
+    { time "$dag" run "$pipeline" ${device_args[@]+"${device_args[@]}"} --cache "$work/cache-$seed" \
+        --out "$work/out-$seed" >"$log" 2>&1; } 2>"$work/time-$seed"
     steal_after=$(cpu_ticks)
     steal=$(echo "$steal_before $steal_after" | awk '{ printf "%.1f", 100 * ($3 - $1) / ($4 - $2) }')
-    spearman=$("$dag" show "$pipeline" entropy --cache "$work/cache-$seed" |
+    spearman=$("$dag" show "$pipeline" entropy ${device_args[@]+"${device_args[@]}"} --cache "$work/cache-$seed" |
         awk '$2 == "spearman_difficulty" { printf "%.3f", $4 }')
     read -r wall user sys <"$work/time-$seed"
     awk -v seed="$seed" -v wall="$wall" -v cpu="$(echo "$user $sys" | awk '{ print $1 + $2 }')" \
