@@ -186,6 +186,25 @@ fn conv_batch_norm(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, then_relu: bool)
     batch_norm(bn, conv_forward(conv, x), then_relu)
 }
 
+/// `relu(bn(conv(x)) + residual)`, a bottleneck's end; on `device: tch` in training one LibTorch
+/// operation (see `libtorch`).
+fn conv_batch_norm_add_relu(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Tensor<4>,
+) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if let Some(options) = crate::conv::explicit_options(conv) {
+        if let Some(y) =
+            crate::libtorch::conv_batch_norm_add_relu_train(conv, &options, bn, &x, &residual)
+        {
+            return y;
+        }
+    }
+    relu(conv_batch_norm(conv, bn, x, false) + residual)
+}
+
 /// `bn(x)`, followed by a ReLU when `then_relu` is set. On `device: tch` in training this is one
 /// LibTorch operation with LibTorch's fused kernels and gradients (see `libtorch`); the running
 /// statistics update the same way either way.
@@ -278,20 +297,7 @@ impl Bottleneck {
         };
         let out = conv_batch_norm(&self.conv1, &self.bn1, x, true);
         let out = conv_batch_norm(&self.conv2, &self.bn2, out, true);
-        #[cfg(feature = "tch")]
-        if let Some(options) = crate::conv::explicit_options(&self.conv3) {
-            if let Some(y) = crate::libtorch::conv_batch_norm_add_relu_train(
-                &self.conv3,
-                &options,
-                &self.bn3,
-                &out,
-                &residual,
-            ) {
-                return y;
-            }
-        }
-        let out = conv_batch_norm(&self.conv3, &self.bn3, out, false);
-        relu(out + residual)
+        conv_batch_norm_add_relu(&self.conv3, &self.bn3, out, residual)
     }
 }
 
