@@ -15,6 +15,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+#[cfg(feature = "tch")]
+mod libtorch_adam;
 pub mod losses;
 mod trainer;
 

@@ -8,7 +8,9 @@ use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrSchedu
 use burn::module::{Module, ParamGroup};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
+#[cfg(not(feature = "tch"))]
+use burn::optim::AdamConfig;
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use dag_model::discriminator::MIN_INPUT_SIZE;
 use dag_model::{
@@ -158,21 +160,36 @@ fn init_state(
                 .with_dampening(0.0),
         ))
         .with_weight_decay(Some(WeightDecayConfig::new(config.weight_decay as f32)));
-    let adam = AdamConfig::new()
-        .with_beta_1(config.adam_beta1 as f32)
-        .with_beta_2(config.adam_beta2 as f32)
-        .with_epsilon(config.adam_epsilon as f32);
     Ok(LoopState {
         model: model.fork(ad).train(),
         d_main: d_main.map(|d| d.fork(ad).train()),
         d_aux: d_aux.map(|d| d.fork(ad).train()),
         opt_seg: sgd.init(),
-        opt_d_main: adam.init(),
-        opt_d_aux: adam.init(),
+        opt_d_main: discriminator_optimizer(config),
+        opt_d_aux: discriminator_optimizer(config),
         rng: ChaCha8Rng::seed_from_u64(config.seed),
         next_iteration: 0,
         log: Vec::new(),
     })
+}
+
+/// Adam for a discriminator. In builds with `device: tch` it runs as LibTorch kernels in place
+/// where the parameters live on LibTorch (the same update and state as Burn's `Adam`; see
+/// `libtorch_adam`).
+fn discriminator_optimizer(config: &TrainConfig) -> ModuleOptimizer {
+    let (beta_1, beta_2, epsilon) = (
+        config.adam_beta1 as f32,
+        config.adam_beta2 as f32,
+        config.adam_epsilon as f32,
+    );
+    #[cfg(feature = "tch")]
+    return crate::libtorch_adam::LibTorchAdam::new(beta_1, beta_2, epsilon).init();
+    #[cfg(not(feature = "tch"))]
+    AdamConfig::new()
+        .with_beta_1(beta_1)
+        .with_beta_2(beta_2)
+        .with_epsilon(epsilon)
+        .init()
 }
 
 /// Only these may differ between the run that wrote a checkpoint and the one resuming it.
