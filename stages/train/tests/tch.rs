@@ -3,14 +3,18 @@
 //! losses must match flex's on the same weights and batch: the two backends compute one model.
 #![cfg(feature = "tch")]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use dag_model::DeepLabV2Config;
 use dag_train::losses::{bce_with_logits, entropy_loss, masked_cross_entropy, self_information};
-use dag_train::{device_for, resolve_device, DeviceChoice};
+use dag_train::{
+    device_for, resolve_device, train, DeviceChoice, Method, TrainConfig, TrainError, TrainOutcome,
+};
 
 mod stripes;
-use stripes::train_advent;
+use stripes::{train_advent, Stripes};
 
 #[test]
 fn advent_steps_on_libtorch_match_flex() {
@@ -109,4 +113,84 @@ fn fused_losses_on_libtorch_match_flex_in_values_and_gradients() {
             bce_with_logits(x, label)
         });
     }
+}
+
+/// AdvEnt on LibTorch killed after iteration 2 and resumed from the checkpoint written after
+/// iteration 1 ends with the same network and discriminators as an uninterrupted run: the
+/// checkpoint carries the discriminators' Adam state (LibTorch's in-place Adam on tch).
+#[test]
+fn advent_on_libtorch_resumes_from_a_checkpoint() {
+    let tch = device_for(DeviceChoice::LibTorch);
+    let config = TrainConfig {
+        method: Method::AdvEnt,
+        iterations: 5,
+        lr: 0.01,
+        disc_ndf: 4,
+        checkpoint_every: 2,
+        seed: 3,
+        ..TrainConfig::default()
+    };
+    let run = |dir: &std::path::Path, cancel_after: Option<usize>| {
+        let flex = Device::flex();
+        flex.seed(5);
+        let model = DeepLabV2Config {
+            blocks: [1, 1, 1, 1],
+            width: 0.0625,
+            classes: 3,
+        }
+        .init(&flex)
+        .unwrap()
+        .to_device(&tch);
+        let cancel = AtomicBool::new(false);
+        let mut progress = |l: &dag_train::IterationLog| {
+            if Some(l.iteration) == cancel_after {
+                cancel.store(true, Ordering::SeqCst);
+            }
+        };
+        train(
+            &config,
+            model,
+            &tch,
+            &mut Stripes { size: 64 },
+            dir,
+            &mut progress,
+            &cancel,
+        )
+    };
+    let full = run(tempfile::tempdir().unwrap().path(), None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    match run(dir.path(), Some(2)) {
+        Err(TrainError::Cancelled { iteration: 3 }) => {}
+        other => panic!(
+            "expected a cancellation, got {:?}",
+            other.map(|o| o.log.len())
+        ),
+    }
+    let resumed = run(dir.path(), None).unwrap();
+    assert_eq!(resumed.resumed_from, 2);
+    assert_eq!(resumed.log.len(), 5);
+    let probe = Tensor::<4>::random([1, 3, 64, 64], Distribution::Normal(0.0, 1.0), &tch);
+    let outputs = |o: &TrainOutcome| {
+        let (aux, main) = o.model.forward(probe.clone());
+        let d = o.d_main.as_ref().unwrap().forward(softmax_like(&main));
+        [aux, main, d]
+    };
+    for (name, a, b) in ["aux", "main", "d_main"]
+        .into_iter()
+        .zip(outputs(&full))
+        .zip(outputs(&resumed))
+        .map(|((n, a), b)| (n, a, b))
+    {
+        let scale: f32 = a.clone().abs().max().into_scalar();
+        let diff = max_diff(a, b);
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "{name}: resumed run off by {diff}"
+        );
+    }
+}
+
+/// A `[N, C, H, W]` map at the discriminator's input size, from the network's logits.
+fn softmax_like(logits: &Tensor<4>) -> Tensor<4> {
+    burn::tensor::activation::softmax(dag_model::upsample(logits.clone(), [64, 64]), 1)
 }
