@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
-use dag_model::DeepLabV2Config;
+use dag_model::{DeepLabV2, DeepLabV2Config};
 use dag_train::losses::{bce_with_logits, entropy_loss, masked_cross_entropy, self_information};
 use dag_train::{
     device_for, resolve_device, train, DeviceChoice, Method, TrainConfig, TrainError, TrainOutcome,
@@ -16,18 +16,24 @@ use dag_train::{
 mod stripes;
 use stripes::{train_advent, Stripes};
 
-#[test]
-fn advent_steps_on_libtorch_match_flex() {
-    assert_eq!(resolve_device("tch"), Ok(DeviceChoice::LibTorch));
+/// A narrow three-class model with flex's weights for seed 5, the same in every call.
+fn tiny_model() -> DeepLabV2 {
     let flex = Device::flex();
     flex.seed(5);
-    let model = DeepLabV2Config {
+    DeepLabV2Config {
         blocks: [1, 1, 1, 1],
         width: 0.0625,
         classes: 3,
     }
     .init(&flex)
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn advent_steps_on_libtorch_match_flex() {
+    assert_eq!(resolve_device("tch"), Ok(DeviceChoice::LibTorch));
+    let flex = Device::flex();
+    let model = tiny_model();
     let tch = device_for(DeviceChoice::LibTorch);
     let on_tch = train_advent(&tch, model.clone().to_device(&tch), 3, 64);
     let on_flex = train_advent(&flex, model, 3, 64);
@@ -131,16 +137,7 @@ fn advent_on_libtorch_resumes_from_a_checkpoint() {
         ..TrainConfig::default()
     };
     let run = |dir: &std::path::Path, cancel_after: Option<usize>| {
-        let flex = Device::flex();
-        flex.seed(5);
-        let model = DeepLabV2Config {
-            blocks: [1, 1, 1, 1],
-            width: 0.0625,
-            classes: 3,
-        }
-        .init(&flex)
-        .unwrap()
-        .to_device(&tch);
+        let model = tiny_model().to_device(&tch);
         let cancel = AtomicBool::new(false);
         let mut progress = |l: &dag_train::IterationLog| {
             if Some(l.iteration) == cancel_after {
