@@ -297,14 +297,7 @@ fn confusion(
             let logits = dag_model::upsample(logits, [gh as usize, gw as usize]);
             let pictured = out.is_some() && i < p.samples;
             let entropy = pictured.then(|| crate::visuals::pixel_entropy(logits.clone()).remove(0));
-            let pred: Vec<u8> = logits
-                .argmax(1)
-                .into_data()
-                .try_into_vec_as::<i64>()
-                .expect("integer argmax")
-                .into_iter()
-                .map(|c| c as u8)
-                .collect();
+            let pred = dag_model::argmax_classes(logits).remove(0);
             cm.add(gt, &pred)?;
             if let Some(out) = out {
                 if let Some(entropy) = &entropy {

@@ -126,7 +126,7 @@ fn pointwise_as_matmul(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
 }
 
 /// Whether `device` is flex (with or without autodiff).
-fn on_flex(device: &Device) -> bool {
+pub(crate) fn on_flex(device: &Device) -> bool {
     device.clone().inner() == Device::flex()
 }
 

@@ -266,13 +266,24 @@ fn refuses_weights_of_another_width() {
 
 #[test]
 fn differentiable_upsampling_matches_interpolate() {
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
     use dag_model::{upsample, upsample_differentiable};
     let device = Device::flex();
     let x = Tensor::<4>::random([2, 3, 9, 13], Distribution::Normal(0.0, 1.0), &device);
     for size in [[64, 32], [9, 40], [17, 13], [1, 5]] {
+        // Burn's own bilinear interpolation is the reference for both forms.
+        let reference = interpolate(
+            x.clone(),
+            InterpolateOptions::new(InterpolateMode::Bilinear)
+                .with_align_corners(true)
+                .with_output_size(size),
+        )
+        .into_data();
         let a = upsample(x.clone(), size).into_data();
         let b = upsample_differentiable(x.clone(), size).into_data();
-        b.assert_approx_eq::<f32>(&a, Tolerance::absolute(1e-5));
+        a.assert_approx_eq::<f32>(&reference, Tolerance::absolute(1e-5));
+        b.assert_approx_eq::<f32>(&reference, Tolerance::absolute(1e-5));
     }
     // Gradients flow through it on an autodiff device.
     let ad = Device::flex().autodiff();
@@ -282,4 +293,28 @@ fn differentiable_upsampling_matches_interpolate() {
         .backward();
     let g: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
     assert!(g.iter().all(|v| *v > 0.0));
+}
+
+#[test]
+fn host_argmax_matches_burn_argmax_and_breaks_ties_low() {
+    let device = Device::flex();
+    let x = Tensor::<4>::random([2, 5, 7, 9], Distribution::Normal(0.0, 1.0), &device);
+    let burn: Vec<u8> = x
+        .clone()
+        .argmax(1)
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|c| c as u8)
+        .collect();
+    let host = dag_model::argmax_classes(x);
+    assert_eq!(host.len(), 2);
+    assert_eq!(host.concat(), burn);
+    // Pixel 0: classes 1 and 2 tie at the top; pixel 1: the last class wins.
+    let tied = Tensor::<4>::from_data(
+        TensorData::new(vec![0.0f32, 0.0, 3.0, 1.0, 3.0, 2.0], [1, 3, 1, 2]),
+        &device,
+    );
+    assert_eq!(dag_model::argmax_classes(tied), vec![vec![1u8, 2]]);
 }
