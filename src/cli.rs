@@ -141,9 +141,10 @@ pub enum Command {
         #[command(flatten)]
         /// Which stages to run.
         select: SelectArgs,
-        /// Stages to run at once (independent stages run in parallel).
-        #[arg(short, long, default_value_t = 1)]
-        jobs: usize,
+        /// Stages to run at once (independent stages run in parallel) [default: the pipeline
+        /// file's `jobs:`, else 1]
+        #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
+        jobs: Option<u32>,
         /// Exit instead of waiting when another dag holds the cache.
         #[arg(long)]
         no_wait: bool,
@@ -423,11 +424,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
 fn cmd_run(
     path: &Path,
     select: &SelectArgs,
-    jobs: usize,
+    jobs: Option<u32>,
     no_wait: bool,
     g: &Global,
 ) -> Result<ExitCode, Failure> {
     let p = load(path, g)?;
+    let jobs = jobs.map_or(p.jobs, |j| j as usize);
     let device = device(&p, g)?;
     let cache = Cache::open(&g.cache)?;
     let _lock = cache.lock(!no_wait)?;

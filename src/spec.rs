@@ -15,7 +15,7 @@ use crate::diag::{did_you_mean, Source, SpecError, SpecErrors};
 use crate::shell;
 use crate::yaml::{self, Key, Node, Span, Yaml};
 
-const TOP_KEYS: &[&str] = &["name", "device", "seed", "datasets", "stages"];
+const TOP_KEYS: &[&str] = &["name", "device", "seed", "jobs", "datasets", "stages"];
 const STAGE_KEYS: &[&str] = &["kind", "inputs", "params"];
 const DATASET_KEYS: &[&str] = &["format", "root", "classes"];
 const DEVICES: &[&str] = &["auto", "flex", "wgpu", "cuda", "tch"];
@@ -32,6 +32,9 @@ pub struct Pipeline {
     pub device: String,
     /// `seed:` (0 when absent).
     pub seed: u64,
+    /// `jobs:`, how many independent stages `dag run` runs at once unless `--jobs` says
+    /// otherwise (1 when absent). Scheduling only: it is not part of any stage's key.
+    pub jobs: usize,
     /// `datasets:` by name.
     pub datasets: BTreeMap<String, Dataset>,
     /// Stages in file order.
@@ -466,6 +469,24 @@ impl<'a> Validator<'a> {
             }
         }
 
+        let mut jobs = 1usize;
+        if let Some((_, v)) = get("jobs") {
+            match v.to_json().as_u64() {
+                Some(j) if j >= 1 && v.as_scalar().is_some() => jobs = j as usize,
+                found => {
+                    let t = match found {
+                        Some(0) => "0",
+                        _ => v.type_name(),
+                    };
+                    self.err(
+                        v.span,
+                        format!("`jobs` must be a positive integer, found {t}"),
+                    )
+                    .hint = Some("`jobs: 1` runs one stage at a time".into());
+                }
+            }
+        }
+
         // Stages first: dataset roots may name them.
         let Some((stages_key, stages_node)) = get("stages") else {
             self.err(doc.span, "the pipeline has no `stages:`").hint =
@@ -536,6 +557,7 @@ impl<'a> Validator<'a> {
             workdir,
             device,
             seed,
+            jobs,
             datasets,
             stages,
             order: Vec::new(),

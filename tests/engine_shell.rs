@@ -34,6 +34,39 @@ fn parallel_run_gives_the_same_outputs() {
 }
 
 #[test]
+fn the_files_jobs_runs_independent_stages_at_once_and_the_flag_overrides_it() {
+    // Each stage marks its arrival and then waits for the other's mark: they can only both
+    // succeed when they run at the same time.
+    let ws = Ws::new("", &[]);
+    let meet = ws.path("meet");
+    std::fs::create_dir_all(&meet).unwrap();
+    let stage = |me: &str, other: &str| {
+        format!(
+            "  {me}: {{ kind: shell, params: {{ cmd: \"touch {dir}/{me}; for i in $(seq 50); do \
+             [ -e {dir}/{other} ] && echo met > {me}.txt && exit 0; sleep 0.1; done; exit 1\", \
+             outs: [{me}.txt] }} }}\n",
+            dir = meet.display()
+        )
+    };
+    ws.write(
+        "pipeline.yaml",
+        &format!(
+            "name: meet\njobs: 2\nstages:\n{}{}",
+            stage("a", "b"),
+            stage("b", "a")
+        ),
+    );
+    assert_eq!(ws.ran(&[]), names(&["a", "b"]));
+    // `-j 1` runs one at a time: the first stage waits in vain and fails.
+    std::fs::remove_dir_all(ws.path("cache")).unwrap();
+    for f in ["a", "b"] {
+        std::fs::remove_file(meet.join(f)).unwrap();
+    }
+    let out = ws.dag(&["run", "pipeline.yaml", "-j", "1"]);
+    assert!(!out.status.success(), "{}", text(&out));
+}
+
+#[test]
 fn editing_a_param_reruns_exactly_it_and_its_descendants() {
     let ws = seven();
     ws.run(&[]);

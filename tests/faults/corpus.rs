@@ -86,6 +86,8 @@ fn cases() -> Vec<(String, Vec<u8>, &'static str)> {
         ("bad_device", edit("device: flex", "device: tpu"), "tpu"),
         ("seed_string", edit("device: flex", "device: flex\nseed: abc"), "seed"),
         ("seed_negative", edit("device: flex", "device: flex\nseed: -1"), "seed"),
+        ("jobs_zero", edit("device: flex", "device: flex\njobs: 0"), "found 0"),
+        ("jobs_string", edit("device: flex", "device: flex\njobs: all"), "jobs"),
         ("alias", edit("device: flex", "device: &d flex\nseed: *d"), "aliases"),
         ("billion_laughs", "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\nname: bomb\nstages: {}\n".into(), "aliases"),
         ("merge_key", edit("  split: { kind: split,", "  base: &base { kind: split }\n  split: { <<: *base,"), "aliases"),

@@ -12,6 +12,7 @@ const TOKENS: &[&str] = &[
     "datasets:",
     "device: ",
     "seed: ",
+    "jobs: ",
     "kind: ",
     "params: ",
     "inputs: ",
