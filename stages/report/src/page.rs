@@ -39,6 +39,7 @@ th { background: #f5f5f5; }
 td.l, th.l { text-align: left; }
 td.best { background: #c8e6c9; font-weight: 700; }
 .scroll { overflow-x: auto; }
+img.fit { max-width: 100%; height: auto; display: block; }
 .charts { display: flex; flex-wrap: wrap; gap: 10px; }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 9px; font-size: 12px;
          border: 1px solid; }
@@ -210,11 +211,17 @@ impl<'a> Page<'a> {
 
     /// Writes a chart file and returns its `<img>`.
     fn chart(&mut self, name: &str, svg: String, alt: &str) -> Result<String, ReportError> {
+        let rel = self.chart_file(name, svg)?;
+        Ok(format!("<img src=\"{rel}\" alt=\"{}\">", esc(alt)))
+    }
+
+    /// Writes a chart into `charts/` and returns its relative path.
+    fn chart_file(&mut self, name: &str, svg: String) -> Result<String, ReportError> {
         let rel = format!("{CHARTS}/{}.svg", slug(name));
         let path = self.dir.join(&rel);
         std::fs::write(&path, svg).map_err(|e| ReportError::write(&path, e))?;
         self.images += 1;
-        Ok(format!("<img src=\"{rel}\" alt=\"{}\">", esc(alt)))
+        Ok(rel)
     }
 
     /// Copies a picture into `img/` and returns its `<img>`, or a note when it cannot be read.
@@ -302,7 +309,14 @@ impl<'a> Page<'a> {
                 }
             })
             .collect();
-        let img = self.chart("pipeline", svg::dag_diagram(&nodes), "the pipeline graph")?;
+        // Scaled down to the section's width rather than cut off at its edge (the quickstart's
+        // graph is 1742 px wide, 1.5x a 1280-px window's section); the link opens it at full
+        // size.
+        let rel = self.chart_file("pipeline", svg::dag_diagram(&nodes))?;
+        let img = format!(
+            "<a href=\"{rel}\" title=\"open the graph at full size\">\
+             <img class=\"fit\" src=\"{rel}\" alt=\"the pipeline graph\"></a>"
+        );
         let _ = writeln!(
             self.body,
             "<section><h2>Pipeline</h2><p>{} {} {} {} {} &nbsp; boxes show the kind and the \
