@@ -82,20 +82,12 @@ pub fn score_probabilities(p: Tensor<4>) -> Vec<Scored> {
         .into_data()
         .try_into_vec_as::<f32>()
         .expect("float scores");
-    let pred: Vec<i64> = p
-        .argmax(1)
-        .into_data()
-        .try_into_vec_as::<i64>()
-        .expect("integer argmax");
     scores
         .into_iter()
-        .enumerate()
-        .map(|(k, s)| Scored {
+        .zip(dag_model::argmax_classes(p))
+        .map(|(s, prediction)| Scored {
             score: f64::from(s),
-            prediction: pred[k * h * w..(k + 1) * h * w]
-                .iter()
-                .map(|&c| c as u8)
-                .collect(),
+            prediction,
         })
         .collect()
 }

@@ -316,5 +316,12 @@ fn host_argmax_matches_burn_argmax_and_breaks_ties_low() {
         TensorData::new(vec![0.0f32, 0.0, 3.0, 1.0, 3.0, 2.0], [1, 3, 1, 2]),
         &device,
     );
+    let burn_tied: Vec<i64> = tied
+        .clone()
+        .argmax(1)
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .unwrap();
+    assert_eq!(burn_tied, vec![1, 2], "Burn's own tie rule changed");
     assert_eq!(dag_model::argmax_classes(tied), vec![vec![1u8, 2]]);
 }
