@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 pub mod conv;
 pub mod deeplab;
 pub mod discriminator;
+mod flex_conv;
+pub mod im2col;
 #[cfg(feature = "tch")]
 pub mod libtorch;
 pub mod torch;

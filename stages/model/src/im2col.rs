@@ -1,0 +1,409 @@
+//! Convolution forward and backward on host memory as im2col + one matrix product per image.
+//!
+//! The layout is NCHW, row-major, `f32`. An image's column matrix has one row per weight tap
+//! `(input channel, ky, kx)` and one column per output pixel, so the forward pass is
+//! `weight [Cout, K] x columns [K, P]`, the weight gradient is `dY [Cout, P] x columns^T`,
+//! and the input gradient is `weight^T x dY` scattered back through the same taps. Each is a
+//! single well-shaped product for the `gemm` crate (AVX-512 where the CPU has it), unlike Burn
+//! 0.22's generic backward, which derives the weight gradient as a convolution whose kernel is
+//! the whole output-gradient map (see `conv`'s module docs).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Shapes and options of one 2-D convolution (groups 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Batch size.
+    pub batch: usize,
+    /// Input channels.
+    pub channels_in: usize,
+    /// Input height and width.
+    pub input: [usize; 2],
+    /// Output channels.
+    pub channels_out: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Stride (rows, columns).
+    pub stride: [usize; 2],
+    /// Zero padding before the first row and column; the output size decides the end.
+    pub padding: [usize; 2],
+    /// Dilation (rows, columns).
+    pub dilation: [usize; 2],
+    /// Output height and width.
+    pub output: [usize; 2],
+}
+
+impl ConvShape {
+    /// Weight taps per output channel: `channels_in * kh * kw`.
+    pub fn taps(&self) -> usize {
+        self.channels_in * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Output pixels per channel.
+    pub fn pixels(&self) -> usize {
+        self.output[0] * self.output[1]
+    }
+
+    fn input_plane(&self) -> usize {
+        self.input[0] * self.input[1]
+    }
+
+    /// A 1x1 conv with stride 1 and no padding reads the input as its own column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+}
+
+/// For output index `o` along one axis, the input index is `o * stride + offset`; returns the
+/// range of `o` in `0..out` whose input index lies in `0..len`.
+fn valid_outputs(offset: isize, stride: usize, len: usize, out: usize) -> std::ops::Range<usize> {
+    let stride = stride as isize;
+    // Smallest o with o * stride + offset >= 0.
+    let lo = if offset >= 0 {
+        0
+    } else {
+        (-offset + stride - 1) / stride
+    };
+    // Smallest o with o * stride + offset >= len.
+    let hi = (len as isize - offset + stride - 1)
+        .div_euclid(stride)
+        .max(0);
+    let lo = (lo as usize).min(out);
+    let hi = (hi as usize).clamp(lo, out);
+    lo..hi
+}
+
+/// The tap `(ky, kx)`'s input offsets along rows and columns.
+fn tap_offsets(shape: &ConvShape, ky: usize, kx: usize) -> (isize, isize) {
+    (
+        (ky * shape.dilation[0]) as isize - shape.padding[0] as isize,
+        (kx * shape.dilation[1]) as isize - shape.padding[1] as isize,
+    )
+}
+
+/// Fills `columns` (`[taps, pixels]`) from one image (`[channels_in, H, W]`).
+fn im2col(shape: &ConvShape, image: &[f32], columns: &mut [f32]) {
+    let [kh, kw] = shape.kernel;
+    let [ho, wo] = shape.output;
+    let [h, w] = shape.input;
+    let [sh, sw] = shape.stride;
+    let plane = shape.input_plane();
+    columns
+        .par_chunks_mut(ho * wo)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (channel, tap) = (row / (kh * kw), row % (kh * kw));
+            let (dy, dx) = tap_offsets(shape, tap / kw, tap % kw);
+            let input = &image[channel * plane..(channel + 1) * plane];
+            let rows = valid_outputs(dy, sh, h, ho);
+            let cols = valid_outputs(dx, sw, w, wo);
+            for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
+                if !rows.contains(&oy) || cols.is_empty() {
+                    out_row.fill(0.0);
+                    continue;
+                }
+                let iy = (oy * sh) as isize + dy;
+                let in_row = &input[iy as usize * w..(iy as usize + 1) * w];
+                out_row[..cols.start].fill(0.0);
+                out_row[cols.end..].fill(0.0);
+                let first = ((cols.start * sw) as isize + dx) as usize;
+                if sw == 1 {
+                    out_row[cols.clone()].copy_from_slice(&in_row[first..first + cols.len()]);
+                } else {
+                    for (o, value) in out_row[cols.clone()].iter_mut().enumerate() {
+                        *value = in_row[first + o * sw];
+                    }
+                }
+            }
+        });
+}
+
+/// Adds `columns` (`[taps, pixels]`) back into one image's gradient (`[channels_in, H, W]`).
+fn col2im_add(shape: &ConvShape, columns: &[f32], image: &mut [f32]) {
+    let [kh, kw] = shape.kernel;
+    let [ho, wo] = shape.output;
+    let [h, w] = shape.input;
+    let [sh, sw] = shape.stride;
+    let taps = kh * kw;
+    image
+        .par_chunks_mut(shape.input_plane())
+        .enumerate()
+        .for_each(|(channel, input)| {
+            for tap in 0..taps {
+                let (dy, dx) = tap_offsets(shape, tap / kw, tap % kw);
+                let rows = valid_outputs(dy, sh, h, ho);
+                let cols = valid_outputs(dx, sw, w, wo);
+                if cols.is_empty() {
+                    continue;
+                }
+                let column = &columns[(channel * taps + tap) * ho * wo..][..ho * wo];
+                for oy in rows {
+                    let iy = ((oy * sh) as isize + dy) as usize;
+                    let in_row = &mut input[iy * w..(iy + 1) * w];
+                    let first = ((cols.start * sw) as isize + dx) as usize;
+                    let src = &column[oy * wo + cols.start..oy * wo + cols.end];
+                    if sw == 1 {
+                        for (d, s) in in_row[first..first + src.len()].iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    } else {
+                        for (o, s) in src.iter().enumerate() {
+                            in_row[first + o * sw] += s;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// A row-major matrix operand: its data and its row and column strides.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with `cols` columns.
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `cols` columns.
+    fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+}
+
+/// `dst [m, n] (+)= lhs [m, k] x rhs [k, n]`, `dst` row-major; adds to `dst` when `accumulate`.
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+) {
+    assert!(dst.len() >= m * n);
+    assert!(
+        m == 0 || k == 0 || lhs.data.len() > (m - 1) * lhs.row_stride + (k - 1) * lhs.col_stride
+    );
+    assert!(
+        n == 0 || k == 0 || rhs.data.len() > (k - 1) * rhs.row_stride + (n - 1) * rhs.col_stride
+    );
+    // Same threshold as burn-flex's own matmul: below it, threads cost more than they save.
+    let parallelism = if m * n * k >= 192 * 192 * 192 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above keep every element the product reads inside `lhs` and `rhs`,
+    // and `dst` holds `m * n` row-major elements; the three do not overlap (`dst` is unique).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The column matrix of image `n` of `x`: `x` itself for a pointwise conv, else built in
+/// `scratch`.
+fn columns_of<'a>(
+    shape: &ConvShape,
+    x: &'a [f32],
+    n: usize,
+    scratch: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let image_len = shape.channels_in * shape.input_plane();
+    let image = &x[n * image_len..][..image_len];
+    if shape.is_pointwise() {
+        return image;
+    }
+    let columns = scratch_of(scratch, shape.taps() * shape.pixels());
+    im2col(shape, image, columns);
+    columns
+}
+
+thread_local! {
+    /// Column matrices are rebuilt for every conv; keeping one buffer per thread saves
+    /// zero-filling (and page-faulting) a fresh one each time. Every use overwrites all of it.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The first `len` elements of `buffer`, grown (with zeros) as needed; their old contents are
+/// left for the caller to overwrite.
+fn scratch_of(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// Runs `f` with this thread's scratch buffer (or a fresh one if it is already in use).
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => f(&mut buffer),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// The convolution of `x` (`[N, Cin, H, W]`) with `weight` (`[Cout, Cin, kh, kw]`) plus `bias`.
+pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0.0; shape.batch * shape.channels_out * shape.pixels()];
+    with_scratch(|scratch| forward_into(shape, x, weight, bias, &mut y, scratch));
+    y
+}
+
+fn forward_into(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (taps, pixels, cout) = (shape.taps(), shape.pixels(), shape.channels_out);
+    for (n, y_n) in y.chunks_exact_mut(cout * pixels).enumerate() {
+        let columns = columns_of(shape, x, n, scratch);
+        matmul(
+            cout,
+            pixels,
+            taps,
+            y_n,
+            Operand::rows(weight, taps),
+            Operand::rows(columns, pixels),
+            false,
+        );
+        if let Some(bias) = bias {
+            for (channel, b) in y_n.chunks_exact_mut(pixels).zip(bias) {
+                channel.iter_mut().for_each(|v| *v += b);
+            }
+        }
+    }
+}
+
+/// Gradients of the convolution with respect to its input and weight, each computed only when
+/// asked for, given the output gradient `dy` (`[N, Cout, Ho, Wo]`).
+pub fn backward(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    want_input: bool,
+    want_weight: bool,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let image_len = shape.channels_in * shape.input_plane();
+    let mut dx = want_input.then(|| vec![0.0; shape.batch * image_len]);
+    let mut dw = want_weight.then(|| vec![0.0; shape.channels_out * shape.taps()]);
+    with_scratch(|scratch| {
+        backward_into(
+            shape,
+            x,
+            weight,
+            dy,
+            dx.as_deref_mut(),
+            dw.as_deref_mut(),
+            scratch,
+        )
+    });
+    (dx, dw)
+}
+
+fn backward_into(
+    shape: &ConvShape,
+    x: &[f32],
+    weight: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+    scratch: &mut Vec<f32>,
+) {
+    let (taps, pixels, cout) = (shape.taps(), shape.pixels(), shape.channels_out);
+    let image_len = shape.channels_in * shape.input_plane();
+    for n in 0..shape.batch {
+        let dy_n = &dy[n * cout * pixels..][..cout * pixels];
+        if let Some(dw) = dw.as_deref_mut() {
+            let columns = columns_of(shape, x, n, scratch);
+            matmul(
+                cout,
+                taps,
+                pixels,
+                dw,
+                Operand::rows(dy_n, pixels),
+                Operand::transposed(columns, pixels),
+                n > 0,
+            );
+        }
+        if let Some(dx) = dx.as_deref_mut() {
+            let dx_n = &mut dx[n * image_len..][..image_len];
+            let lhs = Operand::transposed(weight, taps);
+            if shape.is_pointwise() {
+                matmul(
+                    taps,
+                    pixels,
+                    cout,
+                    dx_n,
+                    lhs,
+                    Operand::rows(dy_n, pixels),
+                    false,
+                );
+            } else {
+                let columns = scratch_of(scratch, taps * pixels);
+                matmul(
+                    taps,
+                    pixels,
+                    cout,
+                    columns,
+                    lhs,
+                    Operand::rows(dy_n, pixels),
+                    false,
+                );
+                col2im_add(shape, columns, dx_n);
+            }
+        }
+    }
+}
+
+/// The bias gradient: `dy` (`[N, Cout, Ho, Wo]`) summed over images and pixels.
+pub fn bias_gradient(shape: &ConvShape, dy: &[f32]) -> Vec<f32> {
+    let pixels = shape.pixels();
+    let mut db = vec![0.0f32; shape.channels_out];
+    for image in dy
+        .chunks_exact(shape.channels_out * pixels)
+        .take(shape.batch)
+    {
+        for (sum, channel) in db.iter_mut().zip(image.chunks_exact(pixels)) {
+            *sum += channel.iter().sum::<f32>();
+        }
+    }
+    db
+}
