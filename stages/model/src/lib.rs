@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub mod conv;
 pub mod deeplab;
 pub mod discriminator;
+pub mod flex;
 mod flex_conv;
 pub mod im2col;
 #[cfg(feature = "tch")]

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+mod host_losses;
 #[cfg(feature = "tch")]
 mod libtorch_adam;
 pub mod losses;

@@ -15,6 +15,9 @@ pub fn masked_cross_entropy(logits: Tensor<4>, labels: Tensor<3, Int>) -> Tensor
     if let Some(loss) = fused::masked_cross_entropy(&logits, &labels) {
         return loss;
     }
+    if let Some(loss) = crate::host_losses::masked_cross_entropy(&logits, &labels) {
+        return loss;
+    }
     let log_p = log_softmax(logits, 1);
     let ignored = labels.clone().equal_elem(IGNORE_LABEL);
     let valid = ignored.clone().bool_not().float();
@@ -32,6 +35,9 @@ pub fn self_information(logits: Tensor<4>) -> Tensor<4> {
     let [_, c, _, _] = logits.dims();
     #[cfg(feature = "tch")]
     if let Some(map) = fused::self_information(&logits, c) {
+        return map;
+    }
+    if let Some(map) = crate::host_losses::self_information(&logits, entropy_norm(c)) {
         return map;
     }
     let log_p = log_softmax(logits.clone(), 1);
