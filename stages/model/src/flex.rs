@@ -187,3 +187,70 @@ impl Backward<Flex, 1> for HostOp {
         grads.register::<Flex>(parent.id, tensor);
     }
 }
+
+/// Whether `t` is a plain (untracked) `f32` tensor on flex: what an optimiser sees of a
+/// parameter, its gradient and its state there.
+pub fn is_plain_f32<const D: usize>(t: &Tensor<D>) -> bool {
+    crate::conv::on_flex(&t.device()) && !t.device().is_autodiff() && t.dtype() == DType::F32
+}
+
+/// The values of a plain `f32` tensor on flex (see [`is_plain_f32`]); `None` for any other.
+pub fn host_values<const D: usize>(t: &Tensor<D>) -> Option<HostTensor> {
+    if !is_plain_f32(t) {
+        return None;
+    }
+    HostTensor::dense(&t.clone().try_into_primitive::<Flex>().ok()?)
+}
+
+/// A plain `f32` tensor on flex that this handle alone holds, for updating in place.
+#[derive(Debug)]
+pub struct WritableTensor<const D: usize>(FlexTensor);
+
+impl<const D: usize> WritableTensor<D> {
+    /// `t`'s own dense storage when nothing else holds it, else a dense copy (so a tensor still
+    /// held elsewhere is never written to); `None` unless `t` is a plain `f32` tensor on flex.
+    pub fn new(t: Tensor<D>) -> Option<Self> {
+        if !is_plain_f32(&t) {
+            return None;
+        }
+        let primitive: FlexTensor = t.try_into_primitive::<Flex>().ok()?;
+        let mut dense = primitive.to_contiguous();
+        // A dense tensor's `to_contiguous` is the same storage: let go of the second handle.
+        drop(primitive);
+        if dense.try_storage_mut::<f32>().is_none() {
+            let dims = dense.shape().to_vec();
+            dense = from_vec_dims(dense.storage::<f32>().to_vec(), dims);
+        }
+        Some(Self(dense))
+    }
+
+    /// A zero-filled tensor of `dims`.
+    pub fn zeros(dims: [usize; D]) -> Self {
+        Self(from_vec(vec![0.0; dims.iter().product()], dims))
+    }
+
+    /// The values, row-major, for writing.
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        self.0
+            .try_storage_mut::<f32>()
+            .expect("a writable tensor holds its storage alone")
+    }
+
+    /// The dimensions.
+    pub fn dims(&self) -> [usize; D] {
+        self.0.shape().dims()
+    }
+
+    /// The tensor, on flex.
+    pub fn into_tensor(self) -> Tensor<D> {
+        Tensor::from_primitive::<Flex>(self.0)
+    }
+}
+
+fn from_vec_dims(values: Vec<f32>, dims: Vec<usize>) -> FlexTensor {
+    FlexTensor::new(
+        burn_backend::Bytes::from_elems(values),
+        Layout::contiguous(dims.into()),
+        DType::F32,
+    )
+}

@@ -15,9 +15,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+mod fused_adam;
 mod host_losses;
-#[cfg(feature = "tch")]
-mod libtorch_adam;
 pub mod losses;
 mod trainer;
 

@@ -8,8 +8,6 @@ use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrSchedu
 use burn::module::{Module, ParamGroup};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-#[cfg(not(feature = "tch"))]
-use burn::optim::AdamConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use dag_model::discriminator::MIN_INPUT_SIZE;
@@ -173,23 +171,15 @@ fn init_state(
     })
 }
 
-/// Adam for a discriminator. In builds with `device: tch` it runs as LibTorch kernels in place
-/// where the parameters live on LibTorch (the same update and state as Burn's `Adam`; see
-/// `libtorch_adam`).
+/// Adam for a discriminator, in place on flex and `device: tch` (the same update and state as
+/// Burn's `Adam`; see `fused_adam`).
 fn discriminator_optimizer(config: &TrainConfig) -> ModuleOptimizer {
     let (beta_1, beta_2, epsilon) = (
         config.adam_beta1 as f32,
         config.adam_beta2 as f32,
         config.adam_epsilon as f32,
     );
-    #[cfg(feature = "tch")]
-    return crate::libtorch_adam::LibTorchAdam::new(beta_1, beta_2, epsilon).init();
-    #[cfg(not(feature = "tch"))]
-    AdamConfig::new()
-        .with_beta_1(beta_1)
-        .with_beta_2(beta_2)
-        .with_epsilon(epsilon)
-        .init()
+    crate::fused_adam::FusedAdam::new(beta_1, beta_2, epsilon).init()
 }
 
 /// Only these may differ between the run that wrote a checkpoint and the one resuming it.
