@@ -61,7 +61,8 @@ mod tests {
     use burn::tensor::Distribution;
 
     /// Values and all gradients of `conv_forward` against Burn's own conv on `device`, for the
-    /// shapes this crate builds: 1x1 (strided or not), 3x3 with and without dilation, the 7x7
+    /// shapes this crate builds: 1x1 (strided or not), 3x3 with and without dilation (some
+    /// dilations so large that most kernel positions read only padding), the 7x7
     /// stem, the discriminator's 4x4 stride-2 convs (and one whose padding differs between
     /// sides); with and without bias, and with an input that needs no gradient (an image).
     fn check_against_burn_conv(device: Device) {
@@ -75,6 +76,10 @@ mod tests {
             (3, 1, 2, [2; 4], 8, 12, true, true),
             (7, 2, 1, [3; 4], 3, 16, false, false),
             (3, 1, 6, [6; 4], 8, 24, true, true),
+            // Dilations past the map, as DeepLabV2's classifier on small maps: on the 11x9
+            // input, 3 of the 9 kernel positions read pixels at dilation 9, 1 at dilation 12.
+            (3, 1, 9, [9; 4], 8, 19, true, true),
+            (3, 1, 12, [12; 4], 8, 19, false, true),
             (4, 2, 1, [1; 4], 5, 16, true, true),
             (4, 2, 1, [2, 0, 1, 3], 6, 1, true, true),
         ] {

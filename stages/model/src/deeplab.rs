@@ -213,6 +213,9 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, then_relu: bool) -> Tensor<4> {
     if let Some(y) = crate::libtorch::batch_norm_train(bn, &x, then_relu) {
         return y;
     }
+    if let Some(y) = crate::flex_batch_norm::batch_norm(bn, &x, then_relu) {
+        return y;
+    }
     let y = bn.forward(x);
     if then_relu {
         relu(y)

@@ -53,6 +53,66 @@ impl ConvShape {
     fn is_pointwise(&self) -> bool {
         self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
     }
+
+    /// The kernel positions `ky * kw + kx` that read at least one input pixel. With a dilation
+    /// as large as the map (DeepLabV2's classifier at dilation 24 on a 17-row map), most
+    /// positions read only padding: their column rows would be all zeros.
+    fn live_kernel_taps(&self) -> Vec<usize> {
+        let [kh, kw] = self.kernel;
+        (0..kh * kw)
+            .filter(|&tap| {
+                let (dy, dx) = tap_offsets(self, tap / kw, tap % kw);
+                !valid_outputs(dy, self.stride[0], self.input[0], self.output[0]).is_empty()
+                    && !valid_outputs(dx, self.stride[1], self.input[1], self.output[1]).is_empty()
+            })
+            .collect()
+    }
+}
+
+/// The rows of the column matrix that are computed: every input channel times the live kernel
+/// positions (all of them for most convs).
+struct TapRows {
+    live: Vec<usize>,
+    all: bool,
+}
+
+impl TapRows {
+    fn new(shape: &ConvShape) -> Self {
+        let live = shape.live_kernel_taps();
+        let all = live.len() == shape.kernel[0] * shape.kernel[1];
+        Self { live, all }
+    }
+
+    /// Rows per input channel.
+    fn per_channel(&self) -> usize {
+        self.live.len()
+    }
+
+    /// `(input channel, kernel position)` of compact row `row`.
+    fn tap_of(&self, row: usize) -> (usize, usize) {
+        (row / self.live.len(), self.live[row % self.live.len()])
+    }
+
+    /// `weight [Cout, Cin * kh * kw]` restricted to the live rows, `[Cout, Cin * live]`; the
+    /// weight itself when every position is live.
+    fn compact_weight<'a>(
+        &self,
+        shape: &ConvShape,
+        weight: &'a [f32],
+    ) -> std::borrow::Cow<'a, [f32]> {
+        if self.all {
+            return std::borrow::Cow::Borrowed(weight);
+        }
+        let kk = shape.kernel[0] * shape.kernel[1];
+        let mut compact =
+            Vec::with_capacity(shape.channels_out * shape.channels_in * self.live.len());
+        for filter in weight.chunks_exact(shape.taps()) {
+            for channel in filter.chunks_exact(kk) {
+                compact.extend(self.live.iter().map(|&tap| channel[tap]));
+            }
+        }
+        std::borrow::Cow::Owned(compact)
+    }
 }
 
 /// For output index `o` along one axis, the input index is `o * stride + offset`; returns the
@@ -82,9 +142,9 @@ fn tap_offsets(shape: &ConvShape, ky: usize, kx: usize) -> (isize, isize) {
     )
 }
 
-/// Fills `columns` (`[taps, pixels]`) from one image (`[channels_in, H, W]`).
-fn im2col(shape: &ConvShape, image: &[f32], columns: &mut [f32]) {
-    let [kh, kw] = shape.kernel;
+/// Fills `columns` (`[rows, pixels]`, the rows of `rows`) from one image (`[channels_in, H, W]`).
+fn im2col(shape: &ConvShape, rows_of: &TapRows, image: &[f32], columns: &mut [f32]) {
+    let kw = shape.kernel[1];
     let [ho, wo] = shape.output;
     let [h, w] = shape.input;
     let [sh, sw] = shape.stride;
@@ -93,7 +153,7 @@ fn im2col(shape: &ConvShape, image: &[f32], columns: &mut [f32]) {
         .par_chunks_mut(ho * wo)
         .enumerate()
         .for_each(|(row, out)| {
-            let (channel, tap) = (row / (kh * kw), row % (kh * kw));
+            let (channel, tap) = rows_of.tap_of(row);
             let (dy, dx) = tap_offsets(shape, tap / kw, tap % kw);
             let input = &image[channel * plane..(channel + 1) * plane];
             let rows = valid_outputs(dy, sh, h, ho);
@@ -119,25 +179,26 @@ fn im2col(shape: &ConvShape, image: &[f32], columns: &mut [f32]) {
         });
 }
 
-/// Adds `columns` (`[taps, pixels]`) back into one image's gradient (`[channels_in, H, W]`).
-fn col2im_add(shape: &ConvShape, columns: &[f32], image: &mut [f32]) {
-    let [kh, kw] = shape.kernel;
+/// Adds `columns` (`[rows, pixels]`, the rows of `rows`) back into one image's gradient
+/// (`[channels_in, H, W]`).
+fn col2im_add(shape: &ConvShape, rows_of: &TapRows, columns: &[f32], image: &mut [f32]) {
+    let kw = shape.kernel[1];
     let [ho, wo] = shape.output;
     let [h, w] = shape.input;
     let [sh, sw] = shape.stride;
-    let taps = kh * kw;
+    let taps = rows_of.per_channel();
     image
         .par_chunks_mut(shape.input_plane())
         .enumerate()
         .for_each(|(channel, input)| {
-            for tap in 0..taps {
+            for (slot, &tap) in rows_of.live.iter().enumerate() {
                 let (dy, dx) = tap_offsets(shape, tap / kw, tap % kw);
                 let rows = valid_outputs(dy, sh, h, ho);
                 let cols = valid_outputs(dx, sw, w, wo);
                 if cols.is_empty() {
                     continue;
                 }
-                let column = &columns[(channel * taps + tap) * ho * wo..][..ho * wo];
+                let column = &columns[(channel * taps + slot) * ho * wo..][..ho * wo];
                 for oy in rows {
                     let iy = ((oy * sh) as isize + dy) as usize;
                     let in_row = &mut input[iy * w..(iy + 1) * w];
@@ -239,6 +300,7 @@ fn matmul(
 /// `scratch`.
 fn columns_of<'a>(
     shape: &ConvShape,
+    rows_of: &TapRows,
     x: &'a [f32],
     n: usize,
     scratch: &'a mut Vec<f32>,
@@ -248,8 +310,9 @@ fn columns_of<'a>(
     if shape.is_pointwise() {
         return image;
     }
-    let columns = scratch_of(scratch, shape.taps() * shape.pixels());
-    im2col(shape, image, columns);
+    let rows = shape.channels_in * rows_of.per_channel();
+    let columns = scratch_of(scratch, rows * shape.pixels());
+    im2col(shape, rows_of, image, columns);
     columns
 }
 
@@ -291,15 +354,18 @@ fn forward_into(
     y: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    let (taps, pixels, cout) = (shape.taps(), shape.pixels(), shape.channels_out);
+    let (pixels, cout) = (shape.pixels(), shape.channels_out);
+    let rows_of = TapRows::new(shape);
+    let rows = shape.channels_in * rows_of.per_channel();
+    let weight = rows_of.compact_weight(shape, weight);
     for (n, y_n) in y.chunks_exact_mut(cout * pixels).enumerate() {
-        let columns = columns_of(shape, x, n, scratch);
+        let columns = columns_of(shape, &rows_of, x, n, scratch);
         matmul(
             cout,
             pixels,
-            taps,
+            rows,
             y_n,
-            Operand::rows(weight, taps),
+            Operand::rows(&weight, rows),
             Operand::rows(columns, pixels),
             false,
         );
@@ -349,13 +415,21 @@ fn backward_into(
 ) {
     let (taps, pixels, cout) = (shape.taps(), shape.pixels(), shape.channels_out);
     let image_len = shape.channels_in * shape.input_plane();
+    let rows_of = TapRows::new(shape);
+    let rows = shape.channels_in * rows_of.per_channel();
+    let weight = rows_of.compact_weight(shape, weight);
+    // The weight gradient of the live rows; positions that read only padding get none.
+    let mut compact_dw = dw
+        .as_ref()
+        .filter(|_| !rows_of.all)
+        .map(|_| vec![0.0f32; cout * rows]);
     for n in 0..shape.batch {
         let dy_n = &dy[n * cout * pixels..][..cout * pixels];
-        if let Some(dw) = dw.as_deref_mut() {
-            let columns = columns_of(shape, x, n, scratch);
+        if let Some(dw) = compact_dw.as_deref_mut().or(dw.as_deref_mut()) {
+            let columns = columns_of(shape, &rows_of, x, n, scratch);
             matmul(
                 cout,
-                taps,
+                rows,
                 pixels,
                 dw,
                 Operand::rows(dy_n, pixels),
@@ -365,10 +439,10 @@ fn backward_into(
         }
         if let Some(dx) = dx.as_deref_mut() {
             let dx_n = &mut dx[n * image_len..][..image_len];
-            let lhs = Operand::transposed(weight, taps);
+            let lhs = Operand::transposed(&weight, rows);
             if shape.is_pointwise() {
                 matmul(
-                    taps,
+                    rows,
                     pixels,
                     cout,
                     dx_n,
@@ -377,9 +451,9 @@ fn backward_into(
                     false,
                 );
             } else {
-                let columns = scratch_of(scratch, taps * pixels);
+                let columns = scratch_of(scratch, rows * pixels);
                 matmul(
-                    taps,
+                    rows,
                     pixels,
                     cout,
                     columns,
@@ -387,7 +461,21 @@ fn backward_into(
                     Operand::rows(dy_n, pixels),
                     false,
                 );
-                col2im_add(shape, columns, dx_n);
+                col2im_add(shape, &rows_of, columns, dx_n);
+            }
+        }
+    }
+    if let (Some(dw), Some(compact)) = (dw, compact_dw) {
+        let kk = shape.kernel[0] * shape.kernel[1];
+        let per_channel = rows_of.per_channel();
+        for (filter, compact) in dw.chunks_exact_mut(taps).zip(compact.chunks_exact(rows)) {
+            for (channel, values) in filter
+                .chunks_exact_mut(kk)
+                .zip(compact.chunks_exact(per_channel))
+            {
+                for (&tap, &v) in rows_of.live.iter().zip(values) {
+                    channel[tap] = v;
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod conv;
 pub mod deeplab;
 pub mod discriminator;
 pub mod flex;
+mod flex_batch_norm;
 mod flex_conv;
 pub mod im2col;
 #[cfg(feature = "tch")]
