@@ -163,7 +163,9 @@ fn normalise(
             let shift = beta[channel] - mean[channel] * scale;
             for (o, &v) in out.iter_mut().zip(x) {
                 let y = v * scale + shift;
-                *o = if then_relu { y.max(0.0) } else { y };
+                // Not `f32::max`, which would turn a NaN into 0: NaNs must reach the loss,
+                // where the training loop reports them.
+                *o = if then_relu && y < 0.0 { 0.0 } else { y };
             }
         });
     out
@@ -303,6 +305,23 @@ mod tests {
             let moved: f32 = (fused.running_var.value() - 1.0).abs().sum().into_scalar();
             assert!(moved > 0.0, "the running variance was updated");
         }
+    }
+
+    #[test]
+    fn nan_inputs_stay_nan_through_the_relu() {
+        // The training loop aborts on a NaN loss; a ReLU that mapped NaN to 0 would hide it.
+        let device = Device::flex().autodiff();
+        let bn = frozen(2, &device);
+        let mut values = vec![0.5f32; 2 * 3 * 3];
+        values[4] = f32::NAN;
+        let x = Tensor::<4>::from_data(TensorData::new(values, [1, 2, 3, 3]), &device);
+        let y = batch_norm(&bn, &x, true).expect("the fused op runs on flex");
+        let nans: Vec<bool> = y.is_nan().into_data().iter::<bool>().step_by(9).collect();
+        assert_eq!(
+            nans,
+            [true, false],
+            "the NaN's channel is NaN, the other is not"
+        );
     }
 
     #[test]
