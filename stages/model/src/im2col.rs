@@ -11,6 +11,9 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// Output pixels from which the weight gradient is computed transposed (see `backward_into`).
+const TRANSPOSED_WEIGHT_GRADIENT_PIXELS: usize = 1024;
+
 /// Shapes and options of one 2-D convolution (groups 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvShape {
@@ -418,24 +421,42 @@ fn backward_into(
     let rows_of = TapRows::new(shape);
     let rows = shape.channels_in * rows_of.per_channel();
     let weight = rows_of.compact_weight(shape, weight);
-    // The weight gradient of the live rows; positions that read only padding get none.
-    let mut compact_dw = dw
+    // Both factors of the weight gradient run along the pixels, so the GEMM repacks one of
+    // them. Over many pixels it is cheaper to repack the small dY, computing dW^T
+    // [rows, Cout] = columns [rows, P] x dY^T [P, Cout]; over few, the column matrix is small
+    // and dW [Cout, rows] = dY x columns^T is faster (bench/conv_ops).
+    let transposed = pixels >= TRANSPOSED_WEIGHT_GRADIENT_PIXELS;
+    // The live rows' gradient, when it cannot be written into `dw` directly; kernel
+    // positions that read only padding get none.
+    let mut staged_dw = dw
         .as_ref()
-        .filter(|_| !rows_of.all)
-        .map(|_| vec![0.0f32; cout * rows]);
+        .filter(|_| transposed || !rows_of.all)
+        .map(|_| vec![0.0f32; rows * cout]);
     for n in 0..shape.batch {
         let dy_n = &dy[n * cout * pixels..][..cout * pixels];
-        if let Some(dw) = compact_dw.as_deref_mut().or(dw.as_deref_mut()) {
+        if let Some(target) = staged_dw.as_deref_mut().or(dw.as_deref_mut()) {
             let columns = columns_of(shape, &rows_of, x, n, scratch);
-            matmul(
-                cout,
-                rows,
-                pixels,
-                dw,
-                Operand::rows(dy_n, pixels),
-                Operand::transposed(columns, pixels),
-                n > 0,
-            );
+            if transposed {
+                matmul(
+                    rows,
+                    cout,
+                    pixels,
+                    target,
+                    Operand::rows(columns, pixels),
+                    Operand::transposed(dy_n, pixels),
+                    n > 0,
+                );
+            } else {
+                matmul(
+                    cout,
+                    rows,
+                    pixels,
+                    target,
+                    Operand::rows(dy_n, pixels),
+                    Operand::transposed(columns, pixels),
+                    n > 0,
+                );
+            }
         }
         if let Some(dx) = dx.as_deref_mut() {
             let dx_n = &mut dx[n * image_len..][..image_len];
@@ -465,16 +486,22 @@ fn backward_into(
             }
         }
     }
-    if let (Some(dw), Some(compact)) = (dw, compact_dw) {
+    if let (Some(dw), Some(staged)) = (dw, staged_dw) {
         let kk = shape.kernel[0] * shape.kernel[1];
         let per_channel = rows_of.per_channel();
-        for (filter, compact) in dw.chunks_exact_mut(taps).zip(compact.chunks_exact(rows)) {
-            for (channel, values) in filter
-                .chunks_exact_mut(kk)
-                .zip(compact.chunks_exact(per_channel))
-            {
-                for (&tap, &v) in rows_of.live.iter().zip(values) {
-                    channel[tap] = v;
+        // Row `row` of the live rows is `dw`'s column `channel * kk + live position`.
+        let column = |row: usize| (row / per_channel) * kk + rows_of.live[row % per_channel];
+        if transposed {
+            for (row, values) in staged.chunks_exact(cout).enumerate() {
+                let column = column(row);
+                for (o, &value) in values.iter().enumerate() {
+                    dw[o * taps + column] = value;
+                }
+            }
+        } else {
+            for (filter, values) in dw.chunks_exact_mut(taps).zip(staged.chunks_exact(rows)) {
+                for (row, &value) in values.iter().enumerate() {
+                    filter[column(row)] = value;
                 }
             }
         }
