@@ -4,7 +4,7 @@
 # file reports), the two steps, and the entropy score's Spearman correlation with the
 # generator's difficulty; then the mean of each column. See BENCHMARKS.md, "Quickstart".
 #
-#   bench/quickstart.sh [SEED...]      (default: 1234 0 1; a run took 10-14 minutes here, more on a contended VM)
+#   bench/quickstart.sh [SEED...]      (default: 1234 0 1; a run takes about 4 minutes here, more on a contended VM)
 #
 # Every run sees the same images: `synth`'s seed is the pipeline seed + `seed_offset`, so the
 # copy for seed S sets `seed_offset: 1234 - S` and only the training seeds change. Seeds must
