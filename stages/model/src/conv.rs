@@ -127,12 +127,12 @@ mod tests {
                     bias.grad(&grads_ref).unwrap(),
                     bias.grad(&grads_ours).unwrap(),
                 );
-                // Each entry sums the upstream gradient over hundreds of pixels, in an order
-                // that differs between implementations: compare relative to its size.
+                // Each entry sums the upstream gradient over up to thousands of pixels, in an
+                // order that differs between implementations: compare relative to its size.
                 let scale: f32 = br.clone().abs().max().into_scalar();
                 let bias_diff: f32 = (br - bo).abs().max().into_scalar();
                 assert!(
-                    bias_diff <= 1e-6 * scale.max(1.0),
+                    bias_diff <= 1e-5 * scale.max(1.0),
                     "bias gradient, {case}: off by {bias_diff} at scale {scale}"
                 );
             }
