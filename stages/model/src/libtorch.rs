@@ -65,29 +65,6 @@ pub fn tracked_int<const D: usize>(t: &Tensor<D, Int>) -> Option<tch::Tensor> {
     Some(int.tensor.shallow_clone())
 }
 
-/// Whether `t` lives on `device: tch` outside autodiff (an optimiser's view of a parameter).
-pub fn is_plain_tch<const D: usize>(t: &Tensor<D>) -> bool {
-    !t.device().is_autodiff() && t.clone().try_into_primitive::<LibTorch>().is_ok()
-}
-
-/// The LibTorch tensor of `t` (see [`is_plain_tch`]) for updating in place: `t`'s own storage
-/// when nothing else holds it, else a copy. Panics on another device.
-pub fn into_writable_tch<const D: usize>(t: Tensor<D>) -> tch::Tensor {
-    let plain: TchTensor = t
-        .try_into_primitive::<LibTorch>()
-        .expect("a tensor on device: tch (check is_plain_tch first)");
-    if plain.can_mut() {
-        plain.tensor
-    } else {
-        plain.tensor.copy()
-    }
-}
-
-/// `t`, which nothing else holds, as a Burn tensor on `device: tch` outside autodiff.
-pub fn from_plain_tch<const D: usize>(t: tch::Tensor) -> Tensor<D> {
-    Tensor::from_primitive::<LibTorch>(TchTensor::new(t))
-}
-
 /// `op(inputs)` as one Burn operation whose gradients LibTorch's autograd computes.
 ///
 /// `op` receives the inputs' LibTorch tensors in order and returns the output, of rank `D`; it

@@ -1,17 +1,19 @@
-//! Adam updating parameters and moments in place where the optimiser holds the only reference,
-//! like PyTorch's own Adam; Burn's `Adam` runs a dozen or so separate tensor ops, each with its
-//! own buffer (BENCHMARKS.md, "Training step"). On flex it is one pass over the values; on
-//! `device: tch` seven LibTorch kernels per parameter. Same update and the same state record as
-//! Burn's `Adam`, so checkpoints stay interchangeable; parameters on other devices go to Burn's
-//! `Adam` unchanged.
+//! Adam on flex as one pass over the values, updating parameters and moments in place where the
+//! optimiser holds the only reference, like PyTorch's own Adam; Burn's `Adam` runs a dozen or so
+//! separate tensor ops, each with its own buffer (BENCHMARKS.md, "Fused ops on flex"). Same
+//! update and the same state record as Burn's `Adam`, so checkpoints stay interchangeable;
+//! parameters on other devices go to Burn's `Adam` unchanged.
+//!
+//! `device: tch` had an in-place LibTorch version (commit 70da5b8) until it turned out to make
+//! training there nondeterministic: two identical runs differed by up to 0.3 in the outputs
+//! after five AdvEnt iterations (`tests/tch.rs`), as if it sometimes wrote to a storage that
+//! LibTorch still held. Burn's `Adam` on tch costs about 10 ms of a 600 ms AdvEnt step.
 
 use burn::optim::{
     Adam, AdamConfig, AdamState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer,
 };
 use burn::tensor::{Device, Tensor};
 use dag_model::flex::{host_values, is_plain_f32, WritableTensor};
-#[cfg(feature = "tch")]
-use dag_model::libtorch::{from_plain_tch, into_writable_tch, is_plain_tch};
 use rayon::prelude::*;
 
 /// Elements per parallel task of the flex update.
@@ -113,59 +115,12 @@ impl Optimizer for FusedAdam {
         if is_plain_f32(&tensor) && is_plain_f32(&grad) && state_on_flex {
             return self.step_flex(lr, tensor, grad, state);
         }
-        #[cfg(feature = "tch")]
-        return self.step_tch(lr, tensor, grad, state);
-        #[cfg(not(feature = "tch"))]
         self.elsewhere.step(lr, tensor, grad, state)
     }
 
     fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
         state.momentum = state.momentum.to_device(device);
         state
-    }
-}
-
-#[cfg(feature = "tch")]
-impl FusedAdam {
-    /// The update as LibTorch kernels, in place where allowed, on `device: tch`.
-    fn step_tch<const D: usize>(
-        &self,
-        lr: LearningRate,
-        tensor: Tensor<D>,
-        grad: Tensor<D>,
-        state: Option<AdamState<D>>,
-    ) -> (Tensor<D>, Option<AdamState<D>>) {
-        let state_on_tch = state.as_ref().is_none_or(|s| {
-            is_plain_tch(&s.momentum.moment_1) && is_plain_tch(&s.momentum.moment_2)
-        });
-        if !(is_plain_tch(&tensor) && is_plain_tch(&grad) && state_on_tch) {
-            return self.elsewhere.step(lr, tensor, grad, state);
-        }
-        let g = into_writable_tch(grad);
-        let (time, mut moment_1, mut moment_2) = match state {
-            Some(s) => (
-                s.momentum.time + 1,
-                into_writable_tch(s.momentum.moment_1),
-                into_writable_tch(s.momentum.moment_2),
-            ),
-            None => (1, g.zeros_like(), g.zeros_like()),
-        };
-        // m <- b1 m + (1 - b1) g and v <- b2 v + (1 - b2) g^2, as Burn's `AdaptiveMomentum`.
-        let _ = moment_1.lerp_(&g, f64::from(1.0 - self.beta_1));
-        let _ = moment_2.lerp_(&(&g * &g), f64::from(1.0 - self.beta_2));
-        // Burn's step: lr * m * sqrt(bc2) / bc1 / (sqrt(v) + eps * sqrt(bc2)).
-        let t = time as i32;
-        let bias_correction_2 = (1.0 - self.beta_2.powi(t)).sqrt();
-        let factor = bias_correction_2 / (1.0 - self.beta_1.powi(t));
-        let mut denominator = moment_2.sqrt();
-        let _ = denominator.g_add_scalar_(f64::from(self.epsilon * bias_correction_2));
-        // param - step * m / d == param + m / (d / -step)
-        let _ = denominator.g_mul_scalar_(-1.0 / (lr * f64::from(factor)));
-        let mut param = into_writable_tch(tensor);
-        let _ = param.addcdiv_(&moment_1, &denominator);
-        let momentum =
-            AdaptiveMomentumState::new(time, from_plain_tch(moment_1), from_plain_tch(moment_2));
-        (from_plain_tch(param), Some(AdamState::new(momentum)))
     }
 }
 
@@ -236,12 +191,5 @@ mod tests {
         for (got, want) in values.iter().zip([0.9, 2.1, 3.0]) {
             assert!((got - want).abs() < 1e-6, "{values:?}");
         }
-    }
-
-    #[cfg(feature = "tch")]
-    #[test]
-    #[allow(deprecated)]
-    fn tch_matches_burn_adam_without_touching_shared_tensors() {
-        matches_burn_adam(Device::libtorch(), FusedAdam::step_tch::<2>);
     }
 }

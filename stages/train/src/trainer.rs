@@ -171,8 +171,8 @@ fn init_state(
     })
 }
 
-/// Adam for a discriminator, in place on flex and `device: tch` (the same update and state as
-/// Burn's `Adam`; see `fused_adam`).
+/// Adam for a discriminator, in place on flex (the same update and state as Burn's `Adam`; see
+/// `fused_adam`).
 fn discriminator_optimizer(config: &TrainConfig) -> ModuleOptimizer {
     let (beta_1, beta_2, epsilon) = (
         config.adam_beta1 as f32,
