@@ -33,7 +33,7 @@ def frozen_bn(c):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, cin, planes, stride, dilation):
+    def __init__(self, cin, planes, stride, dilation, first):
         super().__init__()
         out = planes * 4
         self.conv1 = nn.Conv2d(cin, planes, 1, stride=stride, bias=False)
@@ -43,7 +43,8 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
         self.bn3 = frozen_bn(out)
         self.downsample = None
-        if stride != 1 or cin != out or dilation > 1:
+        # ADVENT's _make_layer: only a stage's first block projects its shortcut.
+        if first and (stride != 1 or cin != out or dilation > 1):
             self.downsample = nn.Sequential(
                 nn.Conv2d(cin, out, 1, stride=stride, bias=False), frozen_bn(out)
             )
@@ -85,7 +86,7 @@ class DeepLabV2(nn.Module):
         ):
             blocks = []
             for b in range(n):
-                blocks.append(Bottleneck(cin, planes, stride if b == 0 else 1, dil))
+                blocks.append(Bottleneck(cin, planes, stride if b == 0 else 1, dil, b == 0))
                 cin = planes * 4
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.layer5 = Classifier(scaled(256) * 4, CLASSES)

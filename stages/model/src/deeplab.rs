@@ -270,8 +270,10 @@ impl Bottleneck {
         device: &Device,
     ) -> Self {
         let out = planes * EXPANSION;
-        // DeepLabV2 also projects on dilated stages, which the channel change implies anyway.
-        let downsample = (stride != 1 || inplanes != out || dilation > 1).then(|| Downsample {
+        // As in ADVENT's `_make_layer`, only a stage's first block projects: the channel change
+        // or the stride asks for it there, and the later blocks add their input unchanged (its
+        // extra "dilation 2 or 4" clause is decided once per stage, for the first block).
+        let downsample = (stride != 1 || inplanes != out).then(|| Downsample {
             conv: conv1x1(inplanes, out, stride, device),
             bn: frozen_bn(out, device),
         });

@@ -20,7 +20,7 @@ fn fixture(name: &str) -> PathBuf {
 /// The architecture of the `.pth` fixtures (see tests/fixtures/make_pth.py).
 fn tiny(classes: usize) -> DeepLabV2Config {
     DeepLabV2Config {
-        blocks: [1, 1, 1, 1],
+        blocks: [1, 1, 2, 2],
         width: 0.0625,
         classes,
     }
