@@ -115,35 +115,6 @@ fn plane(values: &[f32], [_, channels, p]: [usize; 3], n: usize, c: usize) -> &[
     &values[(n * channels + c) * p..][..p]
 }
 
-/// Accumulator lanes of [`lane_sums`].
-const LANES: usize = 8;
-
-/// The sums over `i` of both parts of `term(a[i], b[i])`, in `f64`, over [`LANES`] interleaved
-/// accumulators (`a` and `b` have the same length). One running sum is a chain of dependent
-/// `f64` additions, a few cycles each, that the compiler may not reorder; independent lanes
-/// vectorise. The order is fixed, so the result is the same on every run.
-fn lane_sums(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> (f64, f64)) -> (f64, f64) {
-    debug_assert_eq!(a.len(), b.len());
-    let mut first = [0.0f64; LANES];
-    let mut second = [0.0f64; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail = a_chunks.remainder().iter().zip(b_chunks.remainder());
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for lane in 0..LANES {
-            let (x, y) = term(a[lane], b[lane]);
-            first[lane] += x;
-            second[lane] += y;
-        }
-    }
-    let (mut x_sum, mut y_sum) = (first.iter().sum::<f64>(), second.iter().sum::<f64>());
-    for (&a, &b) in tail {
-        let (x, y) = term(a, b);
-        x_sum += x;
-        y_sum += y;
-    }
-    (x_sum, y_sum)
-}
-
 /// Per-channel mean and biased variance over batch and pixels, accumulated in `f64`.
 fn channel_statistics(x: &HostTensor) -> (Vec<f32>, Vec<f32>) {
     let shape @ [n, c, p] = image_dims(x);
@@ -154,11 +125,15 @@ fn channel_statistics(x: &HostTensor) -> (Vec<f32>, Vec<f32>) {
         .map(|channel| {
             let planes = || (0..n).map(|image| plane(values, shape, image, channel));
             let sum: f64 = planes()
-                .map(|row| lane_sums(row, row, |v, _| (f64::from(v), 0.0)).0)
+                .map(|row| row.iter().map(|&v| f64::from(v)).sum::<f64>())
                 .sum();
             let mean = sum / count;
             let squares: f64 = planes()
-                .map(|row| lane_sums(row, row, |v, _| ((f64::from(v) - mean).powi(2), 0.0)).0)
+                .map(|row| {
+                    row.iter()
+                        .map(|&v| (f64::from(v) - mean).powi(2))
+                        .sum::<f64>()
+                })
                 .sum();
             (mean as f32, (squares / count) as f32)
         })
@@ -231,12 +206,11 @@ fn input_gradient(
             for image in 0..n {
                 let x = plane(values, shape, image, channel);
                 let dy = plane(dy, shape, image, channel);
-                let (g, gx) = lane_sums(x, dy, |v, d| {
+                for (&v, &d) in x.iter().zip(dy) {
                     let g = passed(v * scale + shift, d, then_relu);
-                    (f64::from(g), f64::from(g * ((v - m) * s)))
-                });
-                g_sum += g;
-                gx_sum += gx;
+                    g_sum += f64::from(g);
+                    gx_sum += f64::from(g * ((v - m) * s));
+                }
             }
             ((g_sum / count) as f32, (gx_sum / count) as f32)
         })
@@ -270,19 +244,6 @@ mod tests {
     use burn::tensor::{Device, Distribution, Tolerance};
 
     use super::*;
-
-    #[test]
-    fn lane_sums_cover_every_element_and_the_tail() {
-        for len in [0, 1, 7, 8, 9, 23, 64, 1001] {
-            let a: Vec<f32> = (0..len).map(|i| (i % 13) as f32 - 5.0).collect();
-            let b: Vec<f32> = (0..len).map(|i| (i % 7) as f32 * 0.5).collect();
-            let (sum, dot) = lane_sums(&a, &b, |x, y| (f64::from(x), f64::from(x * y)));
-            // Small integers and halves: every order of summation is exact.
-            let expected_sum: f64 = a.iter().map(|&x| f64::from(x)).sum();
-            let expected_dot: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x * y)).sum();
-            assert_eq!((sum, dot), (expected_sum, expected_dot), "length {len}");
-        }
-    }
 
     /// A frozen-affine BatchNorm with distinct gammas and betas (each call a separate layer
     /// with its own running statistics).
