@@ -96,6 +96,11 @@ fn update_running(
             .mul_scalar(1.0 - momentum)
             .add(batch.mul_scalar(momentum));
         state.update(updated.detach());
+        // Burn's `RunningState` keeps one pending value per thread and merges (averages) them
+        // only when a thread that has one asks for the value. A training step may run on a
+        // different rayon worker each iteration, so merge now, on the thread that wrote it:
+        // the state then never depends on which thread ran which step.
+        let _ = state.value_sync();
     }
 }
 
@@ -297,13 +302,37 @@ mod tests {
                     (&fused.running_mean, &reference.running_mean),
                     (&fused.running_var, &reference.running_var),
                 ] {
-                    a.value()
+                    // `value()` of Burn's own layer lags one update behind until synced.
+                    a.value_sync()
                         .into_data()
-                        .assert_approx_eq::<f32>(&b.value().into_data(), tolerance);
+                        .assert_approx_eq::<f32>(&b.value_sync().into_data(), tolerance);
                 }
             }
             let moved: f32 = (fused.running_var.value() - 1.0).abs().sum().into_scalar();
             assert!(moved > 0.0, "the running variance was updated");
+        }
+    }
+
+    /// The trainer runs each step on whichever rayon worker is free; the running statistics
+    /// must come out the same as when one thread runs every step.
+    #[test]
+    fn running_statistics_do_not_depend_on_the_thread() {
+        let device = Device::flex().autodiff();
+        let (hopping, fixed) = (frozen(3, &device), frozen(3, &device));
+        let inputs: Vec<Tensor<4>> = (0..3)
+            .map(|_| Tensor::random([2, 3, 4, 4], Distribution::Normal(0.5, 2.0), &device))
+            .collect();
+        for x in &inputs {
+            std::thread::scope(|s| {
+                s.spawn(|| batch_norm(&hopping, x, false).expect("the fused op runs on flex"));
+            });
+            batch_norm(&fixed, x, false).expect("the fused op runs on flex");
+        }
+        for (a, b) in [
+            (&hopping.running_mean, &fixed.running_mean),
+            (&hopping.running_var, &fixed.running_var),
+        ] {
+            assert_eq!(a.value().into_data(), b.value_sync().into_data());
         }
     }
 

@@ -42,7 +42,7 @@ pub struct SourceBatch {
 /// To resume bit-identically after an interruption, a provider must derive its batches only
 /// from the iteration index and the draws it makes from `rng` (whose state is checkpointed),
 /// not from hidden state of its own.
-pub trait Batches {
+pub trait Batches: Send {
     /// The labelled batch of `iteration`.
     fn source(
         &mut self,

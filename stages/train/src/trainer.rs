@@ -104,12 +104,22 @@ pub fn train(
     }
     let resumed_from = state.next_iteration;
     let head_group = ParamGroup::from_any_predicates(vec!["layer5", "layer6"]);
+    let on_worker = device.clone().inner() == Device::flex();
 
     for iteration in state.next_iteration..config.iterations {
         if cancel.load(Ordering::SeqCst) {
             return Err(TrainError::Cancelled { iteration });
         }
-        let (next, record) = step(config, state, data, iteration, classes, &ad, &head_group)?;
+        let run_step = || step(config, state, data, iteration, classes, &ad, &head_group);
+        // On flex, a step makes hundreds of parallel calls (convs, BatchNorms, elementwise
+        // ops). Made from a rayon worker they fork in place; made from this thread each is
+        // injected into the pool and waited for, which cost about 10% of a step (BENCHMARKS.md,
+        // "steps on a rayon worker"). The results do not depend on which worker runs a step.
+        let (next, record) = if on_worker {
+            rayon::scope(|_| run_step())?
+        } else {
+            run_step()?
+        };
         state = next;
         state.next_iteration = iteration + 1;
         progress(&record);
