@@ -87,6 +87,9 @@ impl Discriminator {
         if let Some(y) = crate::libtorch::discriminator(&self.convs, LEAKY_SLOPE, &x) {
             return y;
         }
+        if let Some(y) = crate::flex_discriminator::forward(&self.convs, LEAKY_SLOPE, &x) {
+            return y;
+        }
         let last = self.convs.len() - 1;
         self.convs.iter().enumerate().fold(x, |x, (i, conv)| {
             let y = conv_forward(conv, x);
@@ -96,5 +99,21 @@ impl Discriminator {
                 y
             }
         })
+    }
+
+    /// The logits of `x` twice, for two losses with different learners: the first passes
+    /// gradients only to `x` (as if the discriminator were frozen), the second only to the
+    /// discriminator (as if `x` were detached).
+    ///
+    /// ADVENT feeds the target prediction to the discriminator twice per iteration with the
+    /// same weights: for the adversarial term, which trains the segmentation network, and for
+    /// the discriminator's own loss. On flex both come from one forward pass; elsewhere this
+    /// runs the two passes.
+    pub fn forward_split(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        if let Some(pair) = crate::flex_discriminator::forward_split(&self.convs, LEAKY_SLOPE, &x) {
+            return pair;
+        }
+        let frozen = self.clone().no_grad();
+        (frozen.forward(x.clone()), self.forward(x.detach()))
     }
 }

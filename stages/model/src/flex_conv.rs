@@ -22,9 +22,9 @@ use burn_flex::{Flex, FlexTensor, Layout};
 use crate::im2col::{self, ConvShape};
 
 /// The backend of a tracked (training) tensor on flex.
-type TrackedFlex = Autodiff<Flex, NoCheckpointing>;
+pub(crate) type TrackedFlex = Autodiff<Flex, NoCheckpointing>;
 
-type Tracked = burn_backend::tensor::FloatTensor<TrackedFlex>;
+pub(crate) type Tracked = burn_backend::tensor::FloatTensor<TrackedFlex>;
 
 /// `conv2d(x, weight, bias, options)` through im2col on flex, tracked or not; `None` for
 /// another device, grouped convs or tensors that are not `f32`.
@@ -70,7 +70,7 @@ pub(crate) fn conv2d(
     )))
 }
 
-fn tracked<const D: usize>(t: &Tensor<D>) -> Option<Tracked> {
+pub(crate) fn tracked<const D: usize>(t: &Tensor<D>) -> Option<Tracked> {
     t.clone().try_into_primitive::<TrackedFlex>().ok()
 }
 
@@ -85,8 +85,16 @@ fn conv_shape(
     if !f32(x) || !f32(weight) || !bias.is_none_or(f32) {
         return None;
     }
-    let [batch, channels_in, h, w] = x.shape().dims();
-    let [channels_out, weight_in, kh, kw] = weight.shape().dims();
+    shape_for(x.shape().dims(), weight.shape().dims(), options)
+}
+
+/// The shapes of a conv of a `[N, Cin, H, W]` input with a `[Cout, Cin, kh, kw]` weight, or
+/// `None` when the channels disagree or the kernel does not fit.
+pub(crate) fn shape_for(
+    [batch, channels_in, h, w]: [usize; 4],
+    [channels_out, weight_in, kh, kw]: [usize; 4],
+    options: &ConvOptions<2>,
+) -> Option<ConvShape> {
     if weight_in != channels_in {
         return None;
     }
@@ -112,7 +120,7 @@ fn conv_shape(
 
 /// `t` with its own dense storage (a reference count when it already has it), as the
 /// `im2col` kernels read `storage()` from its start.
-fn contiguous_f32(t: &FlexTensor) -> FlexTensor {
+pub(crate) fn contiguous_f32(t: &FlexTensor) -> FlexTensor {
     t.to_contiguous()
 }
 
@@ -134,7 +142,7 @@ fn forward(
     from_vec(y, [shape.batch, shape.channels_out, ho, wo])
 }
 
-fn from_vec<const D: usize>(values: Vec<f32>, dims: [usize; D]) -> FlexTensor {
+pub(crate) fn from_vec<const D: usize>(values: Vec<f32>, dims: [usize; D]) -> FlexTensor {
     FlexTensor::new(
         burn_backend::Bytes::from_elems(values),
         Layout::contiguous(dims.into()),

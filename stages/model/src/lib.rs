@@ -21,6 +21,7 @@ pub mod discriminator;
 pub mod flex;
 mod flex_batch_norm;
 mod flex_conv;
+mod flex_discriminator;
 pub mod im2col;
 #[cfg(feature = "tch")]
 pub mod libtorch;

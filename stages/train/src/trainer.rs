@@ -443,68 +443,75 @@ fn step(
     }
 
     // 2. Target: entropy minimisation and/or fooling the discriminators (label = source).
-    let mut trg_maps = None;
+    let mut target_loss = None;
+    // The discriminators' logits for the target maps, for their own loss in step 3.
+    let (mut trg_main, mut trg_aux) = (None, None);
     if let Some(target) = &target {
         let size = [target.shape[2], target.shape[3]];
         let (aux_t, main_t) = s.model.forward(images_tensor(target, ad));
         let main_t = upsample(main_t, size);
         let aux_t = upsample(aux_t, size);
-        let mut loss = None;
         if method.uses_entropy() && config.lambda_ent_main > 0.0 {
             let ent = entropy_loss(main_t.clone());
             log.ent_main = Some(value(&ent, iteration, "ent_main")?);
-            loss = add(loss, config.lambda_ent_main, ent);
+            target_loss = add(target_loss, config.lambda_ent_main, ent);
         }
         if method.uses_entropy() && config.lambda_ent_aux > 0.0 {
             let ent = entropy_loss(aux_t.clone());
             log.ent_aux = Some(value(&ent, iteration, "ent_aux")?);
-            loss = add(loss, config.lambda_ent_aux, ent);
+            target_loss = add(target_loss, config.lambda_ent_aux, ent);
         }
-        // Only the network learns from this pass. Untracked copies of the discriminators (the
-        // same weights) spare the backward pass their weight gradients, as ADVENT's
-        // `requires_grad = False` does.
-        if let Some(d) = s.d_main.clone().map(Module::no_grad) {
-            let adv = bce_with_logits(d.forward(self_information(main_t.clone())), SOURCE_LABEL);
+        // The adversarial term trains only the network (ADVENT freezes the discriminators
+        // for it); the discriminators' loss on the same maps, with the same weights, trains
+        // only them. `forward_split` gives both from one pass where it can.
+        if let Some(d) = &s.d_main {
+            let (for_net, for_d) = d.forward_split(self_information(main_t));
+            let adv = bce_with_logits(for_net, SOURCE_LABEL);
             log.adv_main = Some(value(&adv, iteration, "adv_main")?);
-            loss = add(loss, config.lambda_adv_main, adv);
+            target_loss = add(target_loss, config.lambda_adv_main, adv);
+            trg_main = Some(for_d);
         }
-        if let Some(d) = s.d_aux.clone().map(Module::no_grad) {
-            let adv = bce_with_logits(d.forward(self_information(aux_t.clone())), SOURCE_LABEL);
+        if let Some(d) = &s.d_aux {
+            let (for_net, for_d) = d.forward_split(self_information(aux_t));
+            let adv = bce_with_logits(for_net, SOURCE_LABEL);
             log.adv_aux = Some(value(&adv, iteration, "adv_aux")?);
-            loss = add(loss, config.lambda_adv_aux, adv);
-        }
-        if adversarial {
-            trg_maps = Some((
-                self_information(main_t.detach()),
-                self_information(aux_t.detach()),
-            ));
-        }
-        if let Some(loss) = loss {
-            let grads = GradientsParams::from_grads(loss.backward(), &s.model);
-            accumulator.accumulate(&s.model, grads);
+            target_loss = add(target_loss, config.lambda_adv_aux, adv);
+            trg_aux = Some(for_d);
         }
     }
 
     // 3. Discriminators: source maps -> SOURCE_LABEL, target maps -> TARGET_LABEL.
-    if let (Some((src_main, src_aux)), Some((trg_main, trg_aux))) = (src_maps, trg_maps) {
-        let mut d_loss = None;
-        if let Some(d) = &s.d_main {
+    let mut d_loss = None;
+    if let Some((src_main, src_aux)) = src_maps {
+        if let (Some(d), Some(trg)) = (&s.d_main, trg_main) {
             let l = (bce_with_logits(d.forward(src_main), SOURCE_LABEL)
-                + bce_with_logits(d.forward(trg_main), TARGET_LABEL))
+                + bce_with_logits(trg, TARGET_LABEL))
             .div_scalar(2.0);
             log.d_main = Some(value(&l, iteration, "d_main")?);
             d_loss = add(d_loss, 1.0, l);
         }
-        if let (Some(d), Some(src_aux)) = (&s.d_aux, src_aux) {
+        if let (Some(d), Some(src_aux), Some(trg)) = (&s.d_aux, src_aux, trg_aux) {
             let l = (bce_with_logits(d.forward(src_aux), SOURCE_LABEL)
-                + bce_with_logits(d.forward(trg_aux), TARGET_LABEL))
+                + bce_with_logits(trg, TARGET_LABEL))
             .div_scalar(2.0);
             log.d_aux = Some(value(&l, iteration, "d_aux")?);
             d_loss = add(d_loss, 1.0, l);
         }
-        if let Some(d_loss) = d_loss {
+    }
+
+    // One backward pass for both: the target terms reach only the network, the
+    // discriminators' loss only the discriminators (sources detached, target logits from the
+    // parameters-only view).
+    let trains_d = d_loss.is_some();
+    let combined = match (target_loss, d_loss) {
+        (Some(t), Some(d)) => Some(t + d),
+        (t, d) => t.or(d),
+    };
+    if let Some(combined) = combined {
+        let mut grads = combined.backward();
+        accumulator.accumulate(&s.model, GradientsParams::from_module(&mut grads, &s.model));
+        if trains_d {
             let lr_d = lr_d.expect("discriminator lr");
-            let mut grads = d_loss.backward();
             if let Some(d) = s.d_main.take() {
                 let g = GradientsParams::from_module(&mut grads, &d);
                 s.d_main = Some(s.opt_d_main.step(lr_d, d, g));
