@@ -259,29 +259,45 @@ fn matmul(
     rhs: Operand,
     accumulate: bool,
 ) {
-    assert!(dst.len() >= m * n);
-    assert!(
-        m == 0 || k == 0 || lhs.data.len() > (m - 1) * lhs.row_stride + (k - 1) * lhs.col_stride
-    );
-    assert!(
-        n == 0 || k == 0 || rhs.data.len() > (k - 1) * rhs.row_stride + (n - 1) * rhs.col_stride
-    );
+    matmul_strided(m, n, k, dst, [n, 1], lhs, rhs, accumulate);
+}
+
+/// `dst [m, n] (+)= lhs [m, k] x rhs [k, n]` with `dst`'s row and column strides; adds to
+/// `dst` when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    [dst_row_stride, dst_col_stride]: [usize; 2],
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() > (m - 1) * dst_row_stride + (n - 1) * dst_col_stride);
+    assert!(k == 0 || lhs.data.len() > (m - 1) * lhs.row_stride + (k - 1) * lhs.col_stride);
+    assert!(k == 0 || rhs.data.len() > (k - 1) * rhs.row_stride + (n - 1) * rhs.col_stride);
     // Same threshold as burn-flex's own matmul: below it, threads cost more than they save.
     let parallelism = if m * n * k >= 192 * 192 * 192 {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
     };
-    // SAFETY: the asserts above keep every element the product reads inside `lhs` and `rhs`,
-    // and `dst` holds `m * n` row-major elements; the three do not overlap (`dst` is unique).
+    // SAFETY: the asserts above keep every element the product reads inside `lhs` and `rhs`
+    // and every element it writes inside `dst`, which does not overlap them (it is a unique
+    // borrow).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_col_stride as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
@@ -345,8 +361,23 @@ fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
 /// The convolution of `x` (`[N, Cin, H, W]`) with `weight` (`[Cout, Cin, kh, kw]`) plus `bias`.
 pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0.0; shape.batch * shape.channels_out * shape.pixels()];
+    if shifted::applies(shape) {
+        shifted::forward_into(shape, x, weight, &mut y);
+        if let Some(bias) = bias {
+            add_bias(shape, bias, &mut y);
+        }
+        return y;
+    }
     with_scratch(|scratch| forward_into(shape, x, weight, bias, &mut y, scratch));
     y
+}
+
+fn add_bias(shape: &ConvShape, bias: &[f32], y: &mut [f32]) {
+    for y_n in y.chunks_exact_mut(shape.channels_out * shape.pixels()) {
+        for (channel, b) in y_n.chunks_exact_mut(shape.pixels()).zip(bias) {
+            channel.iter_mut().for_each(|v| *v += b);
+        }
+    }
 }
 
 fn forward_into(
@@ -393,6 +424,10 @@ pub fn backward(
     let image_len = shape.channels_in * shape.input_plane();
     let mut dx = want_input.then(|| vec![0.0; shape.batch * image_len]);
     let mut dw = want_weight.then(|| vec![0.0; shape.channels_out * shape.taps()]);
+    if shifted::applies(shape) {
+        shifted::backward_into(shape, x, weight, dy, dx.as_deref_mut(), dw.as_deref_mut());
+        return (dx, dw);
+    }
     with_scratch(|scratch| {
         backward_into(
             shape,
@@ -521,4 +556,201 @@ pub fn bias_gradient(shape: &ConvShape, dy: &[f32]) -> Vec<f32> {
         }
     }
     db
+}
+
+/// Stride-1 convs that keep the map's size, without a column matrix.
+///
+/// In an image flattened to `[C, H * W]`, kernel position `(ky, kx)` reads input pixel
+/// `p + dy * W + dx` for output pixel `p`: the input shifted by a constant. So the conv is a sum
+/// of one product per live kernel position, `Y[:, range] += W_pos [Cout, Cin] x X[:, range +
+/// shift]`, over the contiguous range from its first to its last valid output pixel. The range
+/// also covers pixels whose row neighbour the shift wraps into (left or right of the valid
+/// columns): the forward pass computes those into a small `[Cout, range]` buffer and adds only
+/// the valid columns; the backward pass zeroes them in a copy of `dY` first. This reads the
+/// input in place where im2col writes and rereads `Cin * kh * kw` rows: DeepLabV2's 3x3 convs
+/// and its classifier's (dilated up to 24, 4608 rows at 512 input channels).
+mod shifted {
+    use super::{matmul_strided, tap_offsets, valid_outputs, ConvShape, Operand};
+    use std::ops::Range;
+
+    /// Whether a conv runs here: stride 1, output as large as the input, not pointwise.
+    pub(super) fn applies(shape: &ConvShape) -> bool {
+        shape.stride == [1, 1] && shape.output == shape.input && shape.kernel != [1, 1]
+    }
+
+    /// One live kernel position.
+    struct Position {
+        /// `ky * kw + kx`: the weight's innermost index.
+        index: usize,
+        /// Valid output rows and columns.
+        rows: Range<usize>,
+        cols: Range<usize>,
+        /// The output pixels from the first valid to the last valid one.
+        span: Range<usize>,
+        /// Where the input pixels for `span` start.
+        input_start: usize,
+    }
+
+    impl Position {
+        fn full_width(&self, width: usize) -> bool {
+            self.cols == (0..width)
+        }
+    }
+
+    fn positions(shape: &ConvShape) -> Vec<Position> {
+        let [h, w] = shape.input;
+        let [kh, kw] = shape.kernel;
+        (0..kh * kw)
+            .filter_map(|index| {
+                let (dy, dx) = tap_offsets(shape, index / kw, index % kw);
+                let rows = valid_outputs(dy, 1, h, h);
+                let cols = valid_outputs(dx, 1, w, w);
+                if rows.is_empty() || cols.is_empty() {
+                    return None;
+                }
+                let span = rows.start * w + cols.start..(rows.end - 1) * w + cols.end;
+                let input_start = (span.start as isize + dy * w as isize + dx) as usize;
+                Some(Position {
+                    index,
+                    rows,
+                    cols,
+                    span,
+                    input_start,
+                })
+            })
+            .collect()
+    }
+
+    /// `W_pos`, `[Cout, Cin]`, inside the weight `[Cout, Cin, kh, kw]`.
+    fn weight_at<'a>(shape: &ConvShape, weight: &'a [f32], pos: &Position) -> Operand<'a> {
+        let kk = shape.kernel[0] * shape.kernel[1];
+        Operand {
+            data: &weight[pos.index..],
+            row_stride: shape.channels_in * kk,
+            col_stride: kk,
+        }
+    }
+
+    /// `W_pos^T`, `[Cin, Cout]`.
+    fn weight_at_transposed<'a>(
+        shape: &ConvShape,
+        weight: &'a [f32],
+        pos: &Position,
+    ) -> Operand<'a> {
+        let w = weight_at(shape, weight, pos);
+        Operand {
+            data: w.data,
+            row_stride: w.col_stride,
+            col_stride: w.row_stride,
+        }
+    }
+
+    /// `dY[:, span]` of one image (`[Cout, H * W]`) with the columns outside `cols` zeroed, as
+    /// a `[Cout, span]` matrix; `dY` itself where every column is valid.
+    fn output_gradient_at<'a>(
+        shape: &ConvShape,
+        dy: &'a [f32],
+        pos: &Position,
+        buffer: &'a mut Vec<f32>,
+    ) -> Operand<'a> {
+        let (plane, width) = (shape.pixels(), shape.input[1]);
+        if pos.full_width(width) {
+            return Operand {
+                data: &dy[pos.span.start..],
+                row_stride: plane,
+                col_stride: 1,
+            };
+        }
+        let len = pos.span.len();
+        buffer.clear();
+        buffer.resize(shape.channels_out * len, 0.0);
+        for (channel, out) in buffer.chunks_exact_mut(len).enumerate() {
+            let src = &dy[channel * plane..][..plane];
+            for row in pos.rows.clone() {
+                let valid = row * width + pos.cols.start..row * width + pos.cols.end;
+                out[valid.start - pos.span.start..valid.end - pos.span.start]
+                    .copy_from_slice(&src[valid]);
+            }
+        }
+        Operand::rows(buffer, len)
+    }
+
+    pub(super) fn forward_into(shape: &ConvShape, x: &[f32], weight: &[f32], y: &mut [f32]) {
+        let (cin, cout) = (shape.channels_in, shape.channels_out);
+        let (plane, width) = (shape.pixels(), shape.input[1]);
+        let positions = positions(shape);
+        let mut partial = Vec::new();
+        for (x_n, y_n) in x
+            .chunks_exact(cin * plane)
+            .zip(y.chunks_exact_mut(cout * plane))
+        {
+            for pos in &positions {
+                let len = pos.span.len();
+                let lhs = weight_at(shape, weight, pos);
+                let rhs = Operand {
+                    data: &x_n[pos.input_start..],
+                    row_stride: plane,
+                    col_stride: 1,
+                };
+                if pos.full_width(width) {
+                    let dst = &mut y_n[pos.span.start..];
+                    matmul_strided(cout, len, cin, dst, [plane, 1], lhs, rhs, true);
+                    continue;
+                }
+                partial.resize(cout * len, 0.0);
+                matmul_strided(cout, len, cin, &mut partial, [len, 1], lhs, rhs, false);
+                for (channel, values) in partial.chunks_exact(len).enumerate() {
+                    let out = &mut y_n[channel * plane..][..plane];
+                    for row in pos.rows.clone() {
+                        let valid = row * width + pos.cols.start..row * width + pos.cols.end;
+                        let from = &values[valid.start - pos.span.start..][..valid.len()];
+                        for (o, v) in out[valid].iter_mut().zip(from) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn backward_into(
+        shape: &ConvShape,
+        x: &[f32],
+        weight: &[f32],
+        dy: &[f32],
+        mut dx: Option<&mut [f32]>,
+        mut dw: Option<&mut [f32]>,
+    ) {
+        let (cin, cout) = (shape.channels_in, shape.channels_out);
+        let plane = shape.pixels();
+        let kk = shape.kernel[0] * shape.kernel[1];
+        let positions = positions(shape);
+        let mut buffer = Vec::new();
+        for image in 0..shape.batch {
+            let x_n = &x[image * cin * plane..][..cin * plane];
+            let dy_n = &dy[image * cout * plane..][..cout * plane];
+            for pos in &positions {
+                let len = pos.span.len();
+                let g = output_gradient_at(shape, dy_n, pos, &mut buffer);
+                if let Some(dw) = dw.as_deref_mut() {
+                    // dW_pos [Cout, Cin] (+)= dY [Cout, span] x X_shifted^T [span, Cin].
+                    let rhs = Operand {
+                        data: &x_n[pos.input_start..],
+                        row_stride: 1,
+                        col_stride: plane,
+                    };
+                    let dst = &mut dw[pos.index..];
+                    matmul_strided(cout, cin, len, dst, [cin * kk, kk], g, rhs, image > 0);
+                }
+                if let Some(dx) = dx.as_deref_mut() {
+                    // dX_shifted [Cin, span] += W_pos^T [Cin, Cout] x dY [Cout, span]; the
+                    // wrapped columns of dY are zero, so they add nothing.
+                    let dx_n = &mut dx[image * cin * plane..][..cin * plane];
+                    let dst = &mut dx_n[pos.input_start..];
+                    let lhs = weight_at_transposed(shape, weight, pos);
+                    matmul_strided(cin, len, cout, dst, [plane, 1], lhs, g, true);
+                }
+            }
+        }
+    }
 }
