@@ -1,9 +1,14 @@
 //! Training on LibTorch's CPU backend (`device: tch`), in builds with the `tch` feature (not in
 //! CI, which has no PyTorch; see bench/libtorch/README.md). The first iteration's segmentation
 //! losses must match flex's on the same weights and batch: the two backends compute one model.
+//!
+//! LibTorch's random generator is one per process, and training seeds it and draws the
+//! discriminators' weights from it; every test here holds [`SERIAL`] so that no other test's
+//! draws land between a run's seeding and its draws.
 #![cfg(feature = "tch")]
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
@@ -15,6 +20,8 @@ use dag_train::{
 
 mod stripes;
 use stripes::{train_advent, Stripes};
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// A narrow three-class model with flex's weights for seed 5, the same in every call.
 fn tiny_model() -> DeepLabV2 {
@@ -31,6 +38,7 @@ fn tiny_model() -> DeepLabV2 {
 
 #[test]
 fn advent_steps_on_libtorch_match_flex() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     assert_eq!(resolve_device("tch"), Ok(DeviceChoice::LibTorch));
     let flex = Device::flex();
     let model = tiny_model();
@@ -106,6 +114,7 @@ fn labels(ignore_every: usize, device: &Device) -> Tensor<3, Int> {
 
 #[test]
 fn fused_losses_on_libtorch_match_flex_in_values_and_gradients() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for ignore_every in [3, 1] {
         check_loss_against_flex(&format!("cross-entropy, ignore 1/{ignore_every}"), |x| {
             let labels = labels(ignore_every, &x.device());
@@ -127,6 +136,7 @@ fn fused_losses_on_libtorch_match_flex_in_values_and_gradients() {
 /// discriminators' Adam updated LibTorch storage in place, which made tch nondeterministic.)
 #[test]
 fn advent_on_libtorch_resumes_from_a_checkpoint() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tch = device_for(DeviceChoice::LibTorch);
     let config = TrainConfig {
         method: Method::AdvEnt,
