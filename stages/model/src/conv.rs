@@ -82,6 +82,9 @@ mod tests {
             (3, 1, 12, [12; 4], 8, 19, false, true, [11, 9]),
             (4, 2, 1, [1; 4], 5, 16, true, true, [11, 9]),
             (4, 2, 1, [2, 0, 1, 3], 6, 1, true, true, [11, 9]),
+            // Stride 1 and large enough that the shifted path splits its channels across
+            // threads (unevenly: 19 outputs, 33 inputs).
+            (3, 1, 3, [3; 4], 33, 19, true, true, [40, 36]),
             // Enough output pixels (36x32) for the transposed weight gradient.
             (4, 2, 1, [1; 4], 5, 16, true, true, [72, 64]),
             (7, 2, 1, [3; 4], 3, 16, false, false, [72, 64]),

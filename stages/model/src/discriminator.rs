@@ -101,19 +101,15 @@ impl Discriminator {
         })
     }
 
-    /// The logits of `x` twice, for two losses with different learners: the first passes
-    /// gradients only to `x` (as if the discriminator were frozen), the second only to the
-    /// discriminator (as if `x` were detached).
+    /// The logits of `x` twice from one forward pass, for two losses with different learners:
+    /// the first passes gradients only to `x` (as if the discriminator were frozen), the second
+    /// only to the discriminator (as if `x` were detached). `None` off flex (or without
+    /// autodiff), where the caller runs the two passes itself.
     ///
     /// ADVENT feeds the target prediction to the discriminator twice per iteration with the
     /// same weights: for the adversarial term, which trains the segmentation network, and for
-    /// the discriminator's own loss. On flex both come from one forward pass; elsewhere this
-    /// runs the two passes.
-    pub fn forward_split(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        if let Some(pair) = crate::flex_discriminator::forward_split(&self.convs, LEAKY_SLOPE, &x) {
-            return pair;
-        }
-        let frozen = self.clone().no_grad();
-        (frozen.forward(x.clone()), self.forward(x.detach()))
+    /// the discriminator's own loss. Both compute the same values.
+    pub fn forward_split(&self, x: Tensor<4>) -> Option<(Tensor<4>, Tensor<4>)> {
+        crate::flex_discriminator::forward_split(&self.convs, LEAKY_SLOPE, &x)
     }
 }

@@ -571,6 +571,7 @@ pub fn bias_gradient(shape: &ConvShape, dy: &[f32]) -> Vec<f32> {
 /// and its classifier's (dilated up to 24, 4608 rows at 512 input channels).
 mod shifted {
     use super::{matmul_strided, tap_offsets, valid_outputs, ConvShape, Operand};
+    use rayon::prelude::*;
     use std::ops::Range;
 
     /// Whether a conv runs here: stride 1, output as large as the input, not pointwise.
@@ -646,24 +647,14 @@ mod shifted {
     }
 
     /// `dY[:, span]` of one image (`[Cout, H * W]`) with the columns outside `cols` zeroed, as
-    /// a `[Cout, span]` matrix; `dY` itself where every column is valid.
-    fn output_gradient_at<'a>(
-        shape: &ConvShape,
-        dy: &'a [f32],
-        pos: &Position,
-        buffer: &'a mut Vec<f32>,
-    ) -> Operand<'a> {
+    /// a `[Cout, span]` buffer; `None` where every column is valid (`dY` itself serves).
+    fn masked_output_gradient(shape: &ConvShape, dy: &[f32], pos: &Position) -> Option<Vec<f32>> {
         let (plane, width) = (shape.pixels(), shape.input[1]);
         if pos.full_width(width) {
-            return Operand {
-                data: &dy[pos.span.start..],
-                row_stride: plane,
-                col_stride: 1,
-            };
+            return None;
         }
         let len = pos.span.len();
-        buffer.clear();
-        buffer.resize(shape.channels_out * len, 0.0);
+        let mut buffer = vec![0.0; shape.channels_out * len];
         for (channel, out) in buffer.chunks_exact_mut(len).enumerate() {
             let src = &dy[channel * plane..][..plane];
             for row in pos.rows.clone() {
@@ -672,44 +663,92 @@ mod shifted {
                     .copy_from_slice(&src[valid]);
             }
         }
-        Operand::rows(buffer, len)
+        Some(buffer)
+    }
+
+    /// Rows `from..` of `dY[:, span]`, `[Cout - from, span]`: the masked copy when there is one.
+    fn output_gradient_rows<'a>(
+        shape: &ConvShape,
+        dy: &'a [f32],
+        masked: Option<&'a [f32]>,
+        pos: &Position,
+        from: usize,
+    ) -> Operand<'a> {
+        match masked {
+            Some(buffer) => {
+                let len = pos.span.len();
+                Operand::rows(&buffer[from * len..], len)
+            }
+            None => Operand {
+                data: &dy[from * shape.pixels() + pos.span.start..],
+                row_stride: shape.pixels(),
+                col_stride: 1,
+            },
+        }
+    }
+
+    /// Channels per parallel task when splitting `channels` rows of a conv with `work`
+    /// multiply-adds: one task per thread for a large conv, else a single task. Each task's
+    /// products are then below the GEMM's own threading threshold, so a conv forks once rather
+    /// than once per kernel position.
+    fn rows_per_task(channels: usize, work: usize) -> usize {
+        const PARALLEL_WORK: usize = 1 << 21;
+        if work < PARALLEL_WORK {
+            return channels.max(1);
+        }
+        channels.div_ceil(rayon::current_num_threads()).max(1)
+    }
+
+    fn work(shape: &ConvShape, positions: &[Position]) -> usize {
+        let pixels: usize = positions.iter().map(|p| p.span.len()).sum();
+        shape.channels_in * shape.channels_out * pixels
     }
 
     pub(super) fn forward_into(shape: &ConvShape, x: &[f32], weight: &[f32], y: &mut [f32]) {
         let (cin, cout) = (shape.channels_in, shape.channels_out);
         let (plane, width) = (shape.pixels(), shape.input[1]);
+        let kk = shape.kernel[0] * shape.kernel[1];
         let positions = positions(shape);
-        let mut partial = Vec::new();
+        let per_task = rows_per_task(cout, work(shape, &positions));
         for (x_n, y_n) in x
             .chunks_exact(cin * plane)
             .zip(y.chunks_exact_mut(cout * plane))
         {
-            for pos in &positions {
-                let len = pos.span.len();
-                let lhs = weight_at(shape, weight, pos);
-                let rhs = Operand {
-                    data: &x_n[pos.input_start..],
-                    row_stride: plane,
-                    col_stride: 1,
-                };
-                if pos.full_width(width) {
-                    let dst = &mut y_n[pos.span.start..];
-                    matmul_strided(cout, len, cin, dst, [plane, 1], lhs, rhs, true);
-                    continue;
-                }
-                partial.resize(cout * len, 0.0);
-                matmul_strided(cout, len, cin, &mut partial, [len, 1], lhs, rhs, false);
-                for (channel, values) in partial.chunks_exact(len).enumerate() {
-                    let out = &mut y_n[channel * plane..][..plane];
-                    for row in pos.rows.clone() {
-                        let valid = row * width + pos.cols.start..row * width + pos.cols.end;
-                        let from = &values[valid.start - pos.span.start..][..valid.len()];
-                        for (o, v) in out[valid].iter_mut().zip(from) {
-                            *o += v;
+            // Each task computes its own output channels over every kernel position.
+            y_n.par_chunks_mut(per_task * plane)
+                .enumerate()
+                .for_each(|(task, y_rows)| {
+                    let (first, rows) = (task * per_task, y_rows.len() / plane);
+                    let mut partial = Vec::new();
+                    for pos in &positions {
+                        let len = pos.span.len();
+                        let mut lhs = weight_at(shape, weight, pos);
+                        lhs.data = &lhs.data[first * cin * kk..];
+                        let rhs = Operand {
+                            data: &x_n[pos.input_start..],
+                            row_stride: plane,
+                            col_stride: 1,
+                        };
+                        if pos.full_width(width) {
+                            let dst = &mut y_rows[pos.span.start..];
+                            matmul_strided(rows, len, cin, dst, [plane, 1], lhs, rhs, true);
+                            continue;
+                        }
+                        partial.resize(rows * len, 0.0);
+                        matmul_strided(rows, len, cin, &mut partial, [len, 1], lhs, rhs, false);
+                        for (channel, values) in partial.chunks_exact(len).enumerate() {
+                            let out = &mut y_rows[channel * plane..][..plane];
+                            for row in pos.rows.clone() {
+                                let valid =
+                                    row * width + pos.cols.start..row * width + pos.cols.end;
+                                let from = &values[valid.start - pos.span.start..][..valid.len()];
+                                for (o, v) in out[valid].iter_mut().zip(from) {
+                                    *o += v;
+                                }
+                            }
                         }
                     }
-                }
-            }
+                });
         }
     }
 
@@ -725,31 +764,54 @@ mod shifted {
         let plane = shape.pixels();
         let kk = shape.kernel[0] * shape.kernel[1];
         let positions = positions(shape);
-        let mut buffer = Vec::new();
+        let work = work(shape, &positions);
         for image in 0..shape.batch {
             let x_n = &x[image * cin * plane..][..cin * plane];
             let dy_n = &dy[image * cout * plane..][..cout * plane];
-            for pos in &positions {
-                let len = pos.span.len();
-                let g = output_gradient_at(shape, dy_n, pos, &mut buffer);
-                if let Some(dw) = dw.as_deref_mut() {
-                    // dW_pos [Cout, Cin] (+)= dY [Cout, span] x X_shifted^T [span, Cin].
-                    let rhs = Operand {
-                        data: &x_n[pos.input_start..],
-                        row_stride: 1,
-                        col_stride: plane,
-                    };
-                    let dst = &mut dw[pos.index..];
-                    matmul_strided(cout, cin, len, dst, [cin * kk, kk], g, rhs, image > 0);
-                }
-                if let Some(dx) = dx.as_deref_mut() {
-                    // dX_shifted [Cin, span] += W_pos^T [Cin, Cout] x dY [Cout, span]; the
-                    // wrapped columns of dY are zero, so they add nothing.
-                    let dx_n = &mut dx[image * cin * plane..][..cin * plane];
-                    let dst = &mut dx_n[pos.input_start..];
-                    let lhs = weight_at_transposed(shape, weight, pos);
-                    matmul_strided(cin, len, cout, dst, [plane, 1], lhs, g, true);
-                }
+            let masked: Vec<Option<Vec<f32>>> = positions
+                .par_iter()
+                .map(|pos| masked_output_gradient(shape, dy_n, pos))
+                .collect();
+            if let Some(dw) = dw.as_deref_mut() {
+                // dW_pos [Cout, Cin] (+)= dY [Cout, span] x X_shifted^T [span, Cin], each task
+                // its own output channels (rows of dW).
+                let per_task = rows_per_task(cout, work);
+                dw.par_chunks_mut(per_task * cin * kk)
+                    .enumerate()
+                    .for_each(|(task, dw_rows)| {
+                        let (first, rows) = (task * per_task, dw_rows.len() / (cin * kk));
+                        for (pos, masked) in positions.iter().zip(&masked) {
+                            let g =
+                                output_gradient_rows(shape, dy_n, masked.as_deref(), pos, first);
+                            let rhs = Operand {
+                                data: &x_n[pos.input_start..],
+                                row_stride: 1,
+                                col_stride: plane,
+                            };
+                            let dst = &mut dw_rows[pos.index..];
+                            let len = pos.span.len();
+                            matmul_strided(rows, cin, len, dst, [cin * kk, kk], g, rhs, image > 0);
+                        }
+                    });
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                // dX_shifted [Cin, span] += W_pos^T [Cin, Cout] x dY [Cout, span], each task its
+                // own input channels; the wrapped columns of dY are zero, so they add nothing.
+                let dx_n = &mut dx[image * cin * plane..][..cin * plane];
+                let per_task = rows_per_task(cin, work);
+                dx_n.par_chunks_mut(per_task * plane)
+                    .enumerate()
+                    .for_each(|(task, dx_rows)| {
+                        let (first, rows) = (task * per_task, dx_rows.len() / plane);
+                        for (pos, masked) in positions.iter().zip(&masked) {
+                            let g = output_gradient_rows(shape, dy_n, masked.as_deref(), pos, 0);
+                            let mut lhs = weight_at_transposed(shape, weight, pos);
+                            lhs.data = &lhs.data[first * kk..];
+                            let dst = &mut dx_rows[pos.input_start..];
+                            let len = pos.span.len();
+                            matmul_strided(rows, len, cout, dst, [plane, 1], lhs, g, true);
+                        }
+                    });
             }
         }
     }

@@ -341,6 +341,40 @@ fn add(sum: Option<Tensor<1>>, lambda: f64, term: Tensor<1>) -> Option<Tensor<1>
     })
 }
 
+/// The target batch as the discriminator's own loss sees it.
+enum TargetForDiscriminator {
+    /// Its logits, from the pass that also gave the adversarial term (flex).
+    Logits(Tensor<4>),
+    /// Its self-information map, detached, for a pass of its own (other devices).
+    Map(Tensor<4>),
+}
+
+impl TargetForDiscriminator {
+    fn logits(self, d: &Discriminator) -> Tensor<4> {
+        match self {
+            Self::Logits(logits) => logits,
+            Self::Map(map) => d.forward(map),
+        }
+    }
+}
+
+/// The discriminator's logits for the target prediction `logits`, for the adversarial term
+/// (gradients to the network only), and what its own loss reads.
+///
+/// On flex one forward pass serves both (`Discriminator::forward_split`). Elsewhere an
+/// untracked copy of the discriminator (the same weights) gives the adversarial term, as
+/// ADVENT's `requires_grad = False` does, and the discriminator's loss runs its own pass on a
+/// detached map after the network's backward pass.
+fn target_pass(d: &Discriminator, logits: &Tensor<4>) -> (Tensor<4>, TargetForDiscriminator) {
+    let map = self_information(logits.clone());
+    if let Some((for_net, for_d)) = d.forward_split(map.clone()) {
+        return (for_net, TargetForDiscriminator::Logits(for_d));
+    }
+    let for_net = d.clone().no_grad().forward(map);
+    let detached = self_information(logits.clone().detach());
+    (for_net, TargetForDiscriminator::Map(detached))
+}
+
 /// One iteration; takes the state by value because the optimisers consume the modules.
 fn step(
     config: &TrainConfig,
@@ -444,7 +478,7 @@ fn step(
 
     // 2. Target: entropy minimisation and/or fooling the discriminators (label = source).
     let mut target_loss = None;
-    // The discriminators' logits for the target maps, for their own loss in step 3.
+    // What the discriminators' own loss in step 3 reads for the target batch.
     let (mut trg_main, mut trg_aux) = (None, None);
     if let Some(target) = &target {
         let size = [target.shape[2], target.shape[3]];
@@ -463,21 +497,25 @@ fn step(
         }
         // The adversarial term trains only the network (ADVENT freezes the discriminators
         // for it); the discriminators' loss on the same maps, with the same weights, trains
-        // only them. `forward_split` gives both from one pass where it can.
+        // only them.
         if let Some(d) = &s.d_main {
-            let (for_net, for_d) = d.forward_split(self_information(main_t));
+            let (for_net, for_d) = target_pass(d, &main_t);
             let adv = bce_with_logits(for_net, SOURCE_LABEL);
             log.adv_main = Some(value(&adv, iteration, "adv_main")?);
             target_loss = add(target_loss, config.lambda_adv_main, adv);
             trg_main = Some(for_d);
         }
         if let Some(d) = &s.d_aux {
-            let (for_net, for_d) = d.forward_split(self_information(aux_t));
+            let (for_net, for_d) = target_pass(d, &aux_t);
             let adv = bce_with_logits(for_net, SOURCE_LABEL);
             log.adv_aux = Some(value(&adv, iteration, "adv_aux")?);
             target_loss = add(target_loss, config.lambda_adv_aux, adv);
             trg_aux = Some(for_d);
         }
+    }
+    if let Some(loss) = target_loss {
+        let grads = GradientsParams::from_grads(loss.backward(), &s.model);
+        accumulator.accumulate(&s.model, grads);
     }
 
     // 3. Discriminators: source maps -> SOURCE_LABEL, target maps -> TARGET_LABEL.
@@ -485,41 +523,30 @@ fn step(
     if let Some((src_main, src_aux)) = src_maps {
         if let (Some(d), Some(trg)) = (&s.d_main, trg_main) {
             let l = (bce_with_logits(d.forward(src_main), SOURCE_LABEL)
-                + bce_with_logits(trg, TARGET_LABEL))
+                + bce_with_logits(trg.logits(d), TARGET_LABEL))
             .div_scalar(2.0);
             log.d_main = Some(value(&l, iteration, "d_main")?);
             d_loss = add(d_loss, 1.0, l);
         }
         if let (Some(d), Some(src_aux), Some(trg)) = (&s.d_aux, src_aux, trg_aux) {
             let l = (bce_with_logits(d.forward(src_aux), SOURCE_LABEL)
-                + bce_with_logits(trg, TARGET_LABEL))
+                + bce_with_logits(trg.logits(d), TARGET_LABEL))
             .div_scalar(2.0);
             log.d_aux = Some(value(&l, iteration, "d_aux")?);
             d_loss = add(d_loss, 1.0, l);
         }
     }
 
-    // One backward pass for both: the target terms reach only the network, the
-    // discriminators' loss only the discriminators (sources detached, target logits from the
-    // parameters-only view).
-    let trains_d = d_loss.is_some();
-    let combined = match (target_loss, d_loss) {
-        (Some(t), Some(d)) => Some(t + d),
-        (t, d) => t.or(d),
-    };
-    if let Some(combined) = combined {
-        let mut grads = combined.backward();
-        accumulator.accumulate(&s.model, GradientsParams::from_module(&mut grads, &s.model));
-        if trains_d {
-            let lr_d = lr_d.expect("discriminator lr");
-            if let Some(d) = s.d_main.take() {
-                let g = GradientsParams::from_module(&mut grads, &d);
-                s.d_main = Some(s.opt_d_main.step(lr_d, d, g));
-            }
-            if let Some(d) = s.d_aux.take() {
-                let g = GradientsParams::from_module(&mut grads, &d);
-                s.d_aux = Some(s.opt_d_aux.step(lr_d, d, g));
-            }
+    if let Some(d_loss) = d_loss {
+        let lr_d = lr_d.expect("discriminator lr");
+        let mut grads = d_loss.backward();
+        if let Some(d) = s.d_main.take() {
+            let g = GradientsParams::from_module(&mut grads, &d);
+            s.d_main = Some(s.opt_d_main.step(lr_d, d, g));
+        }
+        if let Some(d) = s.d_aux.take() {
+            let g = GradientsParams::from_module(&mut grads, &d);
+            s.d_aux = Some(s.opt_d_aux.step(lr_d, d, g));
         }
     }
 
