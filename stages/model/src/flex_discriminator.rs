@@ -222,38 +222,33 @@ pub(crate) fn forward(convs: &[Conv2d], slope: f64, x: &Tensor<4>) -> Option<Ten
     if !on_flex(&x.device()) {
         return None;
     }
-    let (weights, biases) = parameters(convs)?;
-    if !x.device().is_autodiff() {
-        let plain = |t: Tensor<4>| t.try_into_primitive::<Flex>().ok();
-        let input = plain(x.clone())?;
-        let weights: Vec<FlexTensor> = weights.into_iter().map(plain).collect::<Option<_>>()?;
-        let biases: Vec<FlexTensor> = biases
-            .into_iter()
-            .map(|b| b.try_into_primitive::<Flex>().ok())
-            .collect::<Option<_>>()?;
-        let (_, logits) = run(
-            convs,
-            slope,
-            &input,
-            &weights.iter().collect::<Vec<_>>(),
-            &biases.iter().collect::<Vec<_>>(),
-        )?;
-        return Some(Tensor::from_primitive::<Flex>(logits));
+    if x.device().is_autodiff() {
+        let ((input, weights, biases), pass, logits) = run_tracked(convs, slope, x)?;
+        let parents: [&Tracked; 1 + 2 * LAYERS] = std::array::from_fn(|i| match i {
+            0 => &input,
+            i if i <= LAYERS => &weights[i - 1],
+            i => &biases[i - 1 - LAYERS],
+        });
+        return Some(record(Parents::All, parents, &pass, logits));
     }
-    let (input, weights, biases) = tracked_all(x, &weights, &biases)?;
-    let (pass, logits) = run(
+    let (weights, biases) = parameters(convs)?;
+    let input = x.clone().try_into_primitive::<Flex>().ok()?;
+    let weights: Vec<FlexTensor> = weights
+        .into_iter()
+        .map(|w| w.try_into_primitive::<Flex>().ok())
+        .collect::<Option<_>>()?;
+    let biases: Vec<FlexTensor> = biases
+        .into_iter()
+        .map(|b| b.try_into_primitive::<Flex>().ok())
+        .collect::<Option<_>>()?;
+    let (_, logits) = run(
         convs,
         slope,
-        input.primitive(),
-        &weights.iter().map(Tracked::primitive).collect::<Vec<_>>(),
-        &biases.iter().map(Tracked::primitive).collect::<Vec<_>>(),
+        &input,
+        &weights.iter().collect::<Vec<_>>(),
+        &biases.iter().collect::<Vec<_>>(),
     )?;
-    let parents: [&Tracked; 1 + 2 * LAYERS] = std::array::from_fn(|i| match i {
-        0 => &input,
-        i if i <= LAYERS => &weights[i - 1],
-        i => &biases[i - 1 - LAYERS],
-    });
-    Some(record(Parents::All, parents, &Arc::new(pass), logits))
+    Some(Tensor::from_primitive::<Flex>(logits))
 }
 
 /// The logits of `x` twice from one forward pass on flex: the first's backward step reaches
@@ -267,16 +262,7 @@ pub(crate) fn forward_split(
     if !on_flex(&x.device()) || !x.device().is_autodiff() {
         return None;
     }
-    let (weights, biases) = parameters(convs)?;
-    let (input, weights, biases) = tracked_all(x, &weights, &biases)?;
-    let (pass, logits) = run(
-        convs,
-        slope,
-        input.primitive(),
-        &weights.iter().map(Tracked::primitive).collect::<Vec<_>>(),
-        &biases.iter().map(Tracked::primitive).collect::<Vec<_>>(),
-    )?;
-    let pass = Arc::new(pass);
+    let ((input, weights, biases), pass, logits) = run_tracked(convs, slope, x)?;
     let parameters: [&Tracked; 2 * LAYERS] = std::array::from_fn(|i| match i {
         i if i < LAYERS => &weights[i],
         i => &biases[i - LAYERS],
@@ -286,13 +272,25 @@ pub(crate) fn forward_split(
     Some((for_input, for_parameters))
 }
 
-/// `x` and the parameters as tracked flex tensors.
-fn tracked_all(x: &Tensor<4>, weights: &[Tensor<4>], biases: &[Tensor<1>]) -> Option<TrackedParts> {
-    Some((
-        tracked(x)?,
-        weights.iter().map(tracked).collect::<Option<_>>()?,
-        biases.iter().map(tracked).collect::<Option<_>>()?,
-    ))
+/// The forward pass of `x` (on flex with autodiff) with the tracked input and parameters it
+/// read, which become the parents of the operations recorded over it.
+fn run_tracked(
+    convs: &[Conv2d],
+    slope: f64,
+    x: &Tensor<4>,
+) -> Option<(TrackedParts, Arc<Pass>, FlexTensor)> {
+    let (weights, biases) = parameters(convs)?;
+    let input = tracked(x)?;
+    let weights: Vec<Tracked> = weights.iter().map(tracked).collect::<Option<_>>()?;
+    let biases: Vec<Tracked> = biases.iter().map(tracked).collect::<Option<_>>()?;
+    let (pass, logits) = run(
+        convs,
+        slope,
+        input.primitive(),
+        &weights.iter().map(Tracked::primitive).collect::<Vec<_>>(),
+        &biases.iter().map(Tracked::primitive).collect::<Vec<_>>(),
+    )?;
+    Some(((input, weights, biases), Arc::new(pass), logits))
 }
 
 /// Which parents an operation over a [`Pass`] has.

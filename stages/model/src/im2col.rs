@@ -363,12 +363,12 @@ pub fn forward(shape: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]
     let mut y = vec![0.0; shape.batch * shape.channels_out * shape.pixels()];
     if shifted::applies(shape) {
         shifted::forward_into(shape, x, weight, &mut y);
-        if let Some(bias) = bias {
-            add_bias(shape, bias, &mut y);
-        }
-        return y;
+    } else {
+        with_scratch(|scratch| forward_into(shape, x, weight, &mut y, scratch));
     }
-    with_scratch(|scratch| forward_into(shape, x, weight, bias, &mut y, scratch));
+    if let Some(bias) = bias {
+        add_bias(shape, bias, &mut y);
+    }
     y
 }
 
@@ -384,7 +384,6 @@ fn forward_into(
     shape: &ConvShape,
     x: &[f32],
     weight: &[f32],
-    bias: Option<&[f32]>,
     y: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
@@ -403,11 +402,6 @@ fn forward_into(
             Operand::rows(columns, pixels),
             false,
         );
-        if let Some(bias) = bias {
-            for (channel, b) in y_n.chunks_exact_mut(pixels).zip(bias) {
-                channel.iter_mut().for_each(|v| *v += b);
-            }
-        }
     }
 }
 

@@ -114,7 +114,7 @@ pub fn train(
         // On flex, a step makes hundreds of parallel calls (convs, BatchNorms, elementwise
         // ops). Made from a rayon worker they fork in place; made from this thread each is
         // injected into the pool and waited for, which cost about 10% of a step (BENCHMARKS.md,
-        // "steps on a rayon worker"). The results do not depend on which worker runs a step.
+        // "Each flex training step runs on a rayon worker"). The results do not depend on which worker runs a step.
         let (next, record) = if on_worker {
             rayon::scope(|_| run_step())?
         } else {
