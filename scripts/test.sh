@@ -41,4 +41,6 @@ if ! "$venv/bin/python" -c 'import numpy, pyarrow, duckdb, PIL, pandas, polars' 
 fi
 export DAG_TEST_PYTHON="$venv/bin/python"
 
-exec cargo test --release --workspace --features wgpu "$@"
+# --no-fail-fast: one failing test binary must not hide the results of the others; cargo still
+# exits non-zero when any test failed.
+exec cargo test --release --workspace --features wgpu --no-fail-fast "$@"

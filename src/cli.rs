@@ -443,6 +443,11 @@ fn cmd_run(
     let _ = ctrlc::set_handler(move || token.cancel());
     let report = engine.run(&select.selection(), jobs);
     stat.save();
+    // The stages' tensors are gone but a GPU may still run what their drops queued; a process
+    // that exits meanwhile can crash in the driver's exit handlers.
+    if let Err(e) = dag_stages::wait_for_device_work() {
+        tracing::warn!("{e}");
+    }
     let report = report?;
     record_last_run(&cache, &p.name, &report);
     if !g.quiet {

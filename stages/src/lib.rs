@@ -3,6 +3,9 @@
 //! [`register_all`] and the [`dag_api::Stage`] trait.
 
 use dag_api::Registry;
+/// The GPU devices that stages of this process used may still run queued work; the `dag` binary
+/// waits for it before it exits.
+pub use dag_train::wait_for_device_work;
 
 mod common;
 pub mod compare;

@@ -1,10 +1,11 @@
 //! ADVENT's fully-convolutional patch discriminator.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::activation::leaky_relu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::conv::conv_forward;
@@ -48,8 +49,13 @@ impl DiscriminatorConfig {
         self
     }
 
-    /// Builds the discriminator on `device`.
-    pub fn init(&self, device: &Device) -> Result<Discriminator, ModelError> {
+    /// Builds the discriminator on `device` with weights and biases drawn from `rng` on the
+    /// host, as PyTorch initialises a conv (uniform in `±1/sqrt(fan_in)`, which Burn's default
+    /// Kaiming-uniform init also gives), first conv first, each conv's weight before its bias.
+    ///
+    /// Drawn here rather than by the device's random generator, so that one seed gives one
+    /// discriminator on every backend and whatever other thread draws at the same time.
+    pub fn init(&self, rng: &mut dyn RngCore, device: &Device) -> Result<Discriminator, ModelError> {
         if self.classes == 0 || self.ndf == 0 {
             return Err(ModelError::InvalidConfig(format!(
                 "discriminator needs classes >= 1 and ndf >= 1, got classes {} ndf {}",
@@ -61,14 +67,39 @@ impl DiscriminatorConfig {
         let convs = widths
             .windows(2)
             .map(|w| {
-                Conv2dConfig::new([w[0], w[1]], [4, 4])
+                let [cin, cout] = [w[0], w[1]];
+                let mut conv = Conv2dConfig::new([cin, cout], [KERNEL, KERNEL])
                     .with_stride([2, 2])
                     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                    .init(device)
+                    .init(device);
+                let bound = 1.0 / ((cin * KERNEL * KERNEL) as f32).sqrt();
+                let weight = uniform(rng, cout * cin * KERNEL * KERNEL, bound);
+                conv.weight = Param::from_data(
+                    TensorData::new(weight, [cout, cin, KERNEL, KERNEL]),
+                    device,
+                );
+                conv.bias = Some(Param::from_data(
+                    TensorData::new(uniform(rng, cout, bound), [cout]),
+                    device,
+                ));
+                conv
             })
             .collect();
         Ok(Discriminator { convs })
     }
+}
+
+/// Side of every conv kernel of the discriminator.
+const KERNEL: usize = 4;
+
+/// `count` values uniform in `[-bound, bound)`, 24 random bits each.
+fn uniform(rng: &mut dyn RngCore, count: usize, bound: f32) -> Vec<f32> {
+    (0..count)
+        .map(|_| {
+            let unit = (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32;
+            (2.0 * unit - 1.0) * bound
+        })
+        .collect()
 }
 
 /// Five 4x4 stride-2 convs (ndf, 2ndf, 4ndf, 8ndf, 1 channels) with LeakyReLU(0.2) between

@@ -375,6 +375,8 @@ mod tests {
     use super::*;
     use crate::discriminator::LEAKY_SLOPE;
     use crate::{Discriminator, DiscriminatorConfig};
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
 
     /// Burn's own convs and LeakyReLUs, the reference.
     fn burn_forward(d: &Discriminator, x: Tensor<4>) -> Tensor<4> {
@@ -415,7 +417,7 @@ mod tests {
     fn setup(device: &Device) -> (Discriminator, Tensor<4>, Tensor<4>) {
         let d = DiscriminatorConfig::new(5)
             .with_ndf(4)
-            .init(device)
+            .init(&mut ChaCha8Rng::seed_from_u64(3), device)
             .unwrap()
             .train();
         // 70x38: every conv's output size rounds down, the last has 2x1 pixels.

@@ -397,6 +397,8 @@ mod tests {
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::{BatchNormConfig, PaddingConfig2d};
     use burn::tensor::{Device, Distribution, TensorData};
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
 
     use super::*;
 
@@ -609,7 +611,7 @@ mod tests {
     fn fused_discriminator_matches_burn() {
         let d = crate::DiscriminatorConfig::new(3)
             .with_ndf(4)
-            .init(&Device::flex())
+            .init(&mut ChaCha8Rng::seed_from_u64(3), &Device::flex())
             .unwrap();
         check_convs_against_flex(
             "discriminator",

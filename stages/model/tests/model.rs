@@ -8,6 +8,8 @@ use dag_model::{
     load_imagenet_backbone, load_model, output_size, save_model, DeepLabV2Config,
     DiscriminatorConfig, ModelError,
 };
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(
@@ -91,7 +93,7 @@ fn discriminator_outputs_a_patch_map() {
     let device = Device::flex();
     let d = DiscriminatorConfig::new(5)
         .with_ndf(8)
-        .init(&device)
+        .init(&mut ChaCha8Rng::seed_from_u64(3), &device)
         .unwrap();
     let x = Tensor::<4>::random([2, 5, 64, 96], Distribution::Default, &device);
     assert_eq!(d.forward(x).dims(), [2, 1, 2, 3]);

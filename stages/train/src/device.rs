@@ -4,6 +4,8 @@
 
 use burn::tensor::Device;
 
+use crate::TrainError;
+
 /// A resolved device kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -69,8 +71,45 @@ fn auto() -> DeviceChoice {
     })
 }
 
-/// The Burn device of a resolved choice (without autodiff).
+/// The Burn device of a resolved choice (without autodiff). GPU devices are remembered for
+/// [`wait_for_device_work`].
 pub fn device_for(choice: DeviceChoice) -> Device {
+    let device = open(choice);
+    if choice != DeviceChoice::Flex && choice != DeviceChoice::LibTorch {
+        let mut opened = OPENED_GPUS.lock().unwrap_or_else(|e| e.into_inner());
+        if !opened.contains(&device) {
+            opened.push(device.clone());
+        }
+    }
+    device
+}
+
+/// The GPU devices [`device_for`] has handed out in this process.
+static OPENED_GPUS: std::sync::Mutex<Vec<Device>> = std::sync::Mutex::new(Vec::new());
+
+/// Waits until every GPU device opened through [`device_for`] has finished the work queued on
+/// it. Call it once the tensors of a unit of work are dropped, and always before the process
+/// ends.
+///
+/// Burn's GPU runtimes keep each device in a process-wide static, execute queued operations
+/// (dropping a tensor queues some too) on a runner thread of their own, and are never shut
+/// down. A process that exits while that thread still works runs the driver's exit handlers
+/// under it: with Mesa's lavapipe, the queue thread was compiling a kernel with LLVM while
+/// `exit` tore down lavapipe's threads and LLVM's globals, and the process died with SIGSEGV
+/// or "corrupted size vs. prev_size" after every test had passed (RELIABILITY.md, "A GPU
+/// process exits only when its device is idle").
+pub fn wait_for_device_work() -> Result<(), TrainError> {
+    let opened = OPENED_GPUS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for device in opened {
+        device.sync().map_err(|e| TrainError::Device {
+            device: format!("{device:?}"),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+fn open(choice: DeviceChoice) -> Device {
     match choice {
         DeviceChoice::Flex => Device::flex(),
         #[cfg(feature = "wgpu")]

@@ -23,7 +23,7 @@ mod trainer;
 pub use checkpoint::snapshots;
 pub use config::{poly_lr, Method, TrainConfig};
 pub use data::{BatchError, Batches, ImageBatch, LabelBatch, SourceBatch};
-pub use device::{device_for, resolve_device, DeviceChoice};
+pub use device::{device_for, resolve_device, wait_for_device_work, DeviceChoice};
 pub use rand_core;
 pub use trainer::{train, TrainOutcome, SOURCE_LABEL, TARGET_LABEL};
 
@@ -128,6 +128,14 @@ pub enum TrainError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// Work queued on a GPU device failed.
+    #[error("work queued on {device} failed: {message}")]
+    Device {
+        /// The device.
+        device: String,
+        /// The backend's error.
+        message: String,
     },
     /// Building or restoring a network failed.
     #[error(transparent)]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
-use burn::module::{Module, ParamGroup};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
@@ -44,6 +44,9 @@ pub struct TrainOutcome {
     pub d_aux: Option<Discriminator>,
 }
 
+/// The stream of the run's seed that the discriminators' initial weights come from.
+const DISCRIMINATOR_STREAM: u64 = 1;
+
 /// Everything that changes during training.
 struct LoopState {
     model: DeepLabV2,
@@ -80,9 +83,8 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     config.validate().map_err(TrainError::Config)?;
     let ad = device.clone().autodiff();
-    // Seed before anything draws: the discriminators and any lazily-initialised parameter of
-    // `model` take their weights from the device RNG (reading a lazy parameter initialises it,
-    // hence `lazy_shape`).
+    // Seed before anything draws: any lazily-initialised parameter of `model` takes its weights
+    // from the device RNG (reading a lazy parameter initialises it, hence `lazy_shape`).
     ad.seed(config.seed);
     let classes = model.layer6.conv2d_list[0].weight.lazy_shape()[0];
     let mut state = init_state(config, model, classes, &ad)?;
@@ -151,13 +153,17 @@ fn init_state(
 ) -> Result<LoopState, TrainError> {
     let adversarial = config.method.uses_adversarial();
     let d_config = DiscriminatorConfig::new(classes).with_ndf(config.disc_ndf);
+    // Drawn on the host from the run's seed (stream 1; batches draw from stream 0), so that a
+    // seed gives the same discriminators on every device and in every thread.
+    let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
+    init_rng.set_stream(DISCRIMINATOR_STREAM);
     let d_main = if adversarial && config.lambda_adv_main > 0.0 {
-        Some(d_config.init(ad)?)
+        Some(d_config.init(&mut init_rng, ad)?)
     } else {
         None
     };
     let d_aux = if adversarial && config.lambda_adv_aux > 0.0 {
-        Some(d_config.init(ad)?)
+        Some(d_config.init(&mut init_rng, ad)?)
     } else {
         None
     };
@@ -537,15 +543,15 @@ fn step(
         }
     }
 
-    if let Some(d_loss) = d_loss {
+    let d_grads = d_loss.map(|l| l.backward());
+    if let Some(mut grads) = d_grads {
         let lr_d = lr_d.expect("discriminator lr");
-        let mut grads = d_loss.backward();
         if let Some(d) = s.d_main.take() {
-            let g = GradientsParams::from_module(&mut grads, &d);
+            let g = contiguous(GradientsParams::from_module(&mut grads, &d), &d);
             s.d_main = Some(s.opt_d_main.step(lr_d, d, g));
         }
         if let Some(d) = s.d_aux.take() {
-            let g = GradientsParams::from_module(&mut grads, &d);
+            let g = contiguous(GradientsParams::from_module(&mut grads, &d), &d);
             s.d_aux = Some(s.opt_d_aux.step(lr_d, d, g));
         }
     }
@@ -558,6 +564,29 @@ fn step(
 
     log.seconds = start.elapsed().as_secs_f64();
     Ok((s, log))
+}
+
+/// `grads` of `module`'s parameters, each copied to a plain row-major layout where it has
+/// another (a reshape of a plain tensor is free).
+///
+/// Burn 0.22's fusion on CubeCL misreads some gradients in the optimiser's fused update: the
+/// weight gradient of a conv with one output channel and an even kernel (the discriminators'
+/// last conv), summed over two passes, came out in a strided layout whose fused reads landed
+/// on other taps, so the update moved the weights by their neighbours' gradients
+/// (docs/upstream/fusion-strided-gradient.md). The test in tests/wgpu.rs catches it.
+fn contiguous<M: Module>(mut grads: GradientsParams, module: &M) -> GradientsParams {
+    struct Relayout<'a>(&'a mut GradientsParams);
+    impl ModuleVisitor for Relayout<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.remove::<D>(param.id) {
+                let dims = g.dims();
+                let flat = g.reshape([dims.iter().product::<usize>()]);
+                self.0.register(param.id, flat.reshape(dims));
+            }
+        }
+    }
+    module.visit(&mut Relayout(&mut grads));
+    grads
 }
 
 /// The discriminators see maps at the batch's size; below [`MIN_INPUT_SIZE`] their last conv

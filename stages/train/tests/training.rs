@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use dag_model::{load_record_into, DeepLabV2Config, DiscriminatorConfig};
-use dag_train::rand_core::RngCore;
+use dag_train::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use dag_train::{
     train, BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, SourceBatch,
     TrainConfig, TrainError,
@@ -233,7 +234,7 @@ fn advent_trains_segmentation_and_both_discriminators() {
     let ad = Device::flex();
     let d = DiscriminatorConfig::new(CLASSES)
         .with_ndf(4)
-        .init(&ad)
+        .init(&mut ChaCha8Rng::seed_from_u64(3), &ad)
         .unwrap();
     let d_ckpt = load_record_into(d, &dir.path().join("checkpoint/d_main.bpk")).unwrap();
     let d_final = r.outcome_d_main.expect("AdvEnt returns its discriminator");

@@ -1,6 +1,7 @@
 //! For the backend tests (wgpu, tch): batches of `size` x `size` source images of three vertical
 //! stripes with their labels and target images of noise, and a short AdvEnt run on them.
 
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use burn::tensor::Device;
@@ -11,35 +12,53 @@ use dag_train::{
     TrainOutcome,
 };
 
-/// `iterations` AdvEnt steps of `model` on `device` over [`Stripes`] of `size`, with a
-/// checkpoint after each; asserts that the checkpoint was written.
-pub fn train_advent(
-    device: &Device,
-    model: DeepLabV2,
-    iterations: usize,
-    size: usize,
-) -> TrainOutcome {
-    let config = TrainConfig {
+/// The AdvEnt configuration of the backend tests: `iterations` steps at learning rate 0.01 with
+/// narrow discriminators and a checkpoint after each step.
+pub fn advent_config(iterations: usize) -> TrainConfig {
+    TrainConfig {
         method: Method::AdvEnt,
         iterations,
         lr: 0.01,
         disc_ndf: 4,
         checkpoint_every: 1,
         ..TrainConfig::default()
-    };
+    }
+}
+
+/// `iterations` AdvEnt steps of `model` on `device` over [`Stripes`] of `size`, with a
+/// checkpoint after each but the last; asserts that a checkpoint was written.
+pub fn train_advent(
+    device: &Device,
+    model: DeepLabV2,
+    iterations: usize,
+    size: usize,
+) -> TrainOutcome {
     let dir = tempfile::tempdir().unwrap();
-    let out = train(
-        &config,
+    let out = train_stripes(&advent_config(iterations), device, model, size, dir.path());
+    if iterations > 1 {
+        assert!(dir.path().join("checkpoint/model.bpk").is_file());
+    }
+    out
+}
+
+/// Trains `model` on `device` with `config` over [`Stripes`] of `size`, checkpoints in `dir`.
+pub fn train_stripes(
+    config: &TrainConfig,
+    device: &Device,
+    model: DeepLabV2,
+    size: usize,
+    dir: &Path,
+) -> TrainOutcome {
+    train(
+        config,
         model,
         device,
         &mut Stripes { size },
-        dir.path(),
+        dir,
         &mut |_| {},
         &AtomicBool::new(false),
     )
-    .unwrap();
-    assert!(dir.path().join("checkpoint/model.bpk").is_file());
-    out
+    .unwrap()
 }
 
 pub struct Stripes {
