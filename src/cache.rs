@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::hash;
 use crate::key::Encoder;
 
-/// Version of the manifest format. Format 2 adds [`Manifest::checksum`].
-pub const MANIFEST_FORMAT: u32 = 2;
+/// Version of the manifest format. Format 2 adds [`Manifest::checksum`]; format 3 replaces the
+/// kind's version number with its [`Manifest::code`].
+pub const MANIFEST_FORMAT: u32 = 3;
 
 /// How the stages of a pipeline ended in its last `dag run`; a hint for `dag report`, which
 /// tells what ran from what was reused and shows why a stage failed.
@@ -185,10 +186,10 @@ pub struct Manifest {
     pub stage: String,
     /// Stage kind.
     pub kind: String,
-    /// [`dag_api::Stage::version`] of the kind.
-    pub kind_version: u32,
-    /// [`dag_api::API_VERSION`] of the writer.
-    pub api_version: u32,
+    /// The kind's [`dag_api::Code`]: crate name -> digest (empty for kinds without code of
+    /// dag's own, and in manifests older than format 3).
+    #[serde(default)]
+    pub code: BTreeMap<String, String>,
     /// Resolved device kind, or `any-device` for device-independent kinds.
     pub device: String,
     /// The pipeline seed.

@@ -232,6 +232,7 @@ pub enum Command {
 /// The registry of the `dag` binary: every kind of `dag-stages`, plus `shell`.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
+    dag_data_stages::register_all(&mut r);
     dag_stages::register_all(&mut r);
     r.register(crate::shell::Shell);
     r
@@ -713,8 +714,14 @@ fn cmd_show(path: &Path, stage: &str, json: bool, g: &Global) -> Result<ExitCode
         );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("stage    {} ({} v{})", m.stage, m.kind, m.kind_version);
+    println!("stage    {} ({})", m.stage, m.kind);
     println!("key      {}", m.key);
+    if m.code.is_empty() {
+        println!("code     none of dag's own (a change to dag never reruns it)");
+    }
+    for (name, digest) in &m.code {
+        println!("code     {name} {}", &digest[..digest.len().min(12)]);
+    }
     println!("device   {}   seed {}", m.device, m.seed);
     println!(
         "ran      {:.3} s (+{:.3} s publishing), finished at unix {:.0}",
@@ -1183,7 +1190,18 @@ fn cmd_kinds() -> Result<ExitCode, Failure> {
     let mut out = std::io::stdout().lock();
     for name in r.kinds() {
         let k = r.get(name).expect("listed");
-        let _ = writeln!(out, "{name} (v{})\n  {}", k.version(), k.doc());
+        let code = k.code();
+        let built_from = if code.parts.is_empty() {
+            "no code of dag's own".to_string()
+        } else {
+            let crates: Vec<&str> = code.parts.iter().map(|(n, _)| *n).collect();
+            format!(
+                "code {} of {}",
+                &crate::key::code_digest(&code)[..12],
+                crates.join(", ")
+            )
+        };
+        let _ = writeln!(out, "{name} ({built_from})\n  {}", k.doc());
         for p in k.params() {
             let default = p
                 .default

@@ -113,12 +113,18 @@ pub enum Reason {
         /// The upstream stage.
         stage: String,
     },
-    /// The kind's code version changed.
-    KindVersionChanged {
-        /// Version in the last run.
-        from: u32,
-        /// Version now.
-        to: u32,
+    /// The stage's kind changed.
+    KindChanged {
+        /// Kind in the last run.
+        from: String,
+        /// Kind now.
+        to: String,
+    },
+    /// The code of the kind changed: the crates (or `dependencies`, the locked external
+    /// crates) whose digest differs from the last run's.
+    CodeChanged {
+        /// Crate names, sorted.
+        crates: Vec<String>,
     },
     /// The device kind changed.
     DeviceChanged {
@@ -146,6 +152,22 @@ pub enum Reason {
     },
     /// The key changed for a reason none of the above explains (a new dag or API version).
     EngineChanged,
+}
+
+/// The crates whose digest differs between a manifest's code and `now` (added and removed ones
+/// too), sorted. A manifest without code (older than format 3) names every crate of `now`.
+fn changed_code(recorded: &BTreeMap<String, String>, now: &dag_api::Code) -> Vec<String> {
+    let now: BTreeMap<&str, &str> = now.parts.iter().copied().collect();
+    let names: BTreeSet<&str> = recorded
+        .keys()
+        .map(String::as_str)
+        .chain(now.keys().copied())
+        .collect();
+    names
+        .into_iter()
+        .filter(|n| recorded.get(*n).map(String::as_str) != now.get(n).copied())
+        .map(str::to_string)
+        .collect()
 }
 
 fn short(v: &Option<Value>) -> String {
@@ -178,14 +200,25 @@ impl fmt::Display for Reason {
                 &to[..to.len().min(12)]
             ),
             Reason::UpstreamWillRun { stage } => write!(f, "upstream `{stage}` will run"),
-            Reason::KindVersionChanged { from, to } => {
-                write!(f, "kind version changed from {from} to {to}")
+            Reason::KindChanged { from, to } => write!(f, "kind changed from {from} to {to}"),
+            Reason::CodeChanged { crates } => {
+                let named: Vec<String> = crates
+                    .iter()
+                    .map(|c| {
+                        if c == "dependencies" {
+                            "the locked dependencies".to_string()
+                        } else {
+                            format!("code of {c}")
+                        }
+                    })
+                    .collect();
+                write!(f, "{} changed", named.join(", "))
             }
             Reason::DeviceChanged { from, to } => write!(f, "device changed from {from} to {to}"),
             Reason::SeedChanged { from, to } => write!(f, "seed changed from {from} to {to}"),
             Reason::DatasetChanged { dataset } => write!(f, "dataset `{dataset}` changed"),
             Reason::WorkspaceChanged { path } => write!(f, "workspace file `{path}` changed"),
-            Reason::EngineChanged => write!(f, "engine or API version changed"),
+            Reason::EngineChanged => write!(f, "the key's encoding changed (another dag version)"),
         }
     }
 }
@@ -203,6 +236,11 @@ pub struct PlanEntry {
     pub key: Option<String>,
     /// Why it runs (empty when cached or skipped).
     pub reasons: Vec<Reason>,
+    /// One digest of the kind's code ([`key::code_digest`]); `None` for kinds without code of
+    /// dag's own (shell).
+    pub code_digest: Option<String>,
+    /// The kind's code, crate name -> digest.
+    pub code: BTreeMap<String, String>,
 }
 
 impl PlanEntry {
@@ -455,7 +493,7 @@ impl<'a> Engine<'a> {
         let st = &self.pipeline.stages[i];
         key::stage_key(
             st.kind.kind(),
-            st.kind.version(),
+            &st.kind.code(),
             &st.params,
             self.device_for(i),
             self.pipeline.seed,
@@ -498,11 +536,16 @@ impl<'a> Engine<'a> {
             return vec![Reason::NeverRan];
         };
         let mut r = Vec::new();
-        if m.kind_version != st.kind.version() || m.kind != st.kind.kind() {
-            r.push(Reason::KindVersionChanged {
-                from: m.kind_version,
-                to: st.kind.version(),
+        if m.kind != st.kind.kind() {
+            r.push(Reason::KindChanged {
+                from: m.kind.clone(),
+                to: st.kind.kind().to_string(),
             });
+        } else {
+            let changed = changed_code(&m.code, &st.kind.code());
+            if !changed.is_empty() {
+                r.push(Reason::CodeChanged { crates: changed });
+            }
         }
         let names: BTreeSet<&String> = m.params.keys().chain(st.params.0.keys()).collect();
         for n in names {
@@ -589,12 +632,19 @@ impl<'a> Engine<'a> {
         let mut entries: Vec<Option<PlanEntry>> = vec![None; p.stages.len()];
         for &i in &p.order {
             let st = &p.stages[i];
+            let code = st.kind.code();
             let mut e = PlanEntry {
                 stage: st.name.clone(),
                 kind: st.kind.kind().to_string(),
                 status: "skip",
                 key: None,
                 reasons: Vec::new(),
+                code_digest: (!code.parts.is_empty()).then(|| key::code_digest(&code)),
+                code: code
+                    .parts
+                    .iter()
+                    .map(|(name, digest)| (name.to_string(), digest.to_string()))
+                    .collect(),
             };
             if !selected[i] {
                 outs[i] = self.resolve_unselected(i, &outs)?;
@@ -996,8 +1046,13 @@ impl<'a> Engine<'a> {
             pipeline: p.name.clone(),
             stage: st.name.clone(),
             kind: st.kind.kind().to_string(),
-            kind_version: st.kind.version(),
-            api_version: dag_api::API_VERSION,
+            code: st
+                .kind
+                .code()
+                .parts
+                .iter()
+                .map(|(name, digest)| (name.to_string(), digest.to_string()))
+                .collect(),
             device: self.device_for(i).unwrap_or("any-device").to_string(),
             seed: p.seed,
             params: st.params.0.clone(),

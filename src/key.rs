@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use dag_api::Value;
 
 /// Bumped whenever the encoding (or what goes into a key) changes.
-pub const ENCODING_VERSION: u32 = 1;
+pub const ENCODING_VERSION: u32 = 2;
 
 const T_NULL: u8 = 0;
 const T_FALSE: u8 = 1;
@@ -177,19 +177,24 @@ pub fn dataset_digest(
 
 /// The cache key of one stage run.
 ///
-/// `device` is the resolved device kind, or `None` for device-independent kinds (shell).
+/// `code` is the kind's [`dag_api::Code`]: a digest per crate it is built from. `device` is the
+/// resolved device kind, or `None` for device-independent kinds (shell).
 pub fn stage_key(
     kind: &str,
-    kind_version: u32,
+    code: &dag_api::Code,
     params: &dag_api::Params,
     device: Option<&str>,
     seed: u64,
     parts: &KeyInputs,
 ) -> String {
     let mut e = Encoder::new("stage-key");
-    e.uint(dag_api::API_VERSION as u64)
-        .str(kind)
-        .uint(kind_version as u64);
+    e.str(kind);
+    e.map_of(
+        code.parts.iter().map(|(name, digest)| (*name, *digest)),
+        |e, d| {
+            e.str(d);
+        },
+    );
     e.map_of(params.0.iter(), |e, v| {
         e.value(v);
     });
@@ -205,6 +210,18 @@ pub fn stage_key(
             e.str(v);
         });
     }
+    e.finish()
+}
+
+/// One digest of a kind's code (all its parts), for display and `dag plan --json`.
+pub fn code_digest(code: &dag_api::Code) -> String {
+    let mut e = Encoder::new("code");
+    e.map_of(
+        code.parts.iter().map(|(name, digest)| (*name, *digest)),
+        |e, d| {
+            e.str(d);
+        },
+    );
     e.finish()
 }
 
@@ -248,23 +265,54 @@ mod tests {
     fn stage_keys_see_every_part() {
         let params = dag_api::Params([("n".to_string(), json!(1))].into_iter().collect());
         let parts = KeyInputs::default();
-        let base = stage_key("k", 1, &params, Some("flex"), 0, &parts);
-        assert_eq!(base, stage_key("k", 1, &params, Some("flex"), 0, &parts));
-        assert_ne!(base, stage_key("k", 2, &params, Some("flex"), 0, &parts));
-        assert_ne!(base, stage_key("j", 1, &params, Some("flex"), 0, &parts));
-        assert_ne!(base, stage_key("k", 1, &params, Some("cuda"), 0, &parts));
-        assert_ne!(base, stage_key("k", 1, &params, None, 0, &parts));
-        assert_ne!(base, stage_key("k", 1, &params, Some("flex"), 1, &parts));
+        let code = dag_api::Code {
+            parts: &[("dag-train", "aa"), ("dependencies", "bb")],
+        };
+        let base = stage_key("k", &code, &params, Some("flex"), 0, &parts);
+        assert_eq!(
+            base,
+            stage_key("k", &code, &params, Some("flex"), 0, &parts)
+        );
+        for other in [
+            dag_api::Code {
+                parts: &[("dag-train", "ab"), ("dependencies", "bb")],
+            },
+            dag_api::Code {
+                parts: &[("dag-train", "aa"), ("dependencies", "bc")],
+            },
+            dag_api::Code {
+                parts: &[("dag-model", "aa"), ("dependencies", "bb")],
+            },
+            dag_api::Code::NONE,
+        ] {
+            assert_ne!(
+                base,
+                stage_key("k", &other, &params, Some("flex"), 0, &parts)
+            );
+        }
+        assert_ne!(
+            base,
+            stage_key("j", &code, &params, Some("flex"), 0, &parts)
+        );
+        assert_ne!(
+            base,
+            stage_key("k", &code, &params, Some("cuda"), 0, &parts)
+        );
+        assert_ne!(base, stage_key("k", &code, &params, None, 0, &parts));
+        assert_ne!(
+            base,
+            stage_key("k", &code, &params, Some("flex"), 1, &parts)
+        );
         let p2 = dag_api::Params([("n".to_string(), json!(2))].into_iter().collect());
-        assert_ne!(base, stage_key("k", 1, &p2, Some("flex"), 0, &parts));
+        assert_ne!(base, stage_key("k", &code, &p2, Some("flex"), 0, &parts));
         let mut i = parts.clone();
         i.inputs.insert("x".into(), "d1".into());
-        let a = stage_key("k", 1, &params, Some("flex"), 0, &i);
+        let a = stage_key("k", &code, &params, Some("flex"), 0, &i);
         i.inputs.insert("x".into(), "d2".into());
-        assert_ne!(a, stage_key("k", 1, &params, Some("flex"), 0, &i));
+        assert_ne!(a, stage_key("k", &code, &params, Some("flex"), 0, &i));
         // The same digest under another part is another key.
         let mut w = KeyInputs::default();
         w.workspace.insert("x".into(), "d1".into());
-        assert_ne!(a, stage_key("k", 1, &params, Some("flex"), 0, &w));
+        assert_ne!(a, stage_key("k", &code, &params, Some("flex"), 0, &w));
     }
 }

@@ -44,7 +44,11 @@ fn show_status_and_gc() {
     let out = ws.dag(&["show", "pipeline.yaml", "report"]);
     assert!(out.status.success(), "{}", text(&out));
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("stage    report (shell v1)"), "{s}");
+    assert!(s.contains("stage    report (shell)"), "{s}");
+    assert!(
+        s.contains("code     none of dag's own (a change to dag never reruns it)"),
+        "{s}"
+    );
     assert!(
         s.contains("input    data/count.txt <- count.data/count.txt"),
         "{s}"
@@ -93,7 +97,24 @@ fn kinds_logs_and_cache_location() {
     let ws = seven();
     let out = ws.dag(&["kinds"]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("shell (v1)"), "{s}");
+    assert!(s.contains("shell (no code of dag's own)"), "{s}");
+    // Every other kind names the crates its code digest covers.
+    let train = s
+        .lines()
+        .find(|l| l.starts_with("adapt (code "))
+        .expect("adapt");
+    assert!(
+        train.contains("dag-train") && train.contains("dependencies"),
+        "{train}"
+    );
+    let split = s
+        .lines()
+        .find(|l| l.starts_with("split (code "))
+        .expect("split");
+    assert!(
+        !split.contains("dag-train") && !split.contains("dag-model"),
+        "{split}"
+    );
     assert!(s.contains("param  cmd: string (required)"), "{s}");
     assert!(s.contains("param  deps: list of path = []"), "{s}");
 

@@ -21,8 +21,8 @@ impl Stage for Source {
     fn kind(&self) -> &'static str {
         "source"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> dag_api::Code {
+        dag_api::Code::NONE
     }
     fn doc(&self) -> &'static str {
         "test source"
@@ -71,14 +71,20 @@ impl Stage for Source {
     }
 }
 
-/// Reads its `source` input and writes a "model".
-struct Train;
+/// Reads its `source` input and writes a "model"; built from the code it holds.
+struct Train(dag_api::Code);
+
+/// The code of [`Train`] in most tests.
+const TRAIN_CODE: dag_api::Code = dag_api::Code {
+    parts: &[("test-train", "3"), ("dependencies", "1")],
+};
+
 impl Stage for Train {
     fn kind(&self) -> &'static str {
         "train"
     }
-    fn version(&self) -> u32 {
-        3
+    fn code(&self) -> dag_api::Code {
+        self.0
     }
     fn doc(&self) -> &'static str {
         "test trainer"
@@ -147,8 +153,8 @@ impl Stage for Eval {
     fn kind(&self) -> &'static str {
         "eval"
     }
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> dag_api::Code {
+        dag_api::Code::NONE
     }
     fn doc(&self) -> &'static str {
         "test evaluator"
@@ -185,9 +191,13 @@ impl Stage for Eval {
 }
 
 fn registry() -> Registry {
+    registry_with(TRAIN_CODE)
+}
+
+fn registry_with(train_code: dag_api::Code) -> Registry {
     let mut r = Registry::new();
     r.register(Source);
-    r.register(Train);
+    r.register(Train(train_code));
     r.register(Eval);
     r.register(dag::shell::Shell);
     r
@@ -334,6 +344,35 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
     // `prep` lists the new file; `use` reruns because its dataset changed but writes the same
     // bytes (prep's artifact still holds one file), so `train` is cut off.
     assert_eq!(ran, vec![Outcome::Ran, Outcome::Ran, Outcome::Cached]);
+    // New code of the crates `train` is built from reruns `train` alone, and says why.
+    let newer = registry_with(dag_api::Code {
+        parts: &[("test-train", "4"), ("dependencies", "1")],
+    });
+    let p2 = spec::load(&ws.path("pipeline.yaml"), &newer, &[]).unwrap();
+    let engine = Engine::new(&p2, &cache, &stat, "flex".into(), ws.path("out"));
+    let plan = engine.plan(&Selection::default()).unwrap();
+    let status: Vec<&str> = plan.iter().map(|e| e.status).collect();
+    assert_eq!(status, ["cached", "cached", "run"], "{plan:?}");
+    assert_eq!(
+        plan[2].reasons,
+        [dag::executor::Reason::CodeChanged {
+            crates: vec!["test-train".into()]
+        }]
+    );
+    assert_eq!(plan[2].reasons[0].to_string(), "code of test-train changed");
+    assert_eq!(plan[2].code["test-train"], "4");
+    assert!(plan[2].code_digest.is_some() && plan[0].code_digest.is_none());
+    let locked = registry_with(dag_api::Code {
+        parts: &[("test-train", "3"), ("dependencies", "2")],
+    });
+    let p3 = spec::load(&ws.path("pipeline.yaml"), &locked, &[]).unwrap();
+    let engine = Engine::new(&p3, &cache, &stat, "flex".into(), ws.path("out"));
+    let plan = engine.plan(&Selection::default()).unwrap();
+    assert_eq!(
+        plan[2].reasons[0].to_string(),
+        "the locked dependencies changed"
+    );
+
     // Another device is another key for device-dependent kinds.
     let engine = Engine::new(&p, &cache, &stat, "cuda".into(), ws.path("out"));
     let plan = engine.plan(&Selection::default()).unwrap();

@@ -13,25 +13,16 @@ use dag_model::{load_record_into, DeepLabV2};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::common::{
-    check_classes, create_parent, device, load_model_input, open_dataset, protocol, safe_join,
-    write_json,
+use dag_artifacts::evaluate::{
+    CONFUSION_FILE, METRICS_FILE, SAMPLES_DIR, SNAPSHOTS_FILE, SUMMARY_FILE,
 };
-use crate::preprocess::data_error;
+use dag_artifacts::files::{create_parent, data_error, safe_join, write_json};
+use dag_artifacts::visuals::{write_index, Visual};
+
+use crate::common::{check_classes, device, load_model_input, open_dataset, protocol};
 
 /// The `evaluate` stage kind.
 pub struct Evaluate;
-
-/// Per-class table of an evaluation.
-pub const METRICS_FILE: &str = "metrics.parquet";
-/// The confusion matrix, long format.
-pub const CONFUSION_FILE: &str = "confusion.parquet";
-/// mIoU and friends.
-pub const SUMMARY_FILE: &str = "summary.json";
-/// Pictures of the first `samples` images, with their `visuals.json`.
-pub const SAMPLES_DIR: &str = "samples";
-/// mIoU of every snapshot (with `snapshots: all`).
-pub const SNAPSHOTS_FILE: &str = "snapshots.parquet";
 
 /// The 16 classes of the SYNTHIA protocol inside the 19-class one (terrain, truck and train
 /// dropped), for the mIoU16 of a 19-class evaluation.
@@ -51,10 +42,8 @@ impl Stage for Evaluate {
         "evaluate"
     }
 
-    fn version(&self) -> u32 {
-        // 2: samples/ holds image, ground truth, prediction, entropy heat map and overlay per
-        // sample, listed in samples/visuals.json.
-        2
+    fn code(&self) -> dag_api::Code {
+        crate::CODE
     }
 
     fn doc(&self) -> &'static str {
@@ -313,7 +302,7 @@ fn confusion(
                     let dir = out.join(SAMPLES_DIR);
                     let files =
                         crate::visuals::write_pictures(&dir, &format!("{i:02}"), &pics, proto)?;
-                    visuals.push(crate::visuals::Visual {
+                    visuals.push(Visual {
                         group: SAMPLES_DIR.into(),
                         path: item.path.to_string(),
                         rank: None,
@@ -332,7 +321,7 @@ fn confusion(
         ctx.progress.set_position(*done);
     }
     if let Some(out) = out.filter(|_| !visuals.is_empty()) {
-        crate::visuals::write_index(&out.join(SAMPLES_DIR), &visuals)?;
+        write_index(&out.join(SAMPLES_DIR), &visuals)?;
     }
     Ok(cm)
 }

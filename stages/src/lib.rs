@@ -1,6 +1,8 @@
-//! The stage kinds of `dag`: thin adapters from (params, input artifacts) to output artifacts,
-//! calling the model, data, training and metrics libraries. The engine reaches them only through
-//! [`register_all`] and the [`dag_api::Stage`] trait.
+//! The stage kinds of `dag` that run a network: `train_source`, `adapt`, `self_train`,
+//! `score_entropy` and `evaluate`. Thin adapters from (params, input artifacts) to output
+//! artifacts, calling the model, data, training and metrics libraries; the engine reaches them
+//! only through [`register_all`] and the [`dag_api::Stage`] trait. The kinds that touch no tensor
+//! are in `dag-data-stages`.
 
 use dag_api::Registry;
 /// The GPU devices that stages of this process used may still run queued work; the `dag` binary
@@ -8,26 +10,20 @@ use dag_api::Registry;
 pub use dag_train::wait_for_device_work;
 
 mod common;
-pub mod compare;
 pub mod evaluate;
-pub mod preprocess;
 pub mod score;
-pub mod split;
-pub mod synth;
 pub mod train;
 pub mod visuals;
 
+include!(concat!(env!("OUT_DIR"), "/code.rs"));
+
 /// Adds every stage kind of this crate to `registry`.
 pub fn register_all(registry: &mut Registry) {
-    registry.register(preprocess::Preprocess);
-    registry.register(synth::Synth);
     registry.register(train::TrainStage(train::Role::Source));
     registry.register(train::TrainStage(train::Role::Adapt));
     registry.register(score::ScoreEntropy);
-    registry.register(split::Split);
     registry.register(train::TrainStage(train::Role::SelfTrain));
     registry.register(evaluate::Evaluate);
-    registry.register(compare::Compare);
 }
 
 /// Resolves the pipeline's `device:` (`auto`, `flex`, `wgpu`, `cuda`) to the device kind that

@@ -16,23 +16,16 @@ use dag_metrics::ranking::{
 use dag_model::DeepLabV2;
 use serde::Deserialize;
 
-use crate::common::{
-    check_classes, create_parent, device, f64_column, load_model_input, open_dataset, protocol,
-    read_table, safe_join, str_column,
+use dag_artifacts::files::{
+    create_parent, data_error, f64_column, read_class_png, read_table, safe_join, str_column,
 };
-use crate::preprocess::data_error;
+use dag_artifacts::score::{COLOR_DIR, DIFFICULTY_FILE, LABELS_DIR, SCORES_FILE};
+use dag_artifacts::visuals::{write_index, Visual};
+
+use crate::common::{check_classes, device, load_model_input, open_dataset, protocol};
 
 /// The `score_entropy` stage kind.
 pub struct ScoreEntropy;
-
-/// File name of the table in the `scores` output.
-pub const SCORES_FILE: &str = "scores.parquet";
-/// Folder of the 8-bit class-id pseudo-labels in the `pseudo_labels` output.
-pub const LABELS_DIR: &str = "labels";
-/// Folder of the colour pseudo-labels in the `pseudo_labels` output.
-pub const COLOR_DIR: &str = "color";
-/// The side table of the `synth` target that holds each image's generated difficulty.
-pub const DIFFICULTY_FILE: &str = "difficulty.parquet";
 
 #[derive(Deserialize)]
 struct P {
@@ -97,9 +90,8 @@ impl Stage for ScoreEntropy {
         "score_entropy"
     }
 
-    fn version(&self) -> u32 {
-        // 2: the `visuals` output (pictures of the easiest and hardest images).
-        2
+    fn code(&self) -> dag_api::Code {
+        crate::CODE
     }
 
     fn doc(&self) -> &'static str {
@@ -346,8 +338,7 @@ fn gallery(
             let entropy = crate::visuals::pixel_entropy(main).remove(0);
             // The pseudo-label exactly as written, not a recomputation that a different batch
             // size could flip at a tie.
-            let (_, _, prediction) =
-                crate::common::read_class_png(&safe_join(&pseudo, item.path)?)?;
+            let (_, _, prediction) = read_class_png(&safe_join(&pseudo, item.path)?)?;
             let pics = crate::visuals::Pictures {
                 width: w,
                 height: h,
@@ -359,7 +350,7 @@ fn gallery(
             };
             let files =
                 crate::visuals::write_pictures(&out.join(group), &format!("{k:02}"), &pics, proto)?;
-            visuals.push(crate::visuals::Visual {
+            visuals.push(Visual {
                 group: group.to_string(),
                 path: item.path.to_string(),
                 rank: Some(ranked.iter().position(|&r| r == i).expect("ranked") as u32),
@@ -371,7 +362,7 @@ fn gallery(
             });
         }
     }
-    crate::visuals::write_index(out, &visuals)?;
+    write_index(out, &visuals)?;
     Ok(visuals.len())
 }
 

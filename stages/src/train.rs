@@ -22,10 +22,14 @@ use dag_train::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::common::{
-    check_classes, create_parent, device, load_model_input, open_dataset, protocol, read_class_png,
-    read_table, safe_join, str_column,
+use dag_artifacts::files::{
+    create_parent, data_error, read_class_png, read_table, safe_join, str_column,
 };
+use dag_artifacts::score::LABELS_DIR;
+use dag_artifacts::split::table_file;
+use dag_artifacts::train::LOG_FILE;
+
+use crate::common::{check_classes, device, load_model_input, open_dataset, protocol};
 
 /// Which of the three kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +45,6 @@ pub enum Role {
 /// A training stage kind.
 pub struct TrainStage(pub Role);
 
-/// File name of the training log inside the `log` output.
-pub const LOG_FILE: &str = "log.parquet";
 /// Folder of the kept snapshots inside a model artifact.
 pub const SNAPSHOTS: &str = dag_train::checkpoint::SNAPSHOT_DIR;
 
@@ -155,8 +157,8 @@ impl Stage for TrainStage {
         }
     }
 
-    fn version(&self) -> u32 {
-        2
+    fn code(&self) -> dag_api::Code {
+        crate::CODE
     }
 
     fn doc(&self) -> &'static str {
@@ -460,7 +462,7 @@ impl Stage for TrainStage {
             Role::SelfTrain => {
                 let easy = split_indices(ctx, "easy", &labelled)?;
                 let hard = split_indices(ctx, "hard", &labelled)?;
-                let pseudo = ctx.input("pseudo")?.path.join(crate::score::LABELS_DIR);
+                let pseudo = ctx.input("pseudo")?.path.join(LABELS_DIR);
                 ShardBatches::new(&labelled, easy, Some(pseudo), p.batch_size)
                     .with_target(&labelled, hard)
             }
@@ -606,7 +608,7 @@ fn split_indices(
     ds: &Dataset,
 ) -> Result<Vec<usize>, StageError> {
     let art = ctx.input(input)?;
-    let file = crate::split::table_file(input);
+    let file = table_file(input);
     let table = read_table(&art.path, file)?;
     let paths = str_column(&table, "path", &art.path.join(file))?;
     let by_path: std::collections::HashMap<&str, usize> = (0..ds.len())
@@ -809,7 +811,7 @@ fn write_log(log: &[IterationLog], path: &Path) -> Result<(), StageError> {
         Column::F64(log.iter().map(|l| l.seconds).collect()),
     );
     t.write_parquet(path)
-        .map_err(|e| crate::preprocess::data_error(e).with_path(path.to_path_buf()))
+        .map_err(|e| data_error(e).with_path(path.to_path_buf()))
 }
 
 /// Copies the snapshots the loop kept in the scratch directory into the model artifact.

@@ -9,39 +9,15 @@ use std::path::Path;
 use burn::tensor::activation::softmax;
 use burn::tensor::Tensor;
 use dag_api::StageError;
+use dag_artifacts::files::{create_parent, data_error};
 use dag_data::pngio::{colorize, write_rgb_png};
 use dag_data::resize::resize_rgb_bicubic;
 use dag_data::viz::{blend, heatmap};
 use dag_data::Protocol;
-use serde::{Deserialize, Serialize};
-
-use crate::common::{create_parent, write_json};
-use crate::preprocess::data_error;
-
-/// The index of the pictures of one output directory.
-pub const VISUALS_FILE: &str = "visuals.json";
 
 /// Opacity of the prediction laid over the image: enough to read the classes, little enough to
 /// still see the scene under them.
 const OVERLAY_ALPHA: f32 = 0.55;
-
-/// One pictured image, as listed in `visuals.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Visual {
-    /// Which set it belongs to: `easiest`, `hardest` (score_entropy) or `samples` (evaluate).
-    pub group: String,
-    /// The image's id in its dataset.
-    pub path: String,
-    /// Its position in the entropy ranking (0 = most confident), when ranked.
-    #[serde(default)]
-    pub rank: Option<u32>,
-    /// Its entropy score, when scored.
-    #[serde(default)]
-    pub score: Option<f64>,
-    /// Picture name (`image`, `ground_truth`, `prediction`, `entropy`, `overlay`) -> file,
-    /// relative to the directory holding `visuals.json`.
-    pub files: BTreeMap<String, String>,
-}
 
 /// The pictures of one image, all `width x height` except `image`, which is resized to that size
 /// when it differs (a prediction at full label resolution of a preprocessed image).
@@ -109,28 +85,4 @@ pub fn write_pictures(
         files.insert(name.to_string(), rel);
     }
     Ok(files)
-}
-
-/// Writes `visuals.json` into `dir`.
-pub fn write_index(dir: &Path, visuals: &[Visual]) -> Result<(), StageError> {
-    write_json(
-        &dir.join(VISUALS_FILE),
-        &serde_json::json!({ "visuals": visuals }),
-    )
-}
-
-/// Reads the `visuals.json` of `dir` (none: an empty list, for outputs of older versions).
-pub fn read_index(dir: &Path) -> Result<Vec<Visual>, StageError> {
-    let path = dir.join(VISUALS_FILE);
-    if !path.is_file() {
-        return Ok(Vec::new());
-    }
-    let bytes = std::fs::read(&path).map_err(|e| StageError::from(e).with_path(path.clone()))?;
-    #[derive(Deserialize)]
-    struct Index {
-        visuals: Vec<Visual>,
-    }
-    let index: Index =
-        serde_json::from_slice(&bytes).map_err(|e| StageError::from(e).with_path(path))?;
-    Ok(index.visuals)
 }

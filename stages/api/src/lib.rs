@@ -13,9 +13,6 @@ use std::sync::Arc;
 
 pub use serde_json::{Map, Value};
 
-/// Version of this contract; part of every cache key, so that a change here invalidates all.
-pub const API_VERSION: u32 = 1;
-
 /// File name under [`StageContext::scratch`] where a stage may write its log. The engine keeps
 /// it in the cache with the run's manifest (`dag show` names it) and points to it when the stage
 /// fails.
@@ -302,12 +299,29 @@ pub struct Preflight<'a> {
     pub workdir: &'a Path,
 }
 
+/// The code a stage kind computes with, as digests taken when `dag` was built: one per crate of
+/// the workspace the kind is built from (its sources and dependency tables) and one, named
+/// `dependencies`, of the locked versions of every external crate among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Code {
+    /// `(crate name, hex digest)`, sorted by name, `dependencies` last.
+    pub parts: &'static [(&'static str, &'static str)],
+}
+
+impl Code {
+    /// No code of dag's own: the kind's output depends only on its inputs and params (a shell
+    /// command), so no change to dag reruns it.
+    pub const NONE: Code = Code { parts: &[] };
+}
+
 /// A stage kind.
 pub trait Stage: Send + Sync {
     /// The name used in `kind:`.
     fn kind(&self) -> &'static str;
-    /// Bumped whenever the kind's code changes what it writes; part of the cache key.
-    fn version(&self) -> u32;
+    /// The code the kind computes its outputs with; part of every key of its stages. Kinds in a
+    /// crate built with `dag-code`'s build script return that crate's `CODE`, which changes
+    /// whenever a source file or a locked dependency of the crate changes.
+    fn code(&self) -> Code;
     /// One paragraph for `dag kinds` and the docs.
     fn doc(&self) -> &'static str;
     fn params(&self) -> Vec<ParamSpec>;

@@ -55,7 +55,11 @@ impl DiscriminatorConfig {
     ///
     /// Drawn here rather than by the device's random generator, so that one seed gives one
     /// discriminator on every backend and whatever other thread draws at the same time.
-    pub fn init(&self, rng: &mut dyn RngCore, device: &Device) -> Result<Discriminator, ModelError> {
+    pub fn init(
+        &self,
+        rng: &mut dyn RngCore,
+        device: &Device,
+    ) -> Result<Discriminator, ModelError> {
         if self.classes == 0 || self.ndf == 0 {
             return Err(ModelError::InvalidConfig(format!(
                 "discriminator needs classes >= 1 and ndf >= 1, got classes {} ndf {}",
@@ -74,10 +78,8 @@ impl DiscriminatorConfig {
                     .init(device);
                 let bound = 1.0 / ((cin * KERNEL * KERNEL) as f32).sqrt();
                 let weight = uniform(rng, cout * cin * KERNEL * KERNEL, bound);
-                conv.weight = Param::from_data(
-                    TensorData::new(weight, [cout, cin, KERNEL, KERNEL]),
-                    device,
-                );
+                conv.weight =
+                    Param::from_data(TensorData::new(weight, [cout, cin, KERNEL, KERNEL]), device);
                 conv.bias = Some(Param::from_data(
                     TensorData::new(uniform(rng, cout, bound), [cout]),
                     device,

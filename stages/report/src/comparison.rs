@@ -5,9 +5,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use dag_artifacts::compare::COMPARISON_FILE;
+use dag_artifacts::evaluate::SUMMARY_FILE;
 use dag_data::{Column, Table};
-use dag_stages::compare::COMPARISON_FILE;
-use dag_stages::evaluate::SUMMARY_FILE;
 use serde_json::{json, Value};
 
 use crate::{ReportError, ReportInput, State};

@@ -4,11 +4,11 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use dag_artifacts::evaluate::{SAMPLES_DIR, SNAPSHOTS_FILE};
+use dag_artifacts::score::SCORES_FILE;
+use dag_artifacts::train::LOG_FILE;
+use dag_artifacts::visuals::{read_index, Visual};
 use dag_data::{Column, Table};
-use dag_stages::evaluate::{SAMPLES_DIR, SNAPSHOTS_FILE};
-use dag_stages::score::SCORES_FILE;
-use dag_stages::train::LOG_FILE;
-use dag_stages::visuals::{read_index, Visual};
 use serde_json::Value;
 
 use crate::svg::{self, esc, Series, PALETTE};
@@ -597,7 +597,7 @@ impl<'a> Page<'a> {
         let mut parts = Vec::new();
         for which in ["easy", "hard"] {
             let dir = split.outputs.get(which)?;
-            let file = dir.join(dag_stages::split::table_file(which));
+            let file = dir.join(dag_artifacts::split::table_file(which));
             match Table::read_parquet(&file) {
                 Ok(t) => parts.push(float_column(&t, &by).unwrap_or_default()),
                 Err(e) => {
@@ -691,7 +691,7 @@ impl<'a> Page<'a> {
             let visuals = match read_index(vis) {
                 Ok(v) => v,
                 Err(e) => {
-                    let path = vis.join(dag_stages::visuals::VISUALS_FILE);
+                    let path = vis.join(dag_artifacts::visuals::VISUALS_FILE);
                     self.problem(ReportError::read(&path, e));
                     continue;
                 }
@@ -724,7 +724,7 @@ impl<'a> Page<'a> {
             let visuals = match read_index(&dir) {
                 Ok(v) => v,
                 Err(e) => {
-                    let path = dir.join(dag_stages::visuals::VISUALS_FILE);
+                    let path = dir.join(dag_artifacts::visuals::VISUALS_FILE);
                     self.problem(ReportError::read(&path, e));
                     continue;
                 }

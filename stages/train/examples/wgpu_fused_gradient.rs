@@ -19,15 +19,21 @@ fn update_error(device: &Device, [cout, cin, k]: [usize; 3], passes: usize, rela
     let ad = device.clone().autodiff();
     let n = cout * cin * k * k;
     let w0: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.01).collect();
-    let w = Tensor::<4>::from_data(TensorData::new(w0.clone(), [cout, cin, k, k]), &ad)
-        .require_grad();
+    let w =
+        Tensor::<4>::from_data(TensorData::new(w0.clone(), [cout, cin, k, k]), &ad).require_grad();
     let mut loss: Option<Tensor<1>> = None;
     for pass in 0..passes {
         let x: Vec<f32> = (0..cin * 16)
             .map(|i| ((i + pass) % 7) as f32 * 0.1 - 0.3)
             .collect();
         let x = Tensor::<4>::from_data(TensorData::new(x, [1, cin, 4, 4]), &ad);
-        let y = conv2d(x, w.clone(), None, ConvOptions::new([2, 2], [1, 1], [1, 1], 1)).sum();
+        let y = conv2d(
+            x,
+            w.clone(),
+            None,
+            ConvOptions::new([2, 2], [1, 1], [1, 1], 1),
+        )
+        .sum();
         loss = Some(match loss {
             Some(l) => l + y,
             None => y,
@@ -38,7 +44,10 @@ fn update_error(device: &Device, [cout, cin, k]: [usize; 3], passes: usize, rela
     if relayout {
         g = g.reshape([n]).reshape([cout, cin, k, k]);
     }
-    let updated = (w.inner() - g.clone()).into_data().try_to_vec::<f32>().unwrap();
+    let updated = (w.inner() - g.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
     let g = g.into_data().try_to_vec::<f32>().unwrap();
     w0.iter()
         .zip(&g)
@@ -62,7 +71,11 @@ fn main() -> std::process::ExitCode {
         let [cout, cin, k] = shape;
         println!(
             "weight [{cout}, {cin}, {k}, {k}], {passes} pass(es){}: largest error {err:e}",
-            if relayout { ", gradient reshaped to 1-D and back" } else { "" }
+            if relayout {
+                ", gradient reshaped to 1-D and back"
+            } else {
+                ""
+            }
         );
         wrong |= err > 1e-6;
     }

@@ -99,7 +99,10 @@ static OPENED_GPUS: std::sync::Mutex<Vec<Device>> = std::sync::Mutex::new(Vec::n
 /// or "corrupted size vs. prev_size" after every test had passed (RELIABILITY.md, "A GPU
 /// process exits only when its device is idle").
 pub fn wait_for_device_work() -> Result<(), TrainError> {
-    let opened = OPENED_GPUS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let opened = OPENED_GPUS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     for device in opened {
         device.sync().map_err(|e| TrainError::Device {
             device: format!("{device:?}"),

@@ -10,11 +10,11 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use dag_model::{load_record_into, DeepLabV2Config, DiscriminatorConfig};
 use dag_train::rand_core::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use dag_train::{
     train, BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, SourceBatch,
     TrainConfig, TrainError,
 };
+use rand_chacha::ChaCha8Rng;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -7,7 +7,7 @@ use dag_api::{
 use dag_data::SynthConfig;
 use serde::Deserialize;
 
-use crate::preprocess::data_error;
+use dag_artifacts::files::data_error;
 
 /// The `synth` stage kind.
 pub struct Synth;
@@ -26,8 +26,8 @@ impl Stage for Synth {
         "synth"
     }
 
-    fn version(&self) -> u32 {
-        7
+    fn code(&self) -> dag_api::Code {
+        crate::CODE
     }
 
     fn doc(&self) -> &'static str {

@@ -81,7 +81,7 @@ fn dataset(name: &str, format: &str, root: PathBuf, classes: u32) -> (String, Da
 #[test]
 fn both_kinds_are_registered() {
     let mut r = Registry::new();
-    dag_stages::register_all(&mut r);
+    dag_data_stages::register_all(&mut r);
     assert!(r.get("synth").is_some() && r.get("preprocess").is_some());
 }
 
@@ -89,7 +89,7 @@ fn both_kinds_are_registered() {
 fn synth_then_preprocess_source_and_target() {
     let dir = tempfile::tempdir().unwrap();
     let mut reg = Registry::new();
-    dag_stages::register_all(&mut reg);
+    dag_data_stages::register_all(&mut reg);
     let synth = reg.get("synth").unwrap().as_ref();
     let prep = reg.get("preprocess").unwrap().as_ref();
 
@@ -152,7 +152,7 @@ fn synth_then_preprocess_source_and_target() {
 #[test]
 fn errors_name_the_folder_and_cancellation_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let prep = dag_stages::preprocess::Preprocess;
+    let prep = dag_data_stages::preprocess::Preprocess;
     let missing = dir.path().join("data/cityscapes");
     let datasets: BTreeMap<String, DatasetRef> = [dataset("cs", "cityscapes", missing.clone(), 19)]
         .into_iter()
@@ -169,7 +169,7 @@ fn errors_name_the_folder_and_cancellation_is_reported() {
     assert_eq!(err.path.as_deref(), Some(missing.as_path()));
     assert!(err.hint.is_some());
 
-    let synth = dag_stages::synth::Synth;
+    let synth = dag_data_stages::synth::Synth;
     let run = Run {
         stage: &synth,
         params: params(&synth, json!({"size": [32, 16]})),

@@ -9,16 +9,12 @@ use dag_api::{
 use dag_data::{Column, Table};
 use serde::Deserialize;
 
-use crate::evaluate::SUMMARY_FILE;
-use crate::preprocess::data_error;
+use dag_artifacts::compare::{COMPARISON_FILE, MARKDOWN_FILE};
+use dag_artifacts::evaluate::SUMMARY_FILE;
+use dag_artifacts::files::data_error;
 
 /// The `compare` stage kind.
 pub struct Compare;
-
-/// The table file of the output.
-pub const COMPARISON_FILE: &str = "comparison.parquet";
-/// The same table as Markdown.
-pub const MARKDOWN_FILE: &str = "comparison.md";
 
 #[derive(Deserialize)]
 struct P {
@@ -162,8 +158,8 @@ impl Stage for Compare {
         "compare"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> dag_api::Code {
+        crate::CODE
     }
 
     fn doc(&self) -> &'static str {

@@ -4,7 +4,8 @@ use dag_api::{
     InputSpec, OutputSpec, ParamSpec, ParamType, Params, Preflight, Stage, StageContext,
     StageError, StageOutcome, Value,
 };
-use dag_data::{DataError, Format, PreprocessConfig, Protocol};
+use dag_artifacts::files::data_error;
+use dag_data::{Format, PreprocessConfig, Protocol};
 use serde::Deserialize;
 
 /// The `preprocess` stage kind.
@@ -21,44 +22,13 @@ struct P {
     shard_images: usize,
 }
 
-/// Turns a data-library error into a stage error that keeps its file and a hint.
-pub(crate) fn data_error(e: DataError) -> StageError {
-    if matches!(e, DataError::Cancelled) {
-        return StageError::cancelled();
-    }
-    let hint = match &e {
-        DataError::MissingRoot { .. } => {
-            Some("fix `root:` of the dataset in the pipeline's `datasets:` section")
-        }
-        DataError::Decode { .. } | DataError::Unpaired { .. } | DataError::SizeMismatch { .. } => {
-            Some("fix or remove the file, or set `allow_skip: true` to skip such samples")
-        }
-        DataError::ListEntry { .. } => Some("fix the list file named by `list:`"),
-        DataError::UnknownProtocol(_) => Some("set `classes:` of the dataset to 19, 16 or 13"),
-        DataError::UnknownFormat(_) => {
-            Some("set `format:` of the dataset to cityscapes, gta5 or synthia")
-        }
-        _ => None,
-    };
-    let path = e.path().map(|p| p.to_path_buf());
-    let mut err = StageError::from(e);
-    if let Some(h) = hint {
-        err = err.with_hint(h);
-    }
-    if let Some(p) = path {
-        err = err.with_path(p);
-    }
-    err
-}
-
 impl Stage for Preprocess {
     fn kind(&self) -> &'static str {
         "preprocess"
     }
 
-    fn version(&self) -> u32 {
-        // 2: a label with no pixel of a kept class is refused.
-        2
+    fn code(&self) -> dag_api::Code {
+        crate::CODE
     }
 
     fn doc(&self) -> &'static str {

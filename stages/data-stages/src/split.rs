@@ -10,9 +10,9 @@ use dag_data::{Column, Table};
 use dag_metrics::ranking::rank_and_split;
 use serde::Deserialize;
 
-use crate::common::{f64_column, read_table, str_column, u32_column};
-use crate::preprocess::data_error;
-use crate::score::SCORES_FILE;
+use dag_artifacts::files::{data_error, f64_column, read_table, str_column, u32_column};
+use dag_artifacts::score::SCORES_FILE;
+use dag_artifacts::split::{list_file, table_file};
 
 /// The `split` stage kind.
 pub struct Split;
@@ -23,31 +23,13 @@ struct P {
     by: String,
 }
 
-/// The table file of a split output (`easy` or `hard`).
-pub fn table_file(which: &str) -> &'static str {
-    if which == "easy" {
-        "easy.parquet"
-    } else {
-        "hard.parquet"
-    }
-}
-
-/// The IntraDA list file of a split output.
-pub fn list_file(which: &str) -> &'static str {
-    if which == "easy" {
-        "easy_split.txt"
-    } else {
-        "hard_split.txt"
-    }
-}
-
 impl Stage for Split {
     fn kind(&self) -> &'static str {
         "split"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn code(&self) -> dag_api::Code {
+        crate::CODE
     }
 
     fn doc(&self) -> &'static str {

@@ -1,0 +1,67 @@
+//! The layout of the artifacts that dag's stage kinds write and its report reads: their file
+//! names, the visuals index, and helpers that read and write artifact files with errors that
+//! name the file. No tensor crate: the report and the Burn-free stage kinds build without Burn.
+
+pub mod files;
+pub mod visuals;
+
+/// The outputs of `score_entropy`.
+pub mod score {
+    /// File name of the table in the `scores` output.
+    pub const SCORES_FILE: &str = "scores.parquet";
+    /// Folder of the 8-bit class-id pseudo-labels in the `pseudo_labels` output.
+    pub const LABELS_DIR: &str = "labels";
+    /// Folder of the colour pseudo-labels in the `pseudo_labels` output.
+    pub const COLOR_DIR: &str = "color";
+    /// The side table of the `synth` target that holds each image's generated difficulty.
+    pub const DIFFICULTY_FILE: &str = "difficulty.parquet";
+}
+
+/// The outputs of `split`.
+pub mod split {
+    /// The table file of a split output (`easy` or `hard`).
+    pub fn table_file(which: &str) -> &'static str {
+        if which == "easy" {
+            "easy.parquet"
+        } else {
+            "hard.parquet"
+        }
+    }
+
+    /// The IntraDA list file of a split output.
+    pub fn list_file(which: &str) -> &'static str {
+        if which == "easy" {
+            "easy_split.txt"
+        } else {
+            "hard_split.txt"
+        }
+    }
+}
+
+/// The outputs of `evaluate`.
+pub mod evaluate {
+    /// Per-class table of an evaluation.
+    pub const METRICS_FILE: &str = "metrics.parquet";
+    /// The confusion matrix, long format.
+    pub const CONFUSION_FILE: &str = "confusion.parquet";
+    /// mIoU and friends.
+    pub const SUMMARY_FILE: &str = "summary.json";
+    /// Pictures of the first `samples` images, with their `visuals.json`.
+    pub const SAMPLES_DIR: &str = "samples";
+    /// mIoU of every snapshot (with `snapshots: all`).
+    pub const SNAPSHOTS_FILE: &str = "snapshots.parquet";
+}
+
+/// The output of `compare`.
+pub mod compare {
+    /// The table file of the output.
+    pub const COMPARISON_FILE: &str = "comparison.parquet";
+    /// The same table as Markdown.
+    pub const MARKDOWN_FILE: &str = "comparison.md";
+}
+
+/// The outputs of the training kinds (`train_source`, `adapt`, `self_train`).
+pub mod train {
+    /// File name of the training log inside the `log` output.
+    pub const LOG_FILE: &str = "log.parquet";
+}
