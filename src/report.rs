@@ -95,6 +95,12 @@ pub fn gather(
                 .map(|m| m.metrics.clone())
                 .unwrap_or_default(),
             outputs,
+            output_types: st
+                .kind
+                .outputs(&st.params)
+                .into_iter()
+                .map(|o| (o.name, o.ty.to_string()))
+                .collect(),
             note,
         });
     }

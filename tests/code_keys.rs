@@ -10,6 +10,7 @@ fn crate_dir(name: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     match name {
         "dag-stages" => root.join("stages"),
+        "dag-api-derive" => root.join("stages/api/derive"),
         other => root.join("stages").join(other.trim_start_matches("dag-")),
     }
 }
@@ -50,6 +51,7 @@ fn network_kinds_are_keyed_by_the_model_and_training_crates() {
             crates(&code),
             [
                 "dag-api",
+                "dag-api-derive",
                 "dag-artifacts",
                 "dag-data",
                 "dag-metrics",
@@ -72,6 +74,7 @@ fn data_kinds_do_not_depend_on_the_network_crates() {
             crates(&code),
             [
                 "dag-api",
+                "dag-api-derive",
                 "dag-artifacts",
                 "dag-data",
                 "dag-data-stages",

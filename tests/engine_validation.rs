@@ -104,7 +104,7 @@ impl Stage for Train {
             ),
             ParamSpec::optional(
                 "method",
-                ParamType::Enum(&["advent", "minent"]),
+                ParamType::Enum(vec!["advent", "minent"]),
                 "advent",
                 "method",
             ),

@@ -18,7 +18,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use dag_model::DeepLabV2Config;
 use dag_train::rand_core::RngCore;
 use dag_train::{
-    device_for, resolve_device, train, BatchError, Batches, ImageBatch, LabelBatch, Method,
+    device_for, resolve_device, train, BatchError, Batches, ImageBatch, LabelBatch, Schedule,
     SourceBatch, TrainConfig,
 };
 
@@ -77,13 +77,16 @@ fn model_config() -> DeepLabV2Config {
         .with_width(0.25)
 }
 
-fn time_loop(device: &Device, method: Method, warmup: usize, steps: usize) -> f64 {
+fn time_loop(device: &Device, method: &str, warmup: usize, steps: usize) -> f64 {
     let device = device.clone();
     let model = model_config().init(&device).expect("valid config");
     let config = TrainConfig {
-        method,
-        iterations: warmup + steps,
-        checkpoint_every: 0,
+        method: method.to_string(),
+        schedule: Schedule {
+            iters: warmup + steps,
+            checkpoint_every: 0,
+            ..Schedule::default()
+        },
         ..TrainConfig::default()
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -141,8 +144,8 @@ fn main() {
     );
     let fwd = time_forward(&device, warmup, steps);
     println!("dag-{tag} forward_ms {:.1}", fwd * 1e3);
-    let ce = time_loop(&device, Method::SourceOnly, warmup, steps);
+    let ce = time_loop(&device, "source_only", warmup, steps);
     println!("dag-{tag} ce_step_ms {:.1}", ce * 1e3);
-    let adv = time_loop(&device, Method::AdvEnt, warmup, steps);
+    let adv = time_loop(&device, "advent", warmup, steps);
     println!("dag-{tag} advent_step_ms {:.1}", adv * 1e3);
 }

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use dag_api::{
-    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Stage, StageContext, StageError,
+    InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Stage, StageContext, StageError,
     StageOutcome,
 };
 use dag_data::pngio::write_label_png;
@@ -28,12 +28,26 @@ pub struct Evaluate;
 /// dropped), for the mIoU16 of a 19-class evaluation.
 const SIXTEEN_OF_19: [usize; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18];
 
-#[derive(Deserialize)]
+/// The params of `evaluate`.
+#[derive(ParamSet, Deserialize)]
 struct P {
+    /// images per forward pass (memory only; results do not depend on it)
+    #[param(default = 1, min = 1)]
     batch_size: usize,
+    /// evaluate the final model, or every snapshot the training stage kept (`snapshot_every`)
+    /// plus the final model and report the best
+    #[param(default = "final", one_of = ["final", "all"])]
     snapshots: String,
+    /// compare at the original label size (needs `keep_full_labels: true` on the set's
+    /// preprocess stage); false compares at the preprocessed size
+    #[param(default = true)]
     full_resolution: bool,
+    /// picture this many images in samples/: image, ground truth, colour prediction, per-pixel
+    /// entropy heat map and the prediction over the image
+    #[param(default = 4)]
     samples: usize,
+    /// also write every prediction as an 8-bit class-id PNG (predictions/<path>)
+    #[param(default = false)]
     save_predictions: bool,
 }
 
@@ -58,41 +72,7 @@ impl Stage for Evaluate {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::optional(
-                "batch_size",
-                ParamType::positive(),
-                1,
-                "images per forward pass (memory only; results do not depend on it)",
-            ),
-            ParamSpec::optional(
-                "snapshots",
-                ParamType::Enum(&["final", "all"]),
-                "final",
-                "evaluate the final model, or every snapshot the training stage kept \
-                 (`snapshot_every`) plus the final model and report the best",
-            ),
-            ParamSpec::optional(
-                "full_resolution",
-                ParamType::Bool,
-                true,
-                "compare at the original label size (needs `keep_full_labels: true` on the \
-                 set's preprocess stage); false compares at the preprocessed size",
-            ),
-            ParamSpec::optional(
-                "samples",
-                ParamType::count(),
-                4,
-                "picture this many images in samples/: image, ground truth, colour prediction, \
-                 per-pixel entropy heat map and the prediction over the image",
-            ),
-            ParamSpec::optional(
-                "save_predictions",
-                ParamType::Bool,
-                false,
-                "also write every prediction as an 8-bit class-id PNG (predictions/<path>)",
-            ),
-        ]
+        P::param_specs()
     }
 
     fn inputs(&self) -> Vec<InputSpec> {

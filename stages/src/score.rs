@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 use dag_api::{
-    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Stage, StageContext, StageError,
+    InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Stage, StageContext, StageError,
     StageOutcome,
 };
 use dag_data::pngio::{write_color_png, write_label_png};
@@ -27,11 +27,22 @@ use crate::common::{check_classes, device, load_model_input, open_dataset, proto
 /// The `score_entropy` stage kind.
 pub struct ScoreEntropy;
 
-#[derive(Deserialize)]
+/// The params of `score_entropy`.
+#[derive(ParamSet, Deserialize)]
 struct P {
+    /// rank by the rare-class normalised score R * ((11 - k) / 11 + 0.5) instead of the raw
+    /// score (both columns are always written)
+    #[param(default = false)]
     normalize: bool,
+    /// images per forward pass (memory only; results do not depend on it)
+    #[param(default = 1, min = 1)]
     batch_size: usize,
+    /// also write Cityscapes-coloured pseudo-labels under color/
+    #[param(default = true)]
     color: bool,
+    /// picture this many of the easiest and of the hardest images in `visuals` (fewer when the
+    /// set is small; 0: none)
+    #[param(default = 8)]
     gallery: usize,
 }
 
@@ -105,34 +116,7 @@ impl Stage for ScoreEntropy {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::optional(
-                "normalize",
-                ParamType::Bool,
-                false,
-                "rank by the rare-class normalised score R * ((11 - k) / 11 + 0.5) instead of \
-                 the raw score (both columns are always written)",
-            ),
-            ParamSpec::optional(
-                "batch_size",
-                ParamType::positive(),
-                1,
-                "images per forward pass (memory only; results do not depend on it)",
-            ),
-            ParamSpec::optional(
-                "color",
-                ParamType::Bool,
-                true,
-                "also write Cityscapes-coloured pseudo-labels under color/",
-            ),
-            ParamSpec::optional(
-                "gallery",
-                ParamType::count(),
-                8,
-                "picture this many of the easiest and of the hardest images in `visuals` \
-                 (fewer when the set is small; 0: none)",
-            ),
-        ]
+        P::param_specs()
     }
 
     fn inputs(&self) -> Vec<InputSpec> {

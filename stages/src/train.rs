@@ -2,22 +2,22 @@
 //! `dag-train`, differing only in where the labelled and unlabelled batches come from.
 //!
 //! - `train_source`: labelled source images, no target (ADVENT's source-only baseline).
-//! - `adapt`: labelled source + unlabelled target, `method: advent | minent | advent+minent`.
+//! - `adapt`: labelled source + unlabelled target, with any method of `dag_train::METHODS`.
 //! - `self_train`: IntraDA's intra-domain step. The EASY target images with their pseudo-labels
 //!   are the labelled set, the HARD target images the unlabelled one.
 
 use std::path::{Path, PathBuf};
 
 use dag_api::{
-    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Preflight, Stage, StageContext,
-    StageError, StageOutcome, Value,
+    InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Preflight, Stage, StageContext, StageError,
+    StageOutcome, Value,
 };
 use dag_data::{Column, Dataset, Sampler, Table};
 use dag_model::{DeepLabV2, DeepLabV2Config};
 use dag_train::rand_core::RngCore;
 use dag_train::{
-    BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, SourceBatch, TrainConfig,
-    TrainError,
+    BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, Schedule, SourceBatch,
+    TrainConfig, TrainError,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -48,104 +48,76 @@ pub struct TrainStage(pub Role);
 /// Folder of the kept snapshots inside a model artifact.
 pub const SNAPSHOTS: &str = dag_train::checkpoint::SNAPSHOT_DIR;
 
-#[derive(Deserialize)]
+/// The params of the training kinds besides the library's ([`Schedule`] and, for the kinds
+/// with a `method`, the methods'): what the stage reads and builds.
+#[derive(ParamSet, Deserialize)]
 struct P {
-    iters: usize,
-    max_iters: usize,
+    /// images per batch, for the labelled and (if used) the unlabelled batch
+    #[param(default = 1, min = 1)]
     batch_size: usize,
-    lr: f64,
-    momentum: f64,
-    weight_decay: f64,
-    power: f64,
-    head_lr_mult: f64,
-    lambda_seg_main: f64,
-    lambda_seg_aux: f64,
-    checkpoint_every: usize,
-    snapshot_every: usize,
+    /// ResNet depth of a new network: 101 (paper), 50, 26 or 14; default 101 (taken from the
+    /// `init` model when given)
+    #[param(min = 1)]
     depth: Option<usize>,
+    /// channel multiplier of a new network (1.0 = paper); default 1.0 (taken from the `init`
+    /// model when given)
+    #[param(min = 0.0, max = 4.0, min_exclusive)]
     width: Option<f64>,
+    /// ADVENT's DeepLab_resnet_pretrained_imagenet.pth (or a torchvision ResNet state dict) to
+    /// initialise the backbone of a new network
+    #[param(path)]
     imagenet: Option<String>,
-    #[serde(default)]
-    method: Option<String>,
-    #[serde(default)]
-    lambda_ent_main: Option<f64>,
-    #[serde(default)]
-    lambda_ent_aux: Option<f64>,
-    #[serde(default)]
-    lambda_adv_main: Option<f64>,
-    #[serde(default)]
-    lambda_adv_aux: Option<f64>,
-    #[serde(default)]
-    lr_d: Option<f64>,
-    #[serde(default)]
-    disc_ndf: Option<usize>,
-}
-
-fn float(min: f64) -> ParamType {
-    ParamType::Float {
-        min: Some(min),
-        max: None,
-        min_exclusive: false,
-    }
-}
-
-fn method_of(name: &str) -> Result<Method, StageError> {
-    Ok(match name {
-        "advent" => Method::AdvEnt,
-        "minent" => Method::MinEnt,
-        "advent+minent" => Method::MinEntAdvEnt,
-        other => {
-            return Err(StageError::new(format!(
-                "unknown method `{other}`; expected advent, minent or advent+minent"
-            )))
-        }
-    })
-}
-
-/// The name `model.json` and the comparison table use for a method.
-fn method_name(m: Method) -> &'static str {
-    match m {
-        Method::SourceOnly => "source_only",
-        Method::MinEnt => "minent",
-        Method::AdvEnt => "advent",
-        Method::MinEntAdvEnt => "advent+minent",
-    }
 }
 
 impl TrainStage {
-    fn adversarial(&self) -> bool {
+    /// Whether the kind takes a `method` (and the methods' params).
+    fn has_method(&self) -> bool {
         self.0 != Role::Source
     }
 
-    fn config(&self, p: &P, seed: u64) -> Result<TrainConfig, StageError> {
-        let d = TrainConfig::default();
-        let method = match self.0 {
-            Role::Source => Method::SourceOnly,
-            _ => method_of(p.method.as_deref().unwrap_or("advent"))?,
+    /// The library's training config from the stage's params.
+    fn config(&self, params: &Params, seed: u64) -> Result<TrainConfig, StageError> {
+        let schedule: Schedule = params.parse_set()?;
+        let method = if self.has_method() {
+            let name = params
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or(dag_train::methods::DEFAULT_METHOD);
+            dag_train::methods::method(name).map_err(StageError::new)?
+        } else {
+            dag_train::methods::method("source_only").map_err(StageError::new)?
         };
+        let all: dag_api::Map<String, Value> = params.0.clone().into_iter().collect();
         Ok(TrainConfig {
-            method,
-            iterations: p.iters,
-            max_iters: p.max_iters,
-            lr: p.lr,
-            head_lr_mult: p.head_lr_mult,
-            momentum: p.momentum,
-            weight_decay: p.weight_decay,
-            power: p.power,
-            lr_d: p.lr_d.unwrap_or(d.lr_d),
-            lambda_seg_main: p.lambda_seg_main,
-            lambda_seg_aux: p.lambda_seg_aux,
-            lambda_ent_main: p.lambda_ent_main.unwrap_or(d.lambda_ent_main),
-            lambda_ent_aux: p.lambda_ent_aux.unwrap_or(d.lambda_ent_aux),
-            lambda_adv_main: p.lambda_adv_main.unwrap_or(d.lambda_adv_main),
-            lambda_adv_aux: p.lambda_adv_aux.unwrap_or(d.lambda_adv_aux),
-            disc_ndf: p.disc_ndf.unwrap_or(d.disc_ndf),
-            checkpoint_every: p.checkpoint_every,
-            snapshot_every: p.snapshot_every,
+            method: method.name.to_string(),
+            schedule,
+            method_params: method.params_from(&all),
             seed,
-            ..d
         })
     }
+}
+
+/// A param of another method than the chosen one, set away from its default, would be ignored:
+/// refuse it, so that a typo in `method` or a leftover weight cannot pass for an experiment.
+fn refuse_unused_method_params(params: &Params, method: &Method) -> Result<(), String> {
+    let used = method.param_names();
+    let same = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    };
+    for spec in dag_train::methods::param_specs() {
+        let (Some(value), Some(default)) = (params.get(spec.name), &spec.default) else {
+            continue;
+        };
+        if !used.contains(&spec.name) && !same(value, default) {
+            return Err(format!(
+                "`{}: {value}` has no effect with method `{}`, which does not use it; \
+                 remove it or choose a method that does",
+                spec.name, method.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Stage for TrainStage {
@@ -188,141 +160,13 @@ impl Stage for TrainStage {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        let iters_default = if self.0 == Role::Source {
-            90_000
-        } else {
-            120_000
-        };
-        let mut v = vec![
-            ParamSpec::optional(
-                "iters",
-                ParamType::positive(),
-                iters_default,
-                "iterations to run (ADVENT's EARLY_STOP: 120000 for GTA5, 90000 for SYNTHIA)",
-            ),
-            ParamSpec::optional(
-                "max_iters",
-                ParamType::positive(),
-                250_000,
-                "denominator of the poly schedule lr * (1 - it / max_iters)^power",
-            ),
-            ParamSpec::optional(
-                "batch_size",
-                ParamType::positive(),
-                1,
-                "images per batch, for the labelled and (if used) the unlabelled batch",
-            ),
-            ParamSpec::optional("lr", float(0.0), 2.5e-4, "SGD learning rate of the network"),
-            ParamSpec::optional("momentum", float(0.0), 0.9, "SGD momentum (no dampening)"),
-            ParamSpec::optional("weight_decay", float(0.0), 5e-4, "SGD L2 weight decay"),
-            ParamSpec::optional("power", float(0.0), 0.9, "exponent of the poly schedule"),
-            ParamSpec::optional(
-                "head_lr_mult",
-                float(0.0),
-                10.0,
-                "learning-rate multiplier of the two classifier heads",
-            ),
-            ParamSpec::optional(
-                "lambda_seg_main",
-                float(0.0),
-                1.0,
-                "weight of the main head's cross-entropy",
-            ),
-            ParamSpec::optional(
-                "lambda_seg_aux",
-                float(0.0),
-                0.1,
-                "weight of the aux head's cross-entropy (0 disables it)",
-            ),
-            ParamSpec::optional(
-                "checkpoint_every",
-                ParamType::count(),
-                2000,
-                "write a resumable checkpoint every this many iterations (0: never)",
-            ),
-            ParamSpec::optional(
-                "snapshot_every",
-                ParamType::count(),
-                0,
-                "keep the network every this many iterations in the model artifact's \
-                 snapshots/ (for `evaluate` with `snapshots: all`; 0: keep none)",
-            ),
-            ParamSpec::optional(
-                "depth",
-                ParamType::Int {
-                    min: Some(1),
-                    max: None,
-                },
-                Value::Null,
-                "ResNet depth of a new network: 101 (paper), 50, 26 or 14; default 101 (taken \
-                 from the `init` model when given)",
-            ),
-            ParamSpec::optional(
-                "width",
-                ParamType::Float {
-                    min: Some(0.0),
-                    max: Some(4.0),
-                    min_exclusive: true,
-                },
-                Value::Null,
-                "channel multiplier of a new network (1.0 = paper); default 1.0 (taken from the \
-                 `init` model when given)",
-            ),
-            ParamSpec::optional(
-                "imagenet",
-                ParamType::Path,
-                Value::Null,
-                "ADVENT's DeepLab_resnet_pretrained_imagenet.pth (or a torchvision ResNet \
-                 state dict) to initialise the backbone of a new network",
-            ),
-        ];
-        if self.adversarial() {
-            v.extend([
-                ParamSpec::optional(
-                    "method",
-                    ParamType::Enum(&["advent", "minent", "advent+minent"]),
-                    "advent",
-                    "loss terms on the unlabelled batch",
-                ),
-                ParamSpec::optional(
-                    "lambda_ent_main",
-                    float(0.0),
-                    0.001,
-                    "weight of the main head's entropy loss (minent)",
-                ),
-                ParamSpec::optional(
-                    "lambda_ent_aux",
-                    float(0.0),
-                    0.0002,
-                    "weight of the aux head's entropy loss (minent)",
-                ),
-                ParamSpec::optional(
-                    "lambda_adv_main",
-                    float(0.0),
-                    0.001,
-                    "weight of the main adversarial term (advent)",
-                ),
-                ParamSpec::optional(
-                    "lambda_adv_aux",
-                    float(0.0),
-                    0.0002,
-                    "weight of the aux adversarial term (advent; 0 drops the aux discriminator)",
-                ),
-                ParamSpec::optional(
-                    "lr_d",
-                    float(0.0),
-                    1e-4,
-                    "Adam learning rate of the discriminators (same poly schedule)",
-                ),
-                ParamSpec::optional(
-                    "disc_ndf",
-                    ParamType::positive(),
-                    64,
-                    "channels of the discriminators' first conv (64-128-256-512 in the paper)",
-                ),
-            ]);
+        let mut specs = Schedule::param_specs();
+        specs.extend(P::param_specs());
+        if self.has_method() {
+            specs.push(dag_train::methods::method_param());
+            specs.extend(dag_train::methods::param_specs());
         }
-        v
+        specs
     }
 
     fn inputs(&self) -> Vec<InputSpec> {
@@ -397,31 +241,35 @@ impl Stage for TrainStage {
             },
             OutputSpec {
                 name: "log".into(),
-                ty: "table",
+                ty: dag_artifacts::train::LOG_TYPE,
                 doc: "log.parquet: iteration, every loss term, lr, lr_d, seconds",
             },
         ]
     }
 
     fn check(&self, params: &Params) -> Result<(), String> {
-        let p: P = params.parse().map_err(|e| e.message)?;
+        let p: P = params.parse_set().map_err(|e| e.message)?;
         if let Some(d) = p.depth {
             DeepLabV2Config::blocks_for_depth(d)
                 .ok_or_else(|| format!("depth {d} is not one of 101, 50, 26, 14"))?;
         }
-        let cfg = self.config(&p, 0).map_err(|e| e.message)?;
+        let cfg = self.config(params, 0).map_err(|e| e.message)?;
         cfg.validate()?;
-        if p.iters > p.max_iters {
+        if self.has_method() {
+            refuse_unused_method_params(params, cfg.method()?)?;
+        }
+        let s = &cfg.schedule;
+        if s.iters > s.max_iters {
             return Err(format!(
                 "iters ({}) is larger than max_iters ({}): the poly schedule would reach 0",
-                p.iters, p.max_iters
+                s.iters, s.max_iters
             ));
         }
         Ok(())
     }
 
     fn preflight(&self, pre: &Preflight<'_>) -> Result<(), StageError> {
-        let p: P = pre.params.parse()?;
+        let p: P = pre.params.parse_set()?;
         if let Some(w) = &p.imagenet {
             let path = pre.workdir.join(w);
             if !path.is_file() {
@@ -439,8 +287,8 @@ impl Stage for TrainStage {
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-        let p: P = ctx.params.parse()?;
-        let config = self.config(&p, ctx.seed)?;
+        let p: P = ctx.params.parse_set()?;
+        let config = self.config(ctx.params, ctx.seed)?;
         let device = device(ctx)?;
 
         let (labelled, unlabelled) = match self.0 {
@@ -471,11 +319,11 @@ impl Stage for TrainStage {
 
         let (model, model_config, init) = initial_model(ctx, &p, proto, &device)?;
         let ckpt_dir = ctx.scratch.join("checkpoints");
-        ctx.progress.start("train", config.iterations as u64);
+        ctx.progress.start("train", config.schedule.iters as u64);
         let mut report = |log: &IterationLog| {
             ctx.progress.set_position(log.iteration as u64 + 1);
             let mut msg: Vec<String> = log
-                .terms()
+                .terms
                 .iter()
                 .map(|(n, v)| format!("{n}={v:.4}"))
                 .collect();
@@ -498,11 +346,11 @@ impl Stage for TrainStage {
             "kind": self.kind(),
             "method": match self.0 {
                 // The comparison table should tell the intra-domain step from step 1.
-                Role::SelfTrain => format!("intrada ({})", method_name(config.method)),
-                _ => method_name(config.method).to_string(),
+                Role::SelfTrain => format!("intrada ({})", config.method),
+                _ => config.method.clone(),
             },
             "stage": ctx.stage,
-            "iterations": config.iterations,
+            "iterations": config.schedule.iters,
             "init": init,
             "protocol": proto.name(),
             "class_names": proto.class_names(),
@@ -515,7 +363,7 @@ impl Stage for TrainStage {
 
         let mut out = StageOutcome::default();
         let m = &mut out.metrics;
-        m.insert("iterations".into(), config.iterations.into());
+        m.insert("iterations".into(), config.schedule.iters.into());
         m.insert("resumed_from".into(), outcome.resumed_from.into());
         let new: Vec<f64> = outcome.log[outcome.resumed_from..]
             .iter()
@@ -752,15 +600,15 @@ impl Batches for ShardBatches<'_> {
 /// Mean of each loss term over the last 50 iterations (or fewer), for `model.json` and metrics.
 fn final_losses(log: &[IterationLog]) -> Value {
     let tail = &log[log.len().saturating_sub(50)..];
-    let mut sums: Vec<(&'static str, f64, usize)> = Vec::new();
+    let mut sums: Vec<(&str, f64, usize)> = Vec::new();
     for l in tail {
-        for (name, v) in l.terms() {
+        for (name, v) in &l.terms {
             match sums.iter_mut().find(|s| s.0 == name) {
                 Some(s) => {
                     s.1 += v;
                     s.2 += 1;
                 }
-                None => sums.push((name, v, 1)),
+                None => sums.push((name, *v, 1)),
             }
         }
     }
@@ -771,33 +619,29 @@ fn final_losses(log: &[IterationLog]) -> Value {
     Value::Object(map)
 }
 
-/// Reads one optional column of `log.parquet` out of an iteration's log.
-type LogColumn = fn(&IterationLog) -> Option<f64>;
-
-/// Writes `log.parquet`: iteration, the loss terms the method computed, lr, lr_d, seconds.
+/// Writes `log.parquet`: iteration, the loss terms the method computed (in the order the method
+/// computes them; NaN in an iteration that did not), lr, lr_d, seconds.
 fn write_log(log: &[IterationLog], path: &Path) -> Result<(), StageError> {
     create_parent(path)?;
     let mut t = Table::new().with(
         "iteration",
         Column::U64(log.iter().map(|l| l.iteration as u64).collect()),
     );
-    let terms: [(&str, LogColumn); 8] = [
-        ("seg_main", |l| l.seg_main),
-        ("seg_aux", |l| l.seg_aux),
-        ("ent_main", |l| l.ent_main),
-        ("ent_aux", |l| l.ent_aux),
-        ("adv_main", |l| l.adv_main),
-        ("adv_aux", |l| l.adv_aux),
-        ("d_main", |l| l.d_main),
-        ("d_aux", |l| l.d_aux),
-    ];
-    for (name, get) in terms {
-        if log.iter().any(|l| get(l).is_some()) {
-            t.push(
-                name,
-                Column::F64(log.iter().map(|l| get(l).unwrap_or(f64::NAN)).collect()),
-            );
+    let mut names: Vec<&str> = Vec::new();
+    for (name, _) in log.iter().flat_map(|l| &l.terms) {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
         }
+    }
+    for name in names {
+        t.push(
+            name,
+            Column::F64(
+                log.iter()
+                    .map(|l| l.term(name).unwrap_or(f64::NAN))
+                    .collect(),
+            ),
+        );
     }
     t.push("lr", Column::F64(log.iter().map(|l| l.lr).collect()));
     if log.iter().any(|l| l.lr_d.is_some()) {
@@ -830,4 +674,45 @@ fn keep_snapshots(ckpt_dir: &Path, model_dir: &Path) -> Result<(), StageError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapt_params(given: &[(&str, Value)]) -> Params {
+        let mut params: Params = Params(
+            TrainStage(Role::Adapt)
+                .params()
+                .into_iter()
+                .filter_map(|s| Some((s.name.to_string(), s.default?)))
+                .collect(),
+        );
+        for (name, value) in given {
+            params.0.insert(name.to_string(), value.clone());
+        }
+        params
+    }
+
+    #[test]
+    fn params_of_other_methods_are_refused_unless_at_their_default() {
+        let stage = TrainStage(Role::Adapt);
+        let minent = ("method", Value::from("minent"));
+        assert_eq!(
+            stage.check(&adapt_params(std::slice::from_ref(&minent))),
+            Ok(())
+        );
+        // Its own params, and another method's at the default.
+        let own = ("lambda_ent_main", Value::from(0.01));
+        let default = ("lambda_adv_main", Value::from(0.001));
+        let fine = adapt_params(&[minent.clone(), own, default]);
+        assert_eq!(stage.check(&fine), Ok(()));
+
+        let stray = ("lambda_adv_main", Value::from(0.01));
+        let err = stage.check(&adapt_params(&[minent, stray])).unwrap_err();
+        assert!(
+            err.contains("`lambda_adv_main: 0.01` has no effect with method `minent`"),
+            "{err}"
+        );
+    }
 }

@@ -36,7 +36,7 @@ pub enum ParamType {
     },
     Str,
     /// One of the listed strings.
-    Enum(&'static [&'static str]),
+    Enum(Vec<&'static str>),
     /// A filesystem path, relative to the pipeline file's directory.
     Path,
     /// The name of an entry of the pipeline's `datasets:` section. The engine resolves it to a
@@ -74,6 +74,93 @@ impl ParamType {
         }
     }
 }
+
+impl ParamType {
+    /// Checks a JSON value against the type and its bounds (what the engine checks in pipeline
+    /// files, for values that come from code).
+    pub fn check(&self, value: &Value) -> Result<(), String> {
+        let fail = || Err(format!("{value} is not {}", self.describe()));
+        match (self, value) {
+            (ParamType::Bool, Value::Bool(_)) => Ok(()),
+            (ParamType::Int { min, max }, Value::Number(n)) => match n.as_i64() {
+                Some(i) if min.is_none_or(|m| i >= m) && max.is_none_or(|m| i <= m) => Ok(()),
+                _ => fail(),
+            },
+            (
+                ParamType::Float {
+                    min,
+                    max,
+                    min_exclusive,
+                },
+                Value::Number(n),
+            ) => {
+                let x = n.as_f64().unwrap_or(f64::NAN);
+                let above = min.is_none_or(|m| if *min_exclusive { x > m } else { x >= m });
+                if x.is_finite() && above && max.is_none_or(|m| x <= m) {
+                    Ok(())
+                } else {
+                    fail()
+                }
+            }
+            (ParamType::Str | ParamType::Path | ParamType::Dataset, Value::String(_)) => Ok(()),
+            (ParamType::Enum(options), Value::String(s)) if options.contains(&s.as_str()) => Ok(()),
+            (ParamType::List(inner), Value::Array(items)) => {
+                items.iter().try_for_each(|v| inner.check(v))
+            }
+            (ParamType::Tuple(types), Value::Array(items)) if types.len() == items.len() => {
+                types.iter().zip(items).try_for_each(|(t, v)| t.check(v))
+            }
+            (ParamType::StrMap, Value::Object(m)) if m.values().all(Value::is_string) => Ok(()),
+            _ => fail(),
+        }
+    }
+
+    /// What a value of this type is, for messages (`an integer >= 1`, `one of a, b`).
+    pub fn describe(&self) -> String {
+        let bounds = |lower: Option<String>, upper: Option<String>| {
+            [lower, upper.map(|u| format!("<= {u}"))]
+                .into_iter()
+                .flatten()
+                .map(|b| format!(" {b}"))
+                .collect::<Vec<_>>()
+                .join(" and")
+        };
+        match self {
+            ParamType::Bool => "true or false".into(),
+            ParamType::Int { min, max } => format!(
+                "an integer{}",
+                bounds(min.map(|m| format!(">= {m}")), max.map(|m| m.to_string()))
+            ),
+            ParamType::Float {
+                min,
+                max,
+                min_exclusive,
+            } => {
+                let op = if *min_exclusive { ">" } else { ">=" };
+                format!(
+                    "a number{}",
+                    bounds(min.map(|m| format!("{op} {m}")), max.map(|m| m.to_string()))
+                )
+            }
+            ParamType::Str => "a string".into(),
+            ParamType::Enum(options) => format!("one of {}", options.join(", ")),
+            ParamType::Path => "a path".into(),
+            ParamType::Dataset => "a dataset name".into(),
+            ParamType::List(inner) => format!("a list of {}", inner.describe()),
+            ParamType::Tuple(types) => format!("a list of {} values", types.len()),
+            ParamType::StrMap => "a map of strings".into(),
+        }
+    }
+}
+
+/// A struct of params declared once: `#[derive(ParamSet)]` writes this and `Default` from the
+/// fields' `#[param(...)]` attributes and doc comments (see the `dag-api-derive` crate).
+pub trait ParamSet {
+    /// One spec per param, in declaration order (a flattened set in its place).
+    fn param_specs() -> Vec<ParamSpec>;
+}
+
+pub use dag_api_derive::ParamSet;
 
 /// One parameter a stage kind accepts.
 #[derive(Debug, Clone)]
@@ -145,6 +232,16 @@ pub struct Params(pub BTreeMap<String, Value>);
 impl Params {
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name)
+    }
+
+    /// Deserialize the params of the set `T` (a stage's params may hold several sets).
+    pub fn parse_set<T: ParamSet + serde::de::DeserializeOwned>(&self) -> Result<T, StageError> {
+        let map: Map<String, Value> = T::param_specs()
+            .into_iter()
+            .filter_map(|s| self.0.get(s.name).map(|v| (s.name.to_string(), v.clone())))
+            .collect();
+        serde_json::from_value(Value::Object(map))
+            .map_err(|e| StageError::new(format!("invalid params: {e}")))
     }
 
     /// Deserialize all params into a stage's own struct.

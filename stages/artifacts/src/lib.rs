@@ -64,4 +64,6 @@ pub mod compare {
 pub mod train {
     /// File name of the training log inside the `log` output.
     pub const LOG_FILE: &str = "log.parquet";
+    /// Artifact type of the `log` output; the report finds training logs by it.
+    pub const LOG_TYPE: &str = "training_log";
 }

@@ -48,14 +48,19 @@ pub enum CodeError {
     NotInBuildScript(&'static str),
 }
 
-/// The digests of `package`'s code: `(crate name, hex digest)` for every workspace crate in its
-/// normal-dependency closure, the package itself included, sorted by name, then
-/// `(DEPENDENCIES, hex digest)` of the external crates in that closure. Also returns the files
-/// and directories read, for a build script's `rerun-if-changed`.
-pub fn code_parts(
-    workspace_root: &Path,
-    package: &str,
-) -> Result<(Vec<(String, String)>, Vec<PathBuf>), CodeError> {
+/// The code of a package, as [`code_parts`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeParts {
+    /// `(crate name, hex digest)` for every workspace crate in the package's normal-dependency
+    /// closure, the package itself included, sorted by name, then `(DEPENDENCIES, hex digest)`
+    /// of the external crates in that closure.
+    pub parts: Vec<(String, String)>,
+    /// The files and directories read, for a build script's `rerun-if-changed`.
+    pub read: Vec<PathBuf>,
+}
+
+/// The digests of `package`'s code (see [`CodeParts`]).
+pub fn code_parts(workspace_root: &Path, package: &str) -> Result<CodeParts, CodeError> {
     let ws = Workspace::read(workspace_root)?;
     let (members, externals) = ws.closure(package)?;
     let mut parts = Vec::new();
@@ -77,7 +82,7 @@ pub fn code_parts(
         DEPENDENCIES.to_string(),
         hasher.finalize().to_hex().to_string(),
     ));
-    Ok((parts, read))
+    Ok(CodeParts { parts, read })
 }
 
 /// The digest of one crate's code: its manifest's `dependencies`, `target` and `features`
@@ -122,7 +127,7 @@ pub fn write_build_constants() -> Result<(), CodeError> {
         message: "no Cargo.lock in this directory or above it: build inside the workspace"
             .to_string(),
     })?;
-    let (parts, read) = code_parts(&root, &package)?;
+    let CodeParts { parts, read } = code_parts(&root, &package)?;
     let mut text = String::from(
         "/// The code this crate's stage kinds compute with (written by its build script through\n\
          /// `dag_code::write_build_constants`): a digest per workspace crate it is built from and\n\

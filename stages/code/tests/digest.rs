@@ -47,7 +47,7 @@ fn workspace(root: &Path, ext_version: &str) {
 }
 
 fn parts(root: &Path) -> Vec<(String, String)> {
-    code_parts(root, "kinds").unwrap().0
+    code_parts(root, "kinds").unwrap().parts
 }
 
 fn part<'a>(parts: &'a [(String, String)], name: &str) -> &'a str {

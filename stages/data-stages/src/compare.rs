@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use dag_api::{
-    InputArtifact, InputSpec, OutputSpec, ParamSpec, ParamType, Params, Stage, StageContext,
+    InputArtifact, InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Stage, StageContext,
     StageError, StageOutcome, Value,
 };
 use dag_data::{Column, Table};
@@ -16,8 +16,11 @@ use dag_artifacts::files::data_error;
 /// The `compare` stage kind.
 pub struct Compare;
 
-#[derive(Deserialize)]
+/// The params of `compare`.
+#[derive(ParamSet, Deserialize)]
 struct P {
+    /// row order by input name; inputs not listed follow in alphabetical order
+    #[param(default = [])]
     order: Vec<String>,
 }
 
@@ -169,12 +172,7 @@ impl Stage for Compare {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::optional(
-            "order",
-            ParamType::List(Box::new(ParamType::Str)),
-            Value::Array(Vec::new()),
-            "row order by input name; inputs not listed follow in alphabetical order",
-        )]
+        P::param_specs()
     }
 
     fn inputs(&self) -> Vec<InputSpec> {

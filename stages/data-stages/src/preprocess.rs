@@ -1,8 +1,8 @@
 //! `preprocess`: a dataset in its on-disk format -> a `dataset` artifact of memory-mapped shards.
 
 use dag_api::{
-    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Preflight, Stage, StageContext,
-    StageError, StageOutcome, Value,
+    InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Preflight, Stage, StageContext, StageError,
+    StageOutcome,
 };
 use dag_artifacts::files::data_error;
 use dag_data::{Format, PreprocessConfig, Protocol};
@@ -11,14 +11,32 @@ use serde::Deserialize;
 /// The `preprocess` stage kind.
 pub struct Preprocess;
 
-#[derive(Deserialize)]
+/// The params of `preprocess`.
+#[derive(ParamSet, Deserialize)]
 struct P {
+    /// the entry of `datasets:` to read (its format, root and classes)
+    #[param(dataset)]
     dataset: String,
+    /// Cityscapes split folder (train, val, test); GTA5 and SYNTHIA take `all`
+    #[param(default = "all")]
     split: String,
+    /// output [width, height] of every image and label
+    // Bounded so that a typo is refused at validation rather than failing to allocate the
+    // resize buffers (which aborts the process).
+    #[param(default = [1024, 512], min = 1, max = 16384)]
     size: [u32; 2],
+    /// a file of image ids, one per line (IntraDA's split format), selecting a subset
+    #[param(path)]
     list: Option<String>,
+    /// also keep labels at their original size, for evaluation at label resolution
+    #[param(default = false)]
     keep_full_labels: bool,
+    /// skip unreadable or unpaired samples (counted in the metrics and meta.json) instead of
+    /// failing
+    #[param(default = false)]
     allow_skip: bool,
+    /// samples per shard file
+    #[param(default = 256, min = 1)]
     shard_images: usize,
 }
 
@@ -39,56 +57,7 @@ impl Stage for Preprocess {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        const SIDE: ParamType = ParamType::Int {
-            min: Some(1),
-            max: Some(16384),
-        };
-        vec![
-            ParamSpec::required(
-                "dataset",
-                ParamType::Dataset,
-                "the entry of `datasets:` to read (its format, root and classes)",
-            ),
-            ParamSpec::optional(
-                "split",
-                ParamType::Str,
-                "all",
-                "Cityscapes split folder (train, val, test); GTA5 and SYNTHIA take `all`",
-            ),
-            ParamSpec::optional(
-                "size",
-                // Bounded so that a typo is refused at validation rather than failing to
-                // allocate the resize buffers (which aborts the process).
-                ParamType::Tuple(vec![SIDE, SIDE]),
-                serde_json::json!([1024, 512]),
-                "output [width, height] of every image and label",
-            ),
-            ParamSpec::optional(
-                "list",
-                ParamType::Path,
-                Value::Null,
-                "a file of image ids, one per line (IntraDA's split format), selecting a subset",
-            ),
-            ParamSpec::optional(
-                "keep_full_labels",
-                ParamType::Bool,
-                false,
-                "also keep labels at their original size, for evaluation at label resolution",
-            ),
-            ParamSpec::optional(
-                "allow_skip",
-                ParamType::Bool,
-                false,
-                "skip unreadable or unpaired samples (counted in the metrics and meta.json) \
-                 instead of failing",
-            ),
-            ParamSpec::optional(
-                "shard_images",
-                ParamType::positive(),
-                256,
-                "samples per shard file",
-            ),
-        ]
+        P::param_specs()
     }
 
     fn inputs(&self) -> Vec<InputSpec> {

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use dag_api::{
-    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Stage, StageContext, StageError,
+    InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Stage, StageContext, StageError,
     StageOutcome,
 };
 use dag_data::{Column, Table};
@@ -17,9 +17,14 @@ use dag_artifacts::split::{list_file, table_file};
 /// The `split` stage kind.
 pub struct Split;
 
-#[derive(Deserialize)]
+/// The params of `split`.
+#[derive(ParamSet, Deserialize)]
 struct P {
+    /// fraction of the images that are easy, in (0, 1]: int(N * lambda) easy
+    #[param(default = 0.67, min = 0.0, max = 1.0, min_exclusive)]
     lambda: f64,
+    /// which column of scores.parquet orders the images
+    #[param(default = "score", one_of = ["score", "normalized_score"])]
     by: String,
 }
 
@@ -40,24 +45,7 @@ impl Stage for Split {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::optional(
-                "lambda",
-                ParamType::Float {
-                    min: Some(0.0),
-                    max: Some(1.0),
-                    min_exclusive: true,
-                },
-                0.67,
-                "fraction of the images that are easy, in (0, 1]: int(N * lambda) easy",
-            ),
-            ParamSpec::optional(
-                "by",
-                ParamType::Enum(&["score", "normalized_score"]),
-                "score",
-                "which column of scores.parquet orders the images",
-            ),
-        ]
+        P::param_specs()
     }
 
     fn inputs(&self) -> Vec<InputSpec> {

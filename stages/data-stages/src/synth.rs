@@ -1,7 +1,7 @@
 //! `synth`: the procedural street-scene benchmark (a mini SYNTHIA and a mini Cityscapes).
 
 use dag_api::{
-    InputSpec, OutputSpec, ParamSpec, ParamType, Params, Stage, StageContext, StageError,
+    InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Stage, StageContext, StageError,
     StageOutcome,
 };
 use dag_data::SynthConfig;
@@ -12,12 +12,24 @@ use dag_artifacts::files::data_error;
 /// The `synth` stage kind.
 pub struct Synth;
 
-#[derive(Deserialize)]
+/// The params of `synth`. Counts have an upper bound, so that a typo (`2000000000`) is an error
+/// at validation instead of a run that writes until the disk is full.
+#[derive(ParamSet, Deserialize)]
 struct P {
+    /// images in the source (SYNTHIA-format) tree
+    #[param(default = 200, min = 1, max = 1_000_000)]
     source_images: usize,
+    /// images in the target's train split
+    #[param(default = 200, min = 1, max = 1_000_000)]
     target_train: usize,
+    /// images in the target's val split
+    #[param(default = 60, min = 1, max = 1_000_000)]
     target_val: usize,
+    /// [width, height] of every generated image
+    #[param(default = [320, 160], min = 16, max = 8192)]
     size: [u32; 2],
+    /// added to the pipeline seed, to draw another set of scenes
+    #[param(default = 0)]
     seed_offset: u64,
 }
 
@@ -39,48 +51,7 @@ impl Stage for Synth {
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        // An upper bound turns a typo (`2000000000`) into an error at validation instead of a
-        // run that writes until the disk is full.
-        const COUNT: ParamType = ParamType::Int {
-            min: Some(1),
-            max: Some(1_000_000),
-        };
-        vec![
-            ParamSpec::optional(
-                "source_images",
-                COUNT,
-                200,
-                "images in the source (SYNTHIA-format) tree",
-            ),
-            ParamSpec::optional(
-                "target_train",
-                COUNT,
-                200,
-                "images in the target's train split",
-            ),
-            ParamSpec::optional("target_val", COUNT, 60, "images in the target's val split"),
-            ParamSpec::optional(
-                "size",
-                ParamType::Tuple(vec![
-                    ParamType::Int {
-                        min: Some(16),
-                        max: Some(8192),
-                    },
-                    ParamType::Int {
-                        min: Some(16),
-                        max: Some(8192),
-                    },
-                ]),
-                serde_json::json!([320, 160]),
-                "[width, height] of every generated image",
-            ),
-            ParamSpec::optional(
-                "seed_offset",
-                ParamType::count(),
-                0,
-                "added to the pipeline seed, to draw another set of scenes",
-            ),
-        ]
+        P::param_specs()
     }
 
     fn inputs(&self) -> Vec<InputSpec> {

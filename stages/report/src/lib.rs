@@ -63,6 +63,8 @@ pub struct StageInfo {
     pub metrics: Map<String, Value>,
     /// Output name -> readable directory of its shown run (the current one, or the stale one).
     pub outputs: BTreeMap<String, PathBuf>,
+    /// Output name -> artifact type, as its kind declares them (whether or not it has run).
+    pub output_types: BTreeMap<String, String>,
     /// Why it failed, or why it is stale.
     pub note: Option<String>,
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use dag_artifacts::evaluate::{SAMPLES_DIR, SNAPSHOTS_FILE};
 use dag_artifacts::score::SCORES_FILE;
-use dag_artifacts::train::LOG_FILE;
+use dag_artifacts::train::{LOG_FILE, LOG_TYPE};
 use dag_artifacts::visuals::{read_index, Visual};
 use dag_data::{Column, Table};
 use serde_json::Value;
@@ -18,9 +18,6 @@ use crate::{comparison, ReportError, ReportInput, StageInfo, State};
 pub const CHARTS: &str = "charts";
 /// Folder of the copied pictures.
 pub const IMAGES: &str = "img";
-
-/// Kinds whose `log` output is a training log.
-const TRAINING_KINDS: [&str; 3] = ["train_source", "adapt", "self_train"];
 
 const STYLE: &str = r#"
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #222;
@@ -460,11 +457,11 @@ impl<'a> Page<'a> {
     fn training(&mut self, input: &ReportInput) -> Result<(), ReportError> {
         self.body.push_str("<section><h2>Training</h2>\n");
         let mut any = false;
-        for st in input
-            .stages
-            .iter()
-            .filter(|s| TRAINING_KINDS.contains(&s.kind.as_str()))
-        {
+        let training_logs = input.stages.iter().filter_map(|s| {
+            let (name, _) = s.output_types.iter().find(|(_, ty)| *ty == LOG_TYPE)?;
+            Some((s, name))
+        });
+        for (st, log_output) in training_logs {
             any = true;
             let _ = writeln!(
                 self.body,
@@ -473,7 +470,7 @@ impl<'a> Page<'a> {
                 esc(&st.kind),
                 badge(st.state)
             );
-            let Some(dir) = st.outputs.get("log") else {
+            let Some(dir) = st.outputs.get(log_output) else {
                 self.body
                     .push_str("<p class=\"empty\">No training log: the stage has not run.</p>\n");
                 continue;

@@ -65,8 +65,9 @@ pub(crate) struct CheckpointState {
     pub log: Vec<IterationLog>,
 }
 
-/// Format 2 adds [`CHECKSUMS`].
-pub(crate) const FORMAT: u32 = 2;
+/// Format 2 adds [`CHECKSUMS`]; format 3 names the method and its params in the config and the
+/// loss terms in the log.
+pub(crate) const FORMAT: u32 = 3;
 
 /// The tensor files of a checkpoint.
 pub(crate) mod files {

@@ -96,8 +96,7 @@ static OPENED_GPUS: std::sync::Mutex<Vec<Device>> = std::sync::Mutex::new(Vec::n
 /// down. A process that exits while that thread still works runs the driver's exit handlers
 /// under it: with Mesa's lavapipe, the queue thread was compiling a kernel with LLVM while
 /// `exit` tore down lavapipe's threads and LLVM's globals, and the process died with SIGSEGV
-/// or "corrupted size vs. prev_size" after every test had passed (RELIABILITY.md, "A GPU
-/// process exits only when its device is idle").
+/// or "corrupted size vs. prev_size" after every test had passed (RELIABILITY.md, "GPU").
 pub fn wait_for_device_work() -> Result<(), TrainError> {
     let opened = OPENED_GPUS
         .lock()

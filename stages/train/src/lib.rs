@@ -1,6 +1,6 @@
-//! Losses, optimisers, schedules and the one adversarial training loop of `dag` (source-only,
-//! MinEnt, AdvEnt, MinEnt+AdvEnt and IntraDA's easy->hard step), with checkpoint/resume, plus
-//! device selection.
+//! Losses, optimisers, schedules and the one adversarial training loop of `dag` (the methods of
+//! [`METHODS`]: source-only, MinEnt, AdvEnt, MinEnt+AdvEnt, and IntraDA's easy->hard step with
+//! any of them), with checkpoint/resume, plus device selection.
 //!
 //! The loop is a library call that knows nothing of the cache or the engine: [`train`] takes a
 //! [`TrainConfig`], a device, a [`Batches`] provider, a checkpoint directory, a progress
@@ -18,37 +18,28 @@ pub mod device;
 mod fused_adam;
 mod host_losses;
 pub mod losses;
+pub mod methods;
+pub mod objectives;
 mod trainer;
 
 pub use checkpoint::snapshots;
-pub use config::{poly_lr, Method, TrainConfig};
+pub use config::{poly_lr, Schedule, TrainConfig};
 pub use data::{BatchError, Batches, ImageBatch, LabelBatch, SourceBatch};
 pub use device::{device_for, resolve_device, wait_for_device_work, DeviceChoice};
+pub use methods::{Method, METHODS};
 pub use rand_core;
 pub use trainer::{train, TrainOutcome, SOURCE_LABEL, TARGET_LABEL};
 
 /// One row of the training log (`log.parquet`): the unweighted value of every loss term the
-/// method computes (`None` for the others), the learning rates and the wall time.
+/// method computed, the learning rates and the wall time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IterationLog {
     /// Iteration index, from 0.
     pub iteration: usize,
-    /// CE of the main head on the labelled batch.
-    pub seg_main: Option<f64>,
-    /// CE of the aux head on the labelled batch.
-    pub seg_aux: Option<f64>,
-    /// Entropy (MinEnt) of the main head on the target batch.
-    pub ent_main: Option<f64>,
-    /// Entropy (MinEnt) of the aux head on the target batch.
-    pub ent_aux: Option<f64>,
-    /// Adversarial (fool-the-discriminator) BCE of the main head on the target batch.
-    pub adv_main: Option<f64>,
-    /// Adversarial BCE of the aux head on the target batch.
-    pub adv_aux: Option<f64>,
-    /// Main discriminator loss `(BCE(D(I_s), 0) + BCE(D(I_t), 1)) / 2`.
-    pub d_main: Option<f64>,
-    /// Aux discriminator loss.
-    pub d_aux: Option<f64>,
+    /// Every term computed this iteration, by name, in the method's order: `seg_main`,
+    /// `seg_aux`, its target objectives' terms, then `adv_main`, `adv_aux`, `d_main`, `d_aux`
+    /// for the adversarial methods. A term with a zero weight is not computed.
+    pub terms: Vec<(String, f64)>,
     /// Learning rate of the segmentation backbone this iteration (heads: times `head_lr_mult`).
     pub lr: f64,
     /// Learning rate of the discriminators this iteration (`None` without discriminators).
@@ -58,21 +49,9 @@ pub struct IterationLog {
 }
 
 impl IterationLog {
-    /// The loss terms present this iteration, by name (`seg_main`, ..., `d_aux`).
-    pub fn terms(&self) -> Vec<(&'static str, f64)> {
-        [
-            ("seg_main", self.seg_main),
-            ("seg_aux", self.seg_aux),
-            ("ent_main", self.ent_main),
-            ("ent_aux", self.ent_aux),
-            ("adv_main", self.adv_main),
-            ("adv_aux", self.adv_aux),
-            ("d_main", self.d_main),
-            ("d_aux", self.d_aux),
-        ]
-        .into_iter()
-        .filter_map(|(n, v)| v.map(|v| (n, v)))
-        .collect()
+    /// The value of term `name`, when computed this iteration.
+    pub fn term(&self, name: &str) -> Option<f64> {
+        self.terms.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
 }
 
@@ -91,7 +70,7 @@ pub enum TrainError {
         /// The iteration.
         iteration: usize,
         /// The loss term (`seg_main`, `adv_aux`, `d_main`, ...).
-        term: &'static str,
+        term: String,
         /// Its value.
         value: f64,
     },

@@ -21,7 +21,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::checkpoint::{self, files, CheckpointState};
 use crate::config::TrainConfig;
 use crate::data::{Batches, ImageBatch, LabelBatch};
-use crate::losses::{bce_with_logits, entropy_loss, masked_cross_entropy, self_information};
+use crate::losses::{bce_with_logits, masked_cross_entropy, self_information};
+use crate::methods::Method;
+use crate::objectives::adversarial::AdversarialParams;
+use crate::objectives::TargetLoss;
 use crate::{IterationLog, TrainError};
 
 /// Domain label of source (and IntraDA easy) predictions for the discriminators.
@@ -60,12 +63,12 @@ struct LoopState {
     log: Vec<IterationLog>,
 }
 
-/// Trains `model` with `config.method` for `config.iterations` iterations on `device` (a plain
+/// Trains `model` with `config.method` for `config.schedule.iters` iterations on `device` (a plain
 /// device; autodiff is added here) and returns the trained model and the log.
 ///
 /// `model` is the starting point (random, ImageNet-initialised or an upstream stage's model)
 /// built with the architecture `classes` match. Discriminators are created here, seeded with
-/// `config.seed`. Every `config.checkpoint_every` iterations the whole loop state is written
+/// `config.seed`. Every `config.schedule.checkpoint_every` iterations the whole loop state is written
 /// under `checkpoint_dir`; when that directory already holds a checkpoint, training resumes from
 /// it (the given `model` is then only the architecture to load into) and ends with the same
 /// weights as an uninterrupted run (bit-identical on flex with the same thread count).
@@ -82,12 +85,13 @@ pub fn train(
     cancel: &AtomicBool,
 ) -> Result<TrainOutcome, TrainError> {
     config.validate().map_err(TrainError::Config)?;
+    let run = Run::new(config).map_err(TrainError::Config)?;
     let ad = device.clone().autodiff();
     // Seed before anything draws: any lazily-initialised parameter of `model` takes its weights
     // from the device RNG (reading a lazy parameter initialises it, hence `lazy_shape`).
     ad.seed(config.seed);
     let classes = model.layer6.conv2d_list[0].weight.lazy_shape()[0];
-    let mut state = init_state(config, model, classes, &ad)?;
+    let mut state = init_state(config, &run, model, classes, &ad)?;
     std::fs::create_dir_all(checkpoint_dir).map_err(checkpoint::io_err(checkpoint_dir))?;
     for ckpt in checkpoint::candidates(checkpoint_dir) {
         match checkpoint::verify(&ckpt) {
@@ -108,11 +112,23 @@ pub fn train(
     let head_group = ParamGroup::from_any_predicates(vec!["layer5", "layer6"]);
     let on_worker = device.clone().inner() == Device::flex();
 
-    for iteration in state.next_iteration..config.iterations {
+    let schedule = &config.schedule;
+    for iteration in state.next_iteration..schedule.iters {
         if cancel.load(Ordering::SeqCst) {
             return Err(TrainError::Cancelled { iteration });
         }
-        let run_step = || step(config, state, data, iteration, classes, &ad, &head_group);
+        let run_step = || {
+            step(
+                config,
+                &run,
+                state,
+                data,
+                iteration,
+                classes,
+                &ad,
+                &head_group,
+            )
+        };
         // On flex, a step makes hundreds of parallel calls (convs, BatchNorms, elementwise
         // ops). Made from a rayon worker they fork in place; made from this thread each is
         // injected into the pool and waited for, which cost about 10% of a step (BENCHMARKS.md,
@@ -127,12 +143,12 @@ pub fn train(
         progress(&record);
         state.log.push(record);
         let done = iteration + 1;
-        let snap = config.snapshot_every;
+        let snap = schedule.snapshot_every;
         if snap > 0 && done % snap == 0 {
             write_snapshot(&state, checkpoint_dir, done)?;
         }
-        let every = config.checkpoint_every;
-        if every > 0 && done % every == 0 && done < config.iterations {
+        let every = schedule.checkpoint_every;
+        if every > 0 && done % every == 0 && done < schedule.iters {
             write_checkpoint(config, &state, checkpoint_dir)?;
         }
     }
@@ -145,24 +161,46 @@ pub fn train(
     })
 }
 
+/// What a run fixes before its first iteration: the method, its bound target losses and the
+/// adversarial alignment's params.
+struct Run {
+    method: &'static Method,
+    target_losses: Vec<Box<dyn TargetLoss>>,
+    adversarial: Option<AdversarialParams>,
+}
+
+impl Run {
+    fn new(config: &TrainConfig) -> Result<Self, String> {
+        Ok(Self {
+            method: config.method()?,
+            target_losses: config.target_losses()?,
+            adversarial: config.adversarial()?,
+        })
+    }
+}
+
 fn init_state(
     config: &TrainConfig,
+    run: &Run,
     model: DeepLabV2,
     classes: usize,
     ad: &Device,
 ) -> Result<LoopState, TrainError> {
-    let adversarial = config.method.uses_adversarial();
-    let d_config = DiscriminatorConfig::new(classes).with_ndf(config.disc_ndf);
+    let (lambda_main, lambda_aux, ndf) = match &run.adversarial {
+        Some(a) => (a.lambda_adv_main, a.lambda_adv_aux, a.disc_ndf),
+        None => (0.0, 0.0, 1),
+    };
+    let d_config = DiscriminatorConfig::new(classes).with_ndf(ndf);
     // Drawn on the host from the run's seed (stream 1; batches draw from stream 0), so that a
     // seed gives the same discriminators on every device and in every thread.
     let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
     init_rng.set_stream(DISCRIMINATOR_STREAM);
-    let d_main = if adversarial && config.lambda_adv_main > 0.0 {
+    let d_main = if lambda_main > 0.0 {
         Some(d_config.init(&mut init_rng, ad)?)
     } else {
         None
     };
-    let d_aux = if adversarial && config.lambda_adv_aux > 0.0 {
+    let d_aux = if lambda_aux > 0.0 {
         Some(d_config.init(&mut init_rng, ad)?)
     } else {
         None
@@ -170,17 +208,19 @@ fn init_state(
     let sgd = SgdConfig::new()
         .with_momentum(Some(
             MomentumConfig::new()
-                .with_momentum(config.momentum)
+                .with_momentum(config.schedule.momentum)
                 .with_dampening(0.0),
         ))
-        .with_weight_decay(Some(WeightDecayConfig::new(config.weight_decay as f32)));
+        .with_weight_decay(Some(WeightDecayConfig::new(
+            config.schedule.weight_decay as f32,
+        )));
     Ok(LoopState {
         model: model.fork(ad).train(),
         d_main: d_main.map(|d| d.fork(ad).train()),
         d_aux: d_aux.map(|d| d.fork(ad).train()),
         opt_seg: sgd.init(),
-        opt_d_main: discriminator_optimizer(config),
-        opt_d_aux: discriminator_optimizer(config),
+        opt_d_main: discriminator_optimizer(run.adversarial.as_ref()),
+        opt_d_aux: discriminator_optimizer(run.adversarial.as_ref()),
         rng: ChaCha8Rng::seed_from_u64(config.seed),
         next_iteration: 0,
         log: Vec::new(),
@@ -188,22 +228,20 @@ fn init_state(
 }
 
 /// Adam for a discriminator, in place on flex (the same update and state as Burn's `Adam`; see
-/// `fused_adam`).
-fn discriminator_optimizer(config: &TrainConfig) -> ModuleOptimizer {
-    let (beta_1, beta_2, epsilon) = (
-        config.adam_beta1 as f32,
-        config.adam_beta2 as f32,
-        config.adam_epsilon as f32,
-    );
-    crate::fused_adam::FusedAdam::new(beta_1, beta_2, epsilon).init()
+/// `fused_adam`). Methods without discriminators never step it.
+fn discriminator_optimizer(params: Option<&AdversarialParams>) -> ModuleOptimizer {
+    let (beta_1, beta_2, epsilon) = params.map_or((0.9, 0.99, 1e-8), |p| {
+        (p.adam_beta1, p.adam_beta2, p.adam_epsilon)
+    });
+    crate::fused_adam::FusedAdam::new(beta_1 as f32, beta_2 as f32, epsilon as f32).init()
 }
 
 /// Only these may differ between the run that wrote a checkpoint and the one resuming it.
 fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
     let mut b = b.clone();
-    b.iterations = a.iterations;
-    b.checkpoint_every = a.checkpoint_every;
-    b.snapshot_every = a.snapshot_every;
+    b.schedule.iters = a.schedule.iters;
+    b.schedule.checkpoint_every = a.schedule.checkpoint_every;
+    b.schedule.snapshot_every = a.schedule.snapshot_every;
     *a == b
 }
 
@@ -249,17 +287,8 @@ fn restore(config: &TrainConfig, mut s: LoopState, ckpt: &Path) -> Result<LoopSt
 }
 
 fn round_terms_to_f32(mut l: IterationLog) -> IterationLog {
-    for t in [
-        &mut l.seg_main,
-        &mut l.seg_aux,
-        &mut l.ent_main,
-        &mut l.ent_aux,
-        &mut l.adv_main,
-        &mut l.adv_aux,
-        &mut l.d_main,
-        &mut l.d_aux,
-    ] {
-        *t = t.map(|v| f64::from(v as f32));
+    for (_, v) in &mut l.terms {
+        *v = f64::from(*v as f32);
     }
     l
 }
@@ -324,18 +353,18 @@ fn labels_tensor(batch: &LabelBatch, device: &Device) -> Tensor<3, Int> {
     Tensor::from_data(TensorData::new(data, batch.shape), device)
 }
 
-/// Host value of a scalar loss, refused when not finite.
-fn value(loss: &Tensor<1>, iteration: usize, term: &'static str) -> Result<f64, TrainError> {
+/// Appends the host value of a scalar loss to the log's terms, refused when not finite.
+fn log_term(log: &mut IterationLog, term: &str, loss: &Tensor<1>) -> Result<(), TrainError> {
     let v = f64::from(loss.clone().into_scalar::<f32>());
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(TrainError::NonFinite {
-            iteration,
-            term,
+    if !v.is_finite() {
+        return Err(TrainError::NonFinite {
+            iteration: log.iteration,
+            term: term.to_string(),
             value: v,
-        })
+        });
     }
+    log.terms.push((term.to_string(), v));
+    Ok(())
 }
 
 /// Adds `lambda * term` to an optional running sum.
@@ -382,8 +411,10 @@ fn target_pass(d: &Discriminator, logits: &Tensor<4>) -> (Tensor<4>, TargetForDi
 }
 
 /// One iteration; takes the state by value because the optimisers consume the modules.
+#[allow(clippy::too_many_arguments)]
 fn step(
     config: &TrainConfig,
+    run: &Run,
     mut s: LoopState,
     data: &mut dyn Batches,
     iteration: usize,
@@ -392,10 +423,14 @@ fn step(
     head_group: &ParamGroup,
 ) -> Result<(LoopState, IterationLog), TrainError> {
     let start = Instant::now();
-    let method = config.method;
-    let lr = config.poly_lr(config.lr, iteration);
+    let schedule = &config.schedule;
+    let lr = config.poly_lr(schedule.lr, iteration);
     let adversarial = s.d_main.is_some() || s.d_aux.is_some();
-    let lr_d = adversarial.then(|| config.poly_lr(config.lr_d, iteration));
+    let lr_d = run
+        .adversarial
+        .as_ref()
+        .filter(|_| adversarial)
+        .map(|a| config.poly_lr(a.lr_d, iteration));
     let batch_err = |which: &'static str| {
         move |message: String| TrainError::Batch {
             iteration,
@@ -415,11 +450,7 @@ fn step(
             source.images.shape[0], source.labels.shape[0]
         )));
     }
-    let needs_target = method.uses_target()
-        && ((method.uses_entropy()
-            && (config.lambda_ent_main > 0.0 || config.lambda_ent_aux > 0.0))
-            || adversarial);
-    let target = if needs_target {
+    let target = if run.method.uses_target() {
         let t = data
             .target(iteration, &mut s.rng)
             .map_err(|e| batch_err("target")(e.to_string()))?;
@@ -438,14 +469,7 @@ fn step(
 
     let mut log = IterationLog {
         iteration,
-        seg_main: None,
-        seg_aux: None,
-        ent_main: None,
-        ent_aux: None,
-        adv_main: None,
-        adv_aux: None,
-        d_main: None,
-        d_aux: None,
+        terms: Vec::new(),
         lr,
         lr_d,
         seconds: 0.0,
@@ -458,17 +482,17 @@ fn step(
     let main_s = upsample(main_s, label_size);
     let labels = labels_tensor(&source.labels, ad);
     let seg_main = masked_cross_entropy(main_s.clone(), labels.clone());
-    log.seg_main = Some(value(&seg_main, iteration, "seg_main")?);
-    let mut loss = add(None, config.lambda_seg_main, seg_main);
-    let aux_s = if config.lambda_seg_aux > 0.0 || s.d_aux.is_some() {
+    log_term(&mut log, "seg_main", &seg_main)?;
+    let mut loss = add(None, schedule.lambda_seg_main, seg_main);
+    let aux_s = if schedule.lambda_seg_aux > 0.0 || s.d_aux.is_some() {
         Some(upsample(aux_s, label_size))
     } else {
         None
     };
-    if config.lambda_seg_aux > 0.0 {
+    if schedule.lambda_seg_aux > 0.0 {
         let seg_aux = masked_cross_entropy(aux_s.clone().expect("aux logits"), labels);
-        log.seg_aux = Some(value(&seg_aux, iteration, "seg_aux")?);
-        loss = add(loss, config.lambda_seg_aux, seg_aux);
+        log_term(&mut log, "seg_aux", &seg_aux)?;
+        loss = add(loss, schedule.lambda_seg_aux, seg_aux);
     }
     // The discriminators see the source predictions without a path back into the network.
     let src_maps = adversarial.then(|| {
@@ -482,7 +506,7 @@ fn step(
         accumulator.accumulate(&s.model, grads);
     }
 
-    // 2. Target: entropy minimisation and/or fooling the discriminators (label = source).
+    // 2. Target: the method's objectives, then fooling the discriminators (label = source).
     let mut target_loss = None;
     // What the discriminators' own loss in step 3 reads for the target batch.
     let (mut trg_main, mut trg_aux) = (None, None);
@@ -491,31 +515,27 @@ fn step(
         let (aux_t, main_t) = s.model.forward(images_tensor(target, ad));
         let main_t = upsample(main_t, size);
         let aux_t = upsample(aux_t, size);
-        if method.uses_entropy() && config.lambda_ent_main > 0.0 {
-            let ent = entropy_loss(main_t.clone());
-            log.ent_main = Some(value(&ent, iteration, "ent_main")?);
-            target_loss = add(target_loss, config.lambda_ent_main, ent);
-        }
-        if method.uses_entropy() && config.lambda_ent_aux > 0.0 {
-            let ent = entropy_loss(aux_t.clone());
-            log.ent_aux = Some(value(&ent, iteration, "ent_aux")?);
-            target_loss = add(target_loss, config.lambda_ent_aux, ent);
+        for objective in &run.target_losses {
+            for term in objective.terms(&main_t, &aux_t) {
+                log_term(&mut log, term.name, &term.value)?;
+                target_loss = add(target_loss, term.weight, term.value);
+            }
         }
         // The adversarial term trains only the network (ADVENT freezes the discriminators
         // for it); the discriminators' loss on the same maps, with the same weights, trains
         // only them.
-        if let Some(d) = &s.d_main {
+        if let (Some(d), Some(a)) = (&s.d_main, &run.adversarial) {
             let (for_net, for_d) = target_pass(d, &main_t);
             let adv = bce_with_logits(for_net, SOURCE_LABEL);
-            log.adv_main = Some(value(&adv, iteration, "adv_main")?);
-            target_loss = add(target_loss, config.lambda_adv_main, adv);
+            log_term(&mut log, "adv_main", &adv)?;
+            target_loss = add(target_loss, a.lambda_adv_main, adv);
             trg_main = Some(for_d);
         }
-        if let Some(d) = &s.d_aux {
+        if let (Some(d), Some(a)) = (&s.d_aux, &run.adversarial) {
             let (for_net, for_d) = target_pass(d, &aux_t);
             let adv = bce_with_logits(for_net, SOURCE_LABEL);
-            log.adv_aux = Some(value(&adv, iteration, "adv_aux")?);
-            target_loss = add(target_loss, config.lambda_adv_aux, adv);
+            log_term(&mut log, "adv_aux", &adv)?;
+            target_loss = add(target_loss, a.lambda_adv_aux, adv);
             trg_aux = Some(for_d);
         }
     }
@@ -531,14 +551,14 @@ fn step(
             let l = (bce_with_logits(d.forward(src_main), SOURCE_LABEL)
                 + bce_with_logits(trg.logits(d), TARGET_LABEL))
             .div_scalar(2.0);
-            log.d_main = Some(value(&l, iteration, "d_main")?);
+            log_term(&mut log, "d_main", &l)?;
             d_loss = add(d_loss, 1.0, l);
         }
         if let (Some(d), Some(src_aux), Some(trg)) = (&s.d_aux, src_aux, trg_aux) {
             let l = (bce_with_logits(d.forward(src_aux), SOURCE_LABEL)
                 + bce_with_logits(trg.logits(d), TARGET_LABEL))
             .div_scalar(2.0);
-            log.d_aux = Some(value(&l, iteration, "d_aux")?);
+            log_term(&mut log, "d_aux", &l)?;
             d_loss = add(d_loss, 1.0, l);
         }
     }
@@ -558,7 +578,7 @@ fn step(
 
     // 4. Network update: SGD, heads at `head_lr_mult` times the backbone's rate.
     let lrs: ModuleLearningRate = ModuleLrScheduler::new(lr)
-        .with_group(head_group.clone(), lr * config.head_lr_mult)
+        .with_group(head_group.clone(), lr * schedule.head_lr_mult)
         .step();
     s.model = s.opt_seg.step(lrs, s.model, accumulator.grads());
 

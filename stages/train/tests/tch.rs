@@ -2,9 +2,9 @@
 //! CI, which has no PyTorch; see bench/libtorch/README.md). The first iteration's segmentation
 //! losses must match flex's on the same weights and batch: the two backends compute one model.
 //!
-//! LibTorch's random generator is one per process, and training seeds it and draws the
-//! discriminators' weights from it; every test here holds [`SERIAL`] so that no other test's
-//! draws land between a run's seeding and its draws.
+//! The random generators of LibTorch and flex are one per process, and the tests draw their
+//! starting models from them; every test here holds [`SERIAL`] so that no other test's draws
+//! land between a test's seeding and its draws.
 #![cfg(feature = "tch")]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,8 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use dag_model::{DeepLabV2, DeepLabV2Config};
 use dag_train::losses::{bce_with_logits, entropy_loss, masked_cross_entropy, self_information};
 use dag_train::{
-    device_for, resolve_device, train, DeviceChoice, Method, TrainConfig, TrainError, TrainOutcome,
+    device_for, resolve_device, train, DeviceChoice, Schedule, TrainConfig, TrainError,
+    TrainOutcome,
 };
 
 mod stripes;
@@ -47,17 +48,13 @@ fn advent_steps_on_libtorch_match_flex() {
     let on_flex = train_advent(&flex, model, 3, 64);
     assert_eq!(on_tch.log.len(), 3);
     for l in &on_tch.log {
-        assert!(l.adv_main.is_some() && l.d_aux.is_some());
-        assert!(
-            l.terms().iter().all(|(_, v)| v.is_finite()),
-            "{:?}",
-            l.terms()
-        );
+        assert!(l.term("adv_main").is_some() && l.term("d_aux").is_some());
+        assert!(l.terms.iter().all(|(_, v)| v.is_finite()), "{:?}", l.terms);
     }
     let (a, b) = (&on_tch.log[0], &on_flex.log[0]);
     for (name, x, y) in [
-        ("seg_main", a.seg_main, b.seg_main),
-        ("seg_aux", a.seg_aux, b.seg_aux),
+        ("seg_main", a.term("seg_main"), b.term("seg_main")),
+        ("seg_aux", a.term("seg_aux"), b.term("seg_aux")),
     ] {
         let (x, y) = (x.unwrap(), y.unwrap());
         assert!(
@@ -139,14 +136,17 @@ fn advent_on_libtorch_resumes_from_a_checkpoint() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tch = device_for(DeviceChoice::LibTorch);
     let config = TrainConfig {
-        method: Method::AdvEnt,
-        iterations: 5,
-        lr: 0.01,
-        disc_ndf: 4,
-        checkpoint_every: 2,
+        method: "advent".into(),
+        schedule: Schedule {
+            iters: 5,
+            lr: 0.01,
+            checkpoint_every: 2,
+            ..Schedule::default()
+        },
         seed: 3,
         ..TrainConfig::default()
-    };
+    }
+    .with_param("disc_ndf", 4);
     let run = |dir: &std::path::Path, cancel_after: Option<usize>| {
         let model = tiny_model().to_device(&tch);
         let cancel = AtomicBool::new(false);

@@ -11,7 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use dag_model::{load_record_into, DeepLabV2Config, DiscriminatorConfig};
 use dag_train::rand_core::{RngCore, SeedableRng};
 use dag_train::{
-    train, BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, SourceBatch,
+    train, BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Schedule, SourceBatch,
     TrainConfig, TrainError,
 };
 use rand_chacha::ChaCha8Rng;
@@ -115,17 +115,23 @@ impl Batches for Toy {
     }
 }
 
-fn config(method: Method, iterations: usize) -> TrainConfig {
-    TrainConfig {
-        method,
-        iterations,
-        max_iters: 1000,
-        lr: 0.01,
-        lr_d: 1e-3,
-        disc_ndf: 4,
-        checkpoint_every: 0,
+fn config(method: &str, iters: usize) -> TrainConfig {
+    let config = TrainConfig {
+        method: method.to_string(),
+        schedule: Schedule {
+            iters,
+            max_iters: 1000,
+            lr: 0.01,
+            checkpoint_every: 0,
+            ..Schedule::default()
+        },
         seed: 7,
         ..TrainConfig::default()
+    };
+    if config.method().unwrap().adversarial {
+        config.with_param("lr_d", 1e-3).with_param("disc_ndf", 4)
+    } else {
+        config
     }
 }
 
@@ -190,21 +196,25 @@ fn assert_bit_identical(a: &[TensorData], b: &[TensorData]) {
 fn source_only_overfits_tiny_images() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(Method::SourceOnly, 40);
+    let cfg = config("source_only", 40);
     let r = run(&cfg, dir.path(), None).unwrap();
     assert_eq!(r.log.len(), 40);
-    let first = r.log[0].seg_main.unwrap();
-    let last: f64 = r.log[36..].iter().map(|l| l.seg_main.unwrap()).sum::<f64>() / 4.0;
+    let first = r.log[0].term("seg_main").unwrap();
+    let last: f64 = r.log[36..]
+        .iter()
+        .map(|l| l.term("seg_main").unwrap())
+        .sum::<f64>()
+        / 4.0;
     // Chance level is ln 3 = 1.10; the two images are learnt well below that.
     assert!(last < 0.35, "seg_main went from {first} to {last}");
     assert!(r
         .log
         .iter()
-        .all(|l| l.adv_main.is_none() && l.d_main.is_none()));
+        .all(|l| l.term("adv_main").is_none() && l.term("d_main").is_none()));
     assert!(r
         .log
         .iter()
-        .all(|l| l.seg_aux.is_some() && l.lr_d.is_none()));
+        .all(|l| l.term("seg_aux").is_some() && l.lr_d.is_none()));
     // Poly schedule applied.
     assert!(r.log[39].lr < r.log[0].lr);
     assert!(r.outcome_d_main.is_none());
@@ -214,20 +224,18 @@ fn source_only_overfits_tiny_images() {
 fn advent_trains_segmentation_and_both_discriminators() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(Method::AdvEnt, 3);
-    cfg.checkpoint_every = 1;
+    let mut cfg = config("advent", 3);
+    cfg.schedule.checkpoint_every = 1;
     let r = run(&cfg, dir.path(), None).unwrap();
     for l in &r.log {
-        for term in [
-            "seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux",
-        ] {
-            assert!(
-                l.terms().iter().any(|(n, _)| *n == term),
-                "{term} missing at {}",
-                l.iteration
-            );
-        }
-        assert!(l.ent_main.is_none() && l.lr_d.is_some());
+        let names: Vec<&str> = l.terms.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"],
+            "at {}",
+            l.iteration
+        );
+        assert!(l.lr_d.is_some());
     }
     // The checkpoint after iteration 1 holds the discriminator after two Adam steps; the final
     // one has taken a third.
@@ -250,21 +258,20 @@ fn advent_trains_segmentation_and_both_discriminators() {
 fn minent_and_combined_methods_log_their_terms() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let r = run(&config(Method::MinEnt, 2), dir.path(), None).unwrap();
-    assert!(r
-        .log
-        .iter()
-        .all(|l| l.ent_main.is_some() && l.ent_aux.is_some()));
-    assert!(r.log.iter().all(|l| l.adv_main.is_none()));
+    let r = run(&config("minent", 2), dir.path(), None).unwrap();
+    for l in &r.log {
+        let names: Vec<&str> = l.terms.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["seg_main", "seg_aux", "ent_main", "ent_aux"]);
+    }
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(Method::MinEntAdvEnt, 2);
-    cfg.lambda_adv_aux = 0.0;
+    let cfg = config("advent+minent", 2).with_param("lambda_adv_aux", 0.0);
     let r = run(&cfg, dir.path(), None).unwrap();
     for l in &r.log {
-        assert!(l.ent_main.is_some() && l.adv_main.is_some() && l.d_main.is_some());
-        assert!(
-            l.adv_aux.is_none() && l.d_aux.is_none(),
-            "lambda_adv_aux 0 drops D_aux"
+        let names: Vec<&str> = l.terms.iter().map(|(n, _)| n.as_str()).collect();
+        // lambda_adv_aux 0 drops D_aux and its terms.
+        assert_eq!(
+            names,
+            ["seg_main", "seg_aux", "ent_main", "ent_aux", "adv_main", "d_main"]
         );
     }
 }
@@ -302,11 +309,12 @@ fn named<M: Module>(m: &M) -> Vec<(String, Vec<f32>)> {
 fn heads_get_ten_times_the_learning_rate() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let device = Device::flex();
-    let start = |iterations: usize, mult: f64| {
-        let cfg = TrainConfig {
-            head_lr_mult: mult,
-            ..config(Method::SourceOnly, iterations)
-        };
+    // A step at learning rate 0 gives the start weights (the params are drawn lazily, from the
+    // seed, inside `train`).
+    let start = |lr: f64, mult: f64| {
+        let mut cfg = config("source_only", 1);
+        cfg.schedule.lr = lr;
+        cfg.schedule.head_lr_mult = mult;
         let model = model_config().init(&device).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = train(
@@ -321,9 +329,10 @@ fn heads_get_ten_times_the_learning_rate() {
         .unwrap();
         named(&out.model)
     };
-    let w0 = start(0, 10.0);
-    let w10 = start(1, 10.0);
-    let w1 = start(1, 1.0);
+    let lr = config("source_only", 1).schedule.lr;
+    let w0 = start(0.0, 10.0);
+    let w10 = start(lr, 10.0);
+    let w1 = start(lr, 1.0);
     let (mut heads, mut backbone, mut frozen) = (0, 0, 0);
     for ((name, a0), ((_, a10), (_, a1))) in w0.iter().zip(w10.iter().zip(&w1)) {
         let d10: Vec<f32> = a10.iter().zip(a0).map(|(x, y)| x - y).collect();
@@ -364,21 +373,21 @@ fn heads_get_ten_times_the_learning_rate() {
 #[test]
 fn same_seed_same_weights() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let cfg = config(Method::AdvEnt, 3);
+    let cfg = config("advent", 3);
     let a = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
     let b = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
     assert_bit_identical(&a.weights, &b.weights);
     assert_eq!(
-        a.log.iter().map(|l| l.seg_main).collect::<Vec<_>>(),
-        b.log.iter().map(|l| l.seg_main).collect::<Vec<_>>()
+        a.log.iter().map(|l| l.term("seg_main")).collect::<Vec<_>>(),
+        b.log.iter().map(|l| l.term("seg_main")).collect::<Vec<_>>()
     );
 }
 
 #[test]
 fn resume_after_interruption_is_bit_identical() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut cfg = config(Method::AdvEnt, 6);
-    cfg.checkpoint_every = 2;
+    let mut cfg = config("advent", 6);
+    cfg.schedule.checkpoint_every = 2;
     let full = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -395,13 +404,13 @@ fn resume_after_interruption_is_bit_identical() {
     assert_bit_identical(&full.weights, &resumed.weights);
     for (a, b) in full.log.iter().zip(&resumed.log) {
         assert_eq!(
-            (a.iteration, a.seg_main, a.d_aux),
-            (b.iteration, b.seg_main, b.d_aux)
+            (a.iteration, a.term("seg_main"), a.term("d_aux")),
+            (b.iteration, b.term("seg_main"), b.term("d_aux"))
         );
     }
     // A checkpoint of another configuration is refused rather than silently mixed in.
     let mut other = cfg.clone();
-    other.lr = 0.02;
+    other.schedule.lr = 0.02;
     let err = run(&other, dir.path(), None)
         .err()
         .expect("config mismatch");
@@ -430,13 +439,11 @@ fn non_finite_loss_aborts_naming_iteration_and_term() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut data = Toy::new();
     data.nan_at = Some(1);
-    let err = train_error(&config(Method::SourceOnly, 3), &mut data);
+    let err = train_error(&config("source_only", 3), &mut data);
     match &err {
         TrainError::NonFinite {
-            iteration: 1,
-            term: "seg_main",
-            ..
-        } => {}
+            iteration: 1, term, ..
+        } if term == "seg_main" => {}
         other => panic!("unexpected {other}"),
     }
     assert!(err.to_string().contains("iteration 1"));
@@ -447,7 +454,7 @@ fn bad_labels_are_refused_with_the_iteration() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut data = Toy::new();
     data.bad_label_at = Some(0);
-    let err = train_error(&config(Method::SourceOnly, 1), &mut data).to_string();
+    let err = train_error(&config("source_only", 1), &mut data).to_string();
     assert!(
         err.contains("iteration 0") && err.contains("label 9"),
         "{err}"
@@ -456,17 +463,62 @@ fn bad_labels_are_refused_with_the_iteration() {
 
 #[test]
 fn config_defaults_are_advent() {
-    let c: TrainConfig = serde_json::from_str("{}").unwrap();
-    assert_eq!(c, TrainConfig::default());
-    assert_eq!((c.lr, c.momentum, c.weight_decay), (2.5e-4, 0.9, 5e-4));
-    assert_eq!((c.lr_d, c.adam_beta2, c.adam_epsilon), (1e-4, 0.99, 1e-8));
+    let c = TrainConfig::default();
+    assert_eq!(c.method, "advent");
+    let s = &c.schedule;
+    assert_eq!((s.lr, s.momentum, s.weight_decay), (2.5e-4, 0.9, 5e-4));
+    assert_eq!((s.max_iters, s.iters, s.power), (250_000, 120_000, 0.9));
+    let a = c.adversarial().unwrap().expect("advent has discriminators");
+    assert_eq!((a.lr_d, a.adam_beta2, a.adam_epsilon), (1e-4, 0.99, 1e-8));
     assert_eq!(
-        (c.max_iters, c.iterations, c.power),
-        (250_000, 120_000, 0.9)
+        (a.lambda_adv_main, a.lambda_adv_aux, a.disc_ndf),
+        (0.001, 0.0002, 64)
     );
-    assert!(serde_json::from_str::<TrainConfig>(r#"{"lamda_adv_main": 1}"#).is_err());
-    let m: TrainConfig = serde_json::from_str(r#"{"method": "min_ent_adv_ent"}"#).unwrap();
-    assert_eq!(m.method, Method::MinEntAdvEnt);
+    c.validate().unwrap();
+    // A misspelt param, a param of another method, an old spelling of a method and a value out
+    // of range are refused with their names.
+    let typo = TrainConfig::default().with_param("lamda_adv_main", 1.0);
+    let err = typo.validate().unwrap_err();
+    assert!(
+        err.contains("`lamda_adv_main`") && err.contains("lambda_adv_main"),
+        "{err}"
+    );
+    let other = TrainConfig::default().with_param("lambda_ent_main", 1.0);
+    assert!(other.validate().unwrap_err().contains("`lambda_ent_main`"));
+    let old = TrainConfig {
+        method: "min_ent_adv_ent".into(),
+        ..TrainConfig::default()
+    };
+    assert!(old.validate().unwrap_err().contains("advent+minent"));
+    let negative = TrainConfig::default().with_param("lr_d", -1.0);
+    assert!(negative.validate().unwrap_err().contains("lr_d"));
+    let beta = TrainConfig::default().with_param("adam_beta1", 1.0);
+    assert!(beta.validate().unwrap_err().contains("adam_beta1"));
+}
+
+#[test]
+fn method_params_have_one_name_each() {
+    let mut names: Vec<&str> = dag_train::methods::param_specs()
+        .iter()
+        .chain(&<Schedule as dag_api::ParamSet>::param_specs())
+        .map(|s| s.name)
+        .collect();
+    let count = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        count,
+        "a param name is declared twice: {names:?}"
+    );
+    for m in dag_train::METHODS {
+        TrainConfig {
+            method: m.name.to_string(),
+            ..TrainConfig::default()
+        }
+        .validate()
+        .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+    }
 }
 
 /// Batches of 40x24 images: large enough for DeepLabV2, too small for the discriminator.
@@ -497,7 +549,7 @@ impl Batches for TooSmall {
 #[test]
 fn maps_too_small_for_the_discriminator_are_refused_with_the_size() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let err = train_error(&config(Method::AdvEnt, 1), &mut TooSmall).to_string();
+    let err = train_error(&config("advent", 1), &mut TooSmall).to_string();
     assert!(
         err.contains("source batch of iteration 0") && err.contains("40x24"),
         "{err}"

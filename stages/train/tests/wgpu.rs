@@ -66,36 +66,29 @@ fn compare_with_flex() {
     // One step, with rates large enough that each update stands far above the f32 rounding of
     // the weights it is read from. Adam's first step is `lr_d * g / (|g| + epsilon)` whatever
     // the betas; an epsilon of 1 keeps it proportional enough to `g` that it can be inverted.
-    let config = TrainConfig {
-        lr: 0.5,
-        lr_d: 1000.0,
-        adam_epsilon: 1.0,
-        ..advent_config(1)
-    };
+    let mut config = advent_config(1)
+        .with_param("lr_d", 1000.0)
+        .with_param("adam_epsilon", 1.0);
+    config.schedule.lr = 0.5;
     let run = |config: &TrainConfig, device: &Device, name: &str| {
         train_stripes(config, device, start_on(device), 32, &dir.path().join(name))
     };
     // Rates of zero leave every weight where it started.
-    let start = run(
-        &TrainConfig {
-            lr: 0.0,
-            lr_d: 0.0,
-            ..config.clone()
-        },
-        &flex,
-        "start",
-    );
+    let mut frozen = config.clone().with_param("lr_d", 0.0);
+    frozen.schedule.lr = 0.0;
+    let start = run(&frozen, &flex, "start");
     let on_flex = run(&config, &flex, "flex");
     let on_wgpu = run(&config, &wgpu, "wgpu");
 
     let (w, f) = (&on_wgpu.log[0], &on_flex.log[0]);
-    let names: Vec<&str> = f.terms().iter().map(|(n, _)| *n).collect();
+    let names: Vec<&str> = f.terms.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
         ["seg_main", "seg_aux", "adv_main", "adv_aux", "d_main", "d_aux"]
     );
-    assert_eq!(w.terms().len(), names.len());
-    for ((name, x), (_, y)) in w.terms().into_iter().zip(f.terms()) {
+    assert_eq!(w.terms.len(), names.len());
+    for ((name, x), (_, y)) in w.terms.iter().zip(&f.terms) {
+        let (x, y) = (*x, *y);
         let rel = (x - y).abs() / y.abs().max(1.0);
         eprintln!("{name}: wgpu {x} flex {y} relative difference {rel:.1e}");
         assert!(rel <= LOSS_TOLERANCE, "{name}: wgpu {x} vs flex {y}");
@@ -103,19 +96,20 @@ fn compare_with_flex() {
 
     let sgd = |lr: f64| Step::Sgd {
         lr,
-        weight_decay: config.weight_decay,
+        weight_decay: config.schedule.weight_decay,
     };
+    let adversarial = config.adversarial().unwrap().unwrap();
     let adam = Step::Adam {
-        lr: config.lr_d,
-        epsilon: config.adam_epsilon,
+        lr: adversarial.lr_d,
+        epsilon: adversarial.adam_epsilon,
     };
-    let head_lr = config.lr * config.head_lr_mult;
+    let head_lr = config.schedule.lr * config.schedule.head_lr_mult;
     type Weight = fn(&TrainOutcome) -> Tensor<4>;
     let params: [(&str, Step, Weight); 8] = [
-        ("backbone.conv1", sgd(config.lr), |o| {
+        ("backbone.conv1", sgd(config.schedule.lr), |o| {
             o.model.backbone.conv1.weight.val()
         }),
-        ("backbone.layer4.0.conv2", sgd(config.lr), |o| {
+        ("backbone.layer4.0.conv2", sgd(config.schedule.lr), |o| {
             o.model.backbone.layer4[0].conv2.weight.val()
         }),
         ("layer5 (aux head)", sgd(head_lr), |o| {
@@ -151,7 +145,7 @@ fn compare_with_flex() {
 
     let out = train_advent(&wgpu, start_on(&wgpu), 2, 32);
     assert_eq!(out.log.len(), 2);
-    assert!(out.log[1].terms().iter().all(|(_, v)| v.is_finite()));
+    assert!(out.log[1].terms.iter().all(|(_, v)| v.is_finite()));
 }
 
 /// A weight tensor's values, in f64.

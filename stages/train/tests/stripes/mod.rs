@@ -8,21 +8,25 @@ use burn::tensor::Device;
 use dag_model::DeepLabV2;
 use dag_train::rand_core::RngCore;
 use dag_train::{
-    train, BatchError, Batches, ImageBatch, LabelBatch, Method, SourceBatch, TrainConfig,
+    train, BatchError, Batches, ImageBatch, LabelBatch, Schedule, SourceBatch, TrainConfig,
     TrainOutcome,
 };
 
 /// The AdvEnt configuration of the backend tests: `iterations` steps at learning rate 0.01 with
 /// narrow discriminators and a checkpoint after each step.
-pub fn advent_config(iterations: usize) -> TrainConfig {
+pub fn advent_config(iters: usize) -> TrainConfig {
     TrainConfig {
-        method: Method::AdvEnt,
-        iterations,
-        lr: 0.01,
-        disc_ndf: 4,
-        checkpoint_every: 1,
+        method: "advent".into(),
+        schedule: Schedule {
+            iters,
+            lr: 0.01,
+            checkpoint_every: 1,
+            ..Schedule::default()
+        },
+        seed: 1234,
         ..TrainConfig::default()
     }
+    .with_param("disc_ndf", 4)
 }
 
 /// `iterations` AdvEnt steps of `model` on `device` over [`Stripes`] of `size`, with a

@@ -1,0 +1,137 @@
+//! The methods, by the one name each has in pipeline files, checkpoints, `model.json`,
+//! `log.parquet` and the report. A new method is a [`TargetObjective`] module under
+//! `objectives/` and one row of [`METHODS`].
+//!
+//! [`TargetObjective`]: crate::objectives::TargetObjective
+
+use std::collections::BTreeSet;
+
+use dag_api::{Map, ParamSet, ParamSpec, ParamType, Value};
+
+use crate::objectives::adversarial::AdversarialParams;
+use crate::objectives::minent::MinEnt;
+use crate::objectives::{Objective, Registered};
+
+/// A method: the objectives it adds to supervised segmentation on the labelled batch.
+pub struct Method {
+    /// Its name everywhere.
+    pub name: &'static str,
+    /// One line for `dag kinds`.
+    pub doc: &'static str,
+    /// Losses on the unlabelled batch from the network's predictions, in the order they are
+    /// summed and logged.
+    pub target: &'static [&'static dyn Objective],
+    /// Whether ADVENT's two discriminators align the target predictions with the labelled
+    /// ones (terms `adv_main`, `adv_aux`, `d_main`, `d_aux`, after the target objectives').
+    pub adversarial: bool,
+}
+
+/// Every method, in the order `dag kinds` lists them.
+pub static METHODS: &[Method] = &[
+    Method {
+        name: "source_only",
+        doc: "segmentation on the labelled batch only (no target batches)",
+        target: &[],
+        adversarial: false,
+    },
+    Method {
+        name: "advent",
+        doc: "ADVENT's adversarial entropy alignment (Vu et al., CVPR 2019)",
+        target: &[],
+        adversarial: true,
+    },
+    Method {
+        name: "minent",
+        doc: "entropy minimisation on the target batch (ADVENT's MinEnt)",
+        target: &[&Registered::<MinEnt>::NEW],
+        adversarial: false,
+    },
+    Method {
+        name: "advent+minent",
+        doc: "both of the above, summed (ADVENT's best)",
+        target: &[&Registered::<MinEnt>::NEW],
+        adversarial: true,
+    },
+];
+
+/// The method of the adaptation kinds when the pipeline names none.
+pub const DEFAULT_METHOD: &str = "advent";
+
+/// The method named `name`, or an error that lists the names.
+pub fn method(name: &str) -> Result<&'static Method, String> {
+    METHODS.iter().find(|m| m.name == name).ok_or_else(|| {
+        format!(
+            "unknown method `{name}`; expected one of {}",
+            names().join(", ")
+        )
+    })
+}
+
+/// Every method's name.
+pub fn names() -> Vec<&'static str> {
+    METHODS.iter().map(|m| m.name).collect()
+}
+
+/// The `method` param of the kinds that take one.
+pub fn method_param() -> ParamSpec {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| {
+        let list: Vec<String> = METHODS
+            .iter()
+            .map(|m| format!("`{}`: {}", m.name, m.doc))
+            .collect();
+        format!(
+            "the loss terms on the unlabelled batch; {}",
+            list.join("; ")
+        )
+    });
+    ParamSpec {
+        name: "method",
+        ty: ParamType::Enum(names()),
+        default: Some(Value::from(DEFAULT_METHOD)),
+        doc,
+    }
+}
+
+/// The params of every method's objectives and of the adversarial alignment: params of the kinds
+/// with a `method`. Names are unique (a test checks it), so one value serves every method.
+pub fn param_specs() -> Vec<ParamSpec> {
+    let mut seen = BTreeSet::new();
+    let objectives = METHODS
+        .iter()
+        .flat_map(|m| m.target.iter())
+        .filter(|o| seen.insert(o.name()));
+    objectives
+        .flat_map(|o| o.param_specs())
+        .chain(AdversarialParams::param_specs())
+        .collect()
+}
+
+impl Method {
+    /// The names of the params that change what this method computes.
+    pub fn param_names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self
+            .target
+            .iter()
+            .flat_map(|o| o.param_specs())
+            .map(|s| s.name)
+            .collect();
+        if self.adversarial {
+            names.extend(AdversarialParams::param_specs().iter().map(|s| s.name));
+        }
+        names
+    }
+
+    /// The values of this method's params among `all` (those absent keep their defaults).
+    pub fn params_from(&self, all: &Map<String, Value>) -> Map<String, Value> {
+        self.param_names()
+            .into_iter()
+            .filter_map(|n| all.get(n).map(|v| (n.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// Whether it draws unlabelled batches.
+    pub fn uses_target(&self) -> bool {
+        self.adversarial || !self.target.is_empty()
+    }
+}
