@@ -52,6 +52,12 @@ pub static METHODS: &[Method] = &[
         target: &[&Registered::<MinEnt>::NEW],
         adversarial: true,
     },
+    Method {
+        name: "maxsquare",
+        doc: "maximum squares loss on the target batch (Chen et al., ICCV 2019)",
+        target: &[&Registered::<crate::objectives::maxsquare::MaxSquare>::NEW],
+        adversarial: false,
+    },
 ];
 
 /// The method of the adaptation kinds when the pipeline names none.

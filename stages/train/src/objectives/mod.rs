@@ -11,6 +11,7 @@ use dag_api::{Map, ParamSet, ParamSpec, Value};
 use serde::de::DeserializeOwned;
 
 pub mod adversarial;
+pub mod maxsquare;
 pub mod minent;
 
 /// One term of a loss: its name in the log, its weight in the loss, and its value.
