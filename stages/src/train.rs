@@ -143,16 +143,17 @@ impl Stage for TrainStage {
                  Outputs the model and log.parquet."
             }
             Role::Adapt => {
-                "Inter-domain adaptation (ADVENT): segmentation loss on labelled source batches \
-                 plus, on unlabelled target batches, entropy minimisation (`minent`), adversarial \
-                 alignment of the weighted self-information maps with two discriminators \
-                 (`advent`), or both. Starts from the `init` model input, else from ImageNet \
-                 weights (`imagenet`), else from scratch. Outputs the model and log.parquet."
+                "Inter-domain adaptation: segmentation loss on labelled source batches plus the \
+                 loss terms of `method` on unlabelled target batches (ADVENT's adversarial \
+                 alignment by default; see `method`). Starts from the `init` model input, else \
+                 from ImageNet weights (`imagenet`), else from scratch. Outputs the model and \
+                 log.parquet."
             }
             Role::SelfTrain => {
-                "IntraDA's intra-domain adaptation: AdvEnt with the EASY target images and their \
-                 pseudo-labels as the labelled set and the HARD target images as the unlabelled \
-                 one (inputs from `split` and `score_entropy`). Starts from the `init` model \
+                "IntraDA's intra-domain adaptation: `method` (AdvEnt by default, as the paper) \
+                 with the EASY target images and their pseudo-labels as the labelled set and the \
+                 HARD target images as the unlabelled one (inputs from `split` and \
+                 `score_entropy`). Starts from the `init` model \
                  input, else from ImageNet weights (`imagenet`, as the paper), else from \
                  scratch. Outputs the model and log.parquet."
             }
@@ -256,7 +257,14 @@ impl Stage for TrainStage {
         let cfg = self.config(params, 0).map_err(|e| e.message)?;
         cfg.validate()?;
         if self.has_method() {
-            refuse_unused_method_params(params, cfg.method()?)?;
+            let method = cfg.method()?;
+            if !method.uses_target() {
+                return Err(format!(
+                    "method `{}` uses no target batches; use kind `train_source` for it",
+                    method.name
+                ));
+            }
+            refuse_unused_method_params(params, method)?;
         }
         let s = &cfg.schedule;
         if s.iters > s.max_iters {

@@ -22,7 +22,6 @@ use crate::checkpoint::{self, files, CheckpointState};
 use crate::config::TrainConfig;
 use crate::data::{Batches, ImageBatch, LabelBatch};
 use crate::losses::{bce_with_logits, masked_cross_entropy, self_information};
-use crate::methods::Method;
 use crate::objectives::adversarial::AdversarialParams;
 use crate::objectives::TargetLoss;
 use crate::{IterationLog, TrainError};
@@ -161,10 +160,9 @@ pub fn train(
     })
 }
 
-/// What a run fixes before its first iteration: the method, its bound target losses and the
+/// What a run fixes before its first iteration: the method's bound target losses and the
 /// adversarial alignment's params.
 struct Run {
-    method: &'static Method,
     target_losses: Vec<Box<dyn TargetLoss>>,
     adversarial: Option<AdversarialParams>,
 }
@@ -172,7 +170,6 @@ struct Run {
 impl Run {
     fn new(config: &TrainConfig) -> Result<Self, String> {
         Ok(Self {
-            method: config.method()?,
             target_losses: config.target_losses()?,
             adversarial: config.adversarial()?,
         })
@@ -230,9 +227,8 @@ fn init_state(
 /// Adam for a discriminator, in place on flex (the same update and state as Burn's `Adam`; see
 /// `fused_adam`). Methods without discriminators never step it.
 fn discriminator_optimizer(params: Option<&AdversarialParams>) -> ModuleOptimizer {
-    let (beta_1, beta_2, epsilon) = params.map_or((0.9, 0.99, 1e-8), |p| {
-        (p.adam_beta1, p.adam_beta2, p.adam_epsilon)
-    });
+    let p = params.cloned().unwrap_or_default();
+    let (beta_1, beta_2, epsilon) = (p.adam_beta1, p.adam_beta2, p.adam_epsilon);
     crate::fused_adam::FusedAdam::new(beta_1 as f32, beta_2 as f32, epsilon as f32).init()
 }
 
@@ -450,7 +446,11 @@ fn step(
             source.images.shape[0], source.labels.shape[0]
         )));
     }
-    let target = if run.method.uses_target() {
+    // A target batch only when some target term has a weight: drawing one moves the batch RNG
+    // and BatchNorm's statistics, so a method whose weights are all 0 must train as
+    // `source_only` does.
+    let uses_target = adversarial || run.target_losses.iter().any(|l| l.is_active());
+    let target = if uses_target {
         let t = data
             .target(iteration, &mut s.rng)
             .map_err(|e| batch_err("target")(e.to_string()))?;

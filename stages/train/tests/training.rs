@@ -276,6 +276,38 @@ fn minent_and_combined_methods_log_their_terms() {
     }
 }
 
+/// A method whose every weight is 0 draws no target batch (which would move the batch order and
+/// BatchNorm's statistics): it trains exactly as `source_only`.
+#[test]
+fn methods_with_zero_weights_train_as_source_only() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let baseline = run(&config("source_only", 3), dir.path(), None).unwrap();
+    let silenced = [
+        config("minent", 3)
+            .with_param("lambda_ent_main", 0.0)
+            .with_param("lambda_ent_aux", 0.0),
+        config("maxsquare", 3).with_param("lambda_maxsq_main", 0.0),
+        config("advent", 3)
+            .with_param("lambda_adv_main", 0.0)
+            .with_param("lambda_adv_aux", 0.0),
+    ];
+    for cfg in &silenced {
+        let dir = tempfile::tempdir().unwrap();
+        let r = run(cfg, dir.path(), None).unwrap();
+        assert_bit_identical(&baseline.weights, &r.weights);
+    }
+}
+
+#[test]
+fn a_switched_off_maxsquare_ratio_is_refused() {
+    let off = config("maxsquare", 1).with_param("maxsq_iw_ratio", 0.5);
+    let err = off.validate().unwrap_err();
+    assert!(err.contains("`maxsq_iw_ratio: 0.5` has no effect"), "{err}");
+    let on = off.with_param("maxsq_image_weighting", true);
+    assert_eq!(on.validate(), Ok(()));
+}
+
 /// Every float parameter with its module path (`layer6.conv2d_list.0.weight`).
 #[derive(Default)]
 struct Named {

@@ -33,8 +33,9 @@ pub struct MaxSquareParams {
     /// weight of the aux head's maximum squares loss (maxsquare; the paper trains one head)
     #[param(default = 0.0, min = 0.0)]
     pub lambda_maxsq_aux: f64,
-    /// weight each pixel by its predicted class's frequency in its image (maxsquare; the
-    /// paper's image-wise weighting, "MaxSquare+IW")
+    /// weight each pixel by 1 / max(N_k^alpha * N^(1-alpha), 1), N_k the pixels of its image
+    /// predicted as its class k, N the image's pixels (maxsquare; the paper's image-wise
+    /// weighting, "MaxSquare+IW")
     #[param(default = false)]
     pub maxsq_image_weighting: bool,
     /// the ratio alpha of the image-wise weighting, between 0 (none) and 1 (inverse frequency)
@@ -64,6 +65,22 @@ impl TargetObjective for MaxSquare {
             },
         })
         .collect()
+    }
+
+    fn is_active(p: &MaxSquareParams) -> bool {
+        p.lambda_maxsq_main > 0.0 || p.lambda_maxsq_aux > 0.0
+    }
+
+    fn check(p: &MaxSquareParams) -> Result<(), String> {
+        let default_ratio = MaxSquareParams::default().maxsq_iw_ratio;
+        if !p.maxsq_image_weighting && p.maxsq_iw_ratio != default_ratio {
+            return Err(format!(
+                "`maxsq_iw_ratio: {}` has no effect without `maxsq_image_weighting: true`; \
+                 remove it or turn the weighting on",
+                p.maxsq_iw_ratio
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -40,4 +40,8 @@ impl TargetObjective for MinEnt {
         })
         .collect()
     }
+
+    fn is_active(p: &MinEntParams) -> bool {
+        p.lambda_ent_main > 0.0 || p.lambda_ent_aux > 0.0
+    }
 }

@@ -35,12 +35,22 @@ pub trait TargetObjective: Sync + 'static {
     /// The terms with a non-zero weight, for the target batch's logits of the main and aux
     /// heads, both upsampled to the batch's size.
     fn terms(params: &Self::Params, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term>;
+    /// Whether any term has a non-zero weight. A run whose objectives are all inactive (and that
+    /// has no discriminator) draws no target batch, and so trains exactly as `source_only`.
+    fn is_active(params: &Self::Params) -> bool;
+    /// Checks across its params beyond their declared ranges, e.g. a value that another param
+    /// switches off (it would change the key but not the result).
+    fn check(_params: &Self::Params) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A [`TargetObjective`] with its params bound, ready for the loop.
 pub trait TargetLoss: Send + Sync {
     /// See [`TargetObjective::terms`].
     fn terms(&self, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term>;
+    /// See [`TargetObjective::is_active`].
+    fn is_active(&self) -> bool;
 }
 
 /// A [`TargetObjective`] as the method table holds it.
@@ -69,6 +79,9 @@ impl<T: TargetObjective> TargetLoss for Bound<T> {
     fn terms(&self, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term> {
         T::terms(&self.0, main, aux)
     }
+    fn is_active(&self) -> bool {
+        T::is_active(&self.0)
+    }
 }
 
 impl<T: TargetObjective> Objective for Registered<T> {
@@ -82,7 +95,9 @@ impl<T: TargetObjective> Objective for Registered<T> {
         T::TERMS
     }
     fn bind(&self, params: &Map<String, Value>) -> Result<Box<dyn TargetLoss>, String> {
-        Ok(Box::new(Bound::<T>(parse_params::<T::Params>(params)?)))
+        let params = parse_params::<T::Params>(params)?;
+        T::check(&params)?;
+        Ok(Box::new(Bound::<T>(params)))
     }
 }
 
