@@ -393,9 +393,11 @@ impl Stage for TrainStage {
 fn train_error(e: TrainError) -> StageError {
     match e {
         TrainError::Cancelled { .. } => StageError::cancelled(),
-        TrainError::NonFinite { .. } => {
-            let hint =
-                "the last good checkpoint is kept; lower `lr` or the term's lambda and rerun";
+        TrainError::NonFinite { ref term, .. } => {
+            let hint = format!(
+                "the last good checkpoint is kept; lower `lr` or `{}` and rerun",
+                dag_train::methods::weight_param_of(term)
+            );
             StageError::from(e).with_hint(hint)
         }
         TrainError::Checkpoint { ref path, .. } => {
@@ -700,6 +702,18 @@ mod tests {
             params.0.insert(name.to_string(), value.clone());
         }
         params
+    }
+
+    /// A method param named like a stage param would be shadowed by it.
+    #[test]
+    fn every_training_kind_has_each_param_name_once() {
+        for role in [Role::Source, Role::Adapt, Role::SelfTrain] {
+            let mut names: Vec<&str> = TrainStage(role).params().iter().map(|s| s.name).collect();
+            let count = names.len();
+            names.sort_unstable();
+            names.dedup();
+            assert_eq!(names.len(), count, "{names:?}");
+        }
     }
 
     #[test]

@@ -63,8 +63,9 @@ pub enum TrainError {
     Config(String),
     /// A loss term became NaN or infinite.
     #[error(
-        "loss term `{term}` is {value} at iteration {iteration}; lower the learning rate or the \
-         term's lambda, or check the input data"
+        "loss term `{term}` is {value} at iteration {iteration}; lower `lr` or `{knob}`, or check \
+         the input data",
+        knob = crate::methods::weight_param_of(term)
     )]
     NonFinite {
         /// The iteration.

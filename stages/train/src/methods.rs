@@ -73,6 +73,16 @@ pub fn method(name: &str) -> Result<&'static Method, String> {
     })
 }
 
+/// The param that scales loss term `term`: `lambda_<term>`, or for the discriminators' own terms
+/// (`d_main`, `d_aux`) their learning rate `lr_d`. A test checks that every term has one.
+pub fn weight_param_of(term: &str) -> String {
+    if term.starts_with("d_") {
+        "lr_d".to_string()
+    } else {
+        format!("lambda_{term}")
+    }
+}
+
 /// Every method's name.
 pub fn names() -> Vec<&'static str> {
     METHODS.iter().map(|m| m.name).collect()

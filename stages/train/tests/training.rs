@@ -550,6 +550,23 @@ fn method_params_have_one_name_each() {
         }
         .validate()
         .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+        // Every term a method logs has the param that scales it (named in divergence errors).
+        let mut terms = vec!["seg_main", "seg_aux"];
+        terms.extend(m.target.iter().flat_map(|o| o.term_names()));
+        if m.adversarial {
+            terms.extend(["adv_main", "adv_aux", "d_main", "d_aux"]);
+        }
+        let mut params = m.param_names();
+        params.extend(
+            names
+                .iter()
+                .filter(|n| n.starts_with("lambda_seg") || **n == "lr"),
+        );
+        for term in terms {
+            let knob = dag_train::methods::weight_param_of(term);
+            let has_knob = params.iter().any(|p| *p == knob);
+            assert!(has_knob, "{}: no `{knob}` for `{term}`", m.name);
+        }
     }
 }
 
