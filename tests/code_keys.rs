@@ -54,6 +54,7 @@ fn network_kinds_are_keyed_by_the_model_and_training_crates() {
                 "dag-api-derive",
                 "dag-artifacts",
                 "dag-data",
+                "dag-kernels",
                 "dag-metrics",
                 "dag-model",
                 "dag-stages",

@@ -1,64 +1,22 @@
-//! The model's convolutions: Burn's `Conv2d` modules, computed by the fastest kernels each
-//! backend offers.
-//!
-//! - On flex, every conv (tracked for training or not) runs as im2col + one matrix product per
-//!   image, forward and backward (`flex_conv`, `im2col`). Burn 0.22's own path there copies the
-//!   input to NHWC for the forward pass and derives the weight gradient as a convolution whose
-//!   kernel is the whole output-gradient map, one tiny matrix product per input channel; the
-//!   benchmark model's training step took half again as long that way (BENCHMARKS.md).
-//! - Trained convs on LibTorch (`device: tch`, the `tch` feature) take their gradients from
-//!   LibTorch's fused backward kernels instead of Burn's generic ones (`libtorch`).
-//! - GPU backends run Burn's own conv.
+//! The model's convolutions: Burn's `Conv2d` modules, computed by the fastest kernel of each
+//! backend (`dag_kernels::conv`: im2col on flex, LibTorch's fused kernels in training on
+//! `device: tch`, Burn's own conv on the GPU backends).
 
 use burn::nn::conv::Conv2d;
-use burn::nn::PaddingConfig2d;
-use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 
-/// `conv.forward(x)` by the fastest path for `x`'s device (see the module docs). Same values
-/// and gradients as Burn's conv, up to float rounding.
+/// `conv.forward(x)` by the fastest kernel of `x`'s backend. Same values and gradients as
+/// Burn's conv, up to float rounding.
 pub fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let Some(options) = explicit_options(conv) else {
-        return conv.forward(x);
-    };
-    let weight = conv.weight.val();
-    let bias = conv.bias.as_ref().map(|b| b.val());
-    #[cfg(feature = "tch")]
-    if let Some(y) = crate::libtorch::conv2d(&x, &weight, bias.as_ref(), &options) {
-        return y;
-    }
-    if let Some(y) = crate::flex_conv::conv2d(&x, &weight, bias.as_ref(), &options) {
-        return y;
-    }
-    conv.forward(x)
-}
-
-/// The conv's options with its padding spelled out, or `None` for `Same` padding, which
-/// depends on Burn internals (this crate builds only Explicit and Valid).
-pub(crate) fn explicit_options(conv: &Conv2d) -> Option<ConvOptions<2>> {
-    let ((top, bottom), (left, right)) = match conv.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) => ((top, bottom), (left, right)),
-        PaddingConfig2d::Valid => ((0, 0), (0, 0)),
-        PaddingConfig2d::Same => return None,
-    };
-    Some(ConvOptions::new_with_padding(
-        conv.stride,
-        [(top, bottom), (left, right)],
-        conv.dilation,
-        conv.groups,
-    ))
-}
-
-/// Whether `device` is flex (with or without autodiff).
-pub(crate) fn on_flex(device: &Device) -> bool {
-    device.clone().inner() == Device::flex()
+    dag_kernels::conv(conv, x)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::Distribution;
+    use burn::nn::PaddingConfig2d;
+    use burn::tensor::{Device, Distribution};
 
     /// Values and all gradients of `conv_forward` against Burn's own conv on `device`, for the
     /// shapes this crate builds: 1x1 (strided or not), 3x3 with and without dilation (some

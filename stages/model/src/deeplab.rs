@@ -4,11 +4,10 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
+use dag_kernels::{conv_batch_norm, conv_batch_norm_add_relu};
 use serde::{Deserialize, Serialize};
 
-use crate::conv::conv_forward;
 use crate::ModelError;
 
 /// Bottleneck expansion: the last 1x1 conv of every block has 4x the block's planes.
@@ -174,56 +173,6 @@ fn frozen_bn(channels: usize, device: &Device) -> BatchNorm {
     bn
 }
 
-/// `bn(conv(x))`, followed by a ReLU when `then_relu` is set; on `device: tch` in training one
-/// LibTorch operation (see `libtorch`).
-fn conv_batch_norm(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>, then_relu: bool) -> Tensor<4> {
-    #[cfg(feature = "tch")]
-    if let Some(options) = crate::conv::explicit_options(conv) {
-        if let Some(y) = crate::libtorch::conv_batch_norm_train(conv, &options, bn, &x, then_relu) {
-            return y;
-        }
-    }
-    batch_norm(bn, conv_forward(conv, x), then_relu)
-}
-
-/// `relu(bn(conv(x)) + residual)`, a bottleneck's end; on `device: tch` in training one LibTorch
-/// operation (see `libtorch`).
-fn conv_batch_norm_add_relu(
-    conv: &Conv2d,
-    bn: &BatchNorm,
-    x: Tensor<4>,
-    residual: Tensor<4>,
-) -> Tensor<4> {
-    #[cfg(feature = "tch")]
-    if let Some(options) = crate::conv::explicit_options(conv) {
-        if let Some(y) =
-            crate::libtorch::conv_batch_norm_add_relu_train(conv, &options, bn, &x, &residual)
-        {
-            return y;
-        }
-    }
-    relu(conv_batch_norm(conv, bn, x, false) + residual)
-}
-
-/// `bn(x)`, followed by a ReLU when `then_relu` is set. On `device: tch` in training this is one
-/// LibTorch operation with LibTorch's fused kernels and gradients (see `libtorch`); the running
-/// statistics update the same way either way.
-fn batch_norm(bn: &BatchNorm, x: Tensor<4>, then_relu: bool) -> Tensor<4> {
-    #[cfg(feature = "tch")]
-    if let Some(y) = crate::libtorch::batch_norm_train(bn, &x, then_relu) {
-        return y;
-    }
-    if let Some(y) = crate::flex_batch_norm::batch_norm(bn, &x, then_relu) {
-        return y;
-    }
-    let y = bn.forward(x);
-    if then_relu {
-        relu(y)
-    } else {
-        y
-    }
-}
-
 fn conv1x1(cin: usize, cout: usize, stride: usize, device: &Device) -> Conv2d {
     Conv2dConfig::new([cin, cout], [1, 1])
         .with_stride([stride, stride])
@@ -370,15 +319,7 @@ impl Classifier {
 
     /// Class logits `[N, classes, H, W]` of features `[N, cin, H, W]`.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        #[cfg(feature = "tch")]
-        if let Some(y) = crate::libtorch::classifier(&self.conv2d_list, &x) {
-            return y;
-        }
-        let mut convs = self.conv2d_list.iter();
-        let first = convs.next().expect("four classifier convs");
-        convs.fold(conv_forward(first, x.clone()), |acc, conv| {
-            acc + conv_forward(conv, x.clone())
-        })
+        dag_kernels::classifier(&self.conv2d_list, x)
     }
 }
 

@@ -3,12 +3,10 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
-use burn::tensor::activation::leaky_relu;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::conv::conv_forward;
 use crate::ModelError;
 
 /// Slope of the LeakyReLU between the discriminator's convs.
@@ -116,33 +114,18 @@ impl Discriminator {
     /// Domain logits `[N, 1, H/32, W/32]` of a `[N, classes, H, W]` map; `H` and `W` must be at
     /// least [`MIN_INPUT_SIZE`].
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        #[cfg(feature = "tch")]
-        if let Some(y) = crate::libtorch::discriminator(&self.convs, LEAKY_SLOPE, &x) {
-            return y;
-        }
-        if let Some(y) = crate::flex_discriminator::forward(&self.convs, LEAKY_SLOPE, &x) {
-            return y;
-        }
-        let last = self.convs.len() - 1;
-        self.convs.iter().enumerate().fold(x, |x, (i, conv)| {
-            let y = conv_forward(conv, x);
-            if i < last {
-                leaky_relu(y, LEAKY_SLOPE)
-            } else {
-                y
-            }
-        })
+        dag_kernels::discriminator(&self.convs, LEAKY_SLOPE, x)
     }
 
     /// The logits of `x` twice from one forward pass, for two losses with different learners:
     /// the first passes gradients only to `x` (as if the discriminator were frozen), the second
-    /// only to the discriminator (as if `x` were detached). `None` off flex (or without
-    /// autodiff), where the caller runs the two passes itself.
+    /// only to the discriminator (as if `x` were detached). `None` where the backend has no
+    /// such kernel (all but flex in training); the caller then runs the two passes itself.
     ///
     /// ADVENT feeds the target prediction to the discriminator twice per iteration with the
     /// same weights: for the adversarial term, which trains the segmentation network, and for
     /// the discriminator's own loss. Both compute the same values.
     pub fn forward_split(&self, x: Tensor<4>) -> Option<(Tensor<4>, Tensor<4>)> {
-        crate::flex_discriminator::forward_split(&self.convs, LEAKY_SLOPE, &x)
+        dag_kernels::discriminator_split(&self.convs, LEAKY_SLOPE, x)
     }
 }

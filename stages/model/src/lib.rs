@@ -10,22 +10,15 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::store::ModuleRecord;
 use burn::tensor::activation::softmax;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub mod conv;
 pub mod deeplab;
 pub mod discriminator;
-pub mod flex;
-mod flex_batch_norm;
-mod flex_conv;
-mod flex_discriminator;
-pub mod im2col;
-#[cfg(feature = "tch")]
-pub mod libtorch;
 pub mod torch;
+
+pub use dag_kernels::{argmax_classes, upsample, upsample_differentiable};
 
 pub use deeplab::{output_size, DeepLabV2, DeepLabV2Config, ResNetBackbone};
 pub use discriminator::{Discriminator, DiscriminatorConfig};
@@ -228,124 +221,6 @@ pub fn save_record<M: Module>(module: M, path: &Path) -> Result<(), ModelError> 
             path: path.to_path_buf(),
             message: e.to_string(),
         })
-}
-
-/// Bilinear resize with `align_corners = true` (as ADVENT) of `[N, C, h, w]` to `[N, C, H, W]`;
-/// a no-op when the size already matches.
-pub fn upsample(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
-    let [_, _, xh, xw] = x.dims();
-    if xh == h && xw == w {
-        return x;
-    }
-    // flex's bilinear `interpolate` took 15 ms for one 16-class 20x10 -> 320x160 map, the two
-    // matrix products 4 ms: it was a quarter of an evaluation's time (BENCHMARKS.md).
-    if conv::on_flex(&x.device()) {
-        return upsample_differentiable(x, [h, w]);
-    }
-    interpolate(
-        x,
-        InterpolateOptions::new(InterpolateMode::Bilinear)
-            .with_align_corners(true)
-            .with_output_size([h, w]),
-    )
-}
-
-/// Bilinear resize with `align_corners = true` of `[N, C, h, w]` to `[N, C, H, W]`, written as
-/// two matrix products (`A_h X A_w^T`) so that it is differentiable on every backend: Burn's
-/// CubeCL backends (wgpu, cuda) have no backward for `interpolate`'s bilinear mode. The same map
-/// as [`upsample`], up to float rounding; that one picks the faster form for inference.
-pub fn upsample_differentiable(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
-    let [n, c, xh, xw] = x.dims();
-    if xh == h && xw == w {
-        return x;
-    }
-    #[cfg(feature = "tch")]
-    if let Some(y) = libtorch::upsample_bilinear(&x, [h, w]) {
-        return y;
-    }
-    let device = x.device();
-    // [N*C*xh, xw] x [xw, W] -> [N, C, xh, W]
-    let aw = interpolation_matrix(xw, w, &device).transpose();
-    let x = x
-        .reshape([n * c * xh, xw])
-        .matmul(aw)
-        .reshape([n, c, xh, w]);
-    // [N*C*W, xh] x [xh, H] -> [N, C, W, H], then back to rows-first.
-    let ah = interpolation_matrix(xh, h, &device).transpose();
-    x.swap_dims(2, 3)
-        .reshape([n * c * w, xh])
-        .matmul(ah)
-        .reshape([n, c, w, h])
-        .swap_dims(2, 3)
-}
-
-/// The per-pixel argmax of `[N, C, H, W]` scores as class indices, one `H x W` map per image;
-/// ties go to the lower class (as Burn's `argmax` on flex). On flex it is a scan on the host of
-/// one copy of the scores: `argmax(1)` and its `i64` result took 6 ms for a 16-class 320x160
-/// map, the scan under 1 ms. Elsewhere the device computes it, so that a GPU sends back one
-/// index per pixel rather than C scores.
-///
-/// # Panics
-/// If `C` exceeds 256 or the scores are not floats.
-pub fn argmax_classes(scores: Tensor<4>) -> Vec<Vec<u8>> {
-    let [n, classes, h, w] = scores.dims();
-    assert!(
-        classes <= 256,
-        "{classes} classes do not fit u8 class indices"
-    );
-    let pixels = h * w;
-    if !conv::on_flex(&scores.device()) {
-        let indices: Vec<i64> = scores
-            .argmax(1)
-            .into_data()
-            .try_into_vec_as::<i64>()
-            .expect("integer argmax");
-        return indices
-            .chunks_exact(pixels)
-            .take(n)
-            .map(|image| image.iter().map(|&c| c as u8).collect())
-            .collect();
-    }
-    let values: Vec<f32> = scores
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .expect("float scores");
-    values
-        .chunks_exact(classes * pixels)
-        .take(n)
-        .map(|image| {
-            let mut best: Vec<f32> = image[..pixels].to_vec();
-            let mut class = vec![0u8; pixels];
-            // Class-major rows keep the scan sequential in memory.
-            for (c, row) in image.chunks_exact(pixels).enumerate().skip(1) {
-                for ((b, k), &v) in best.iter_mut().zip(class.iter_mut()).zip(row) {
-                    if v > *b {
-                        *b = v;
-                        *k = c as u8;
-                    }
-                }
-            }
-            class
-        })
-        .collect()
-}
-
-/// The `[to, from]` matrix of 1-D linear interpolation with aligned corners.
-fn interpolation_matrix(from: usize, to: usize, device: &Device) -> Tensor<2> {
-    let mut m = vec![0.0f32; to * from];
-    for i in 0..to {
-        let src = if to > 1 {
-            i as f64 * (from - 1) as f64 / (to - 1) as f64
-        } else {
-            0.0
-        };
-        let i0 = (src.floor() as usize).min(from - 1);
-        let i1 = (i0 + 1).min(from - 1);
-        let frac = (src - i0 as f64) as f32;
-        m[i * from + i0] += 1.0 - frac;
-        m[i * from + i1] += frac;
-    }
-    Tensor::from_data(TensorData::new(m, [to, from]), device)
 }
 
 impl DeepLabV2 {

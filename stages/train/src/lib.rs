@@ -15,8 +15,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
-mod fused_adam;
-mod host_losses;
 pub mod losses;
 pub mod methods;
 pub mod objectives;

@@ -109,7 +109,6 @@ pub fn train(
     }
     let resumed_from = state.next_iteration;
     let head_group = ParamGroup::from_any_predicates(vec!["layer5", "layer6"]);
-    let on_worker = device.clone().inner() == Device::flex();
 
     let schedule = &config.schedule;
     for iteration in state.next_iteration..schedule.iters {
@@ -128,15 +127,7 @@ pub fn train(
                 &head_group,
             )
         };
-        // On flex, a step makes hundreds of parallel calls (convs, BatchNorms, elementwise
-        // ops). Made from a rayon worker they fork in place; made from this thread each is
-        // injected into the pool and waited for, which cost about 10% of a step (BENCHMARKS.md,
-        // "Each flex training step runs on a rayon worker"). The results do not depend on which worker runs a step.
-        let (next, record) = if on_worker {
-            rayon::scope(|_| run_step())?
-        } else {
-            run_step()?
-        };
+        let (next, record) = dag_kernels::run_on_kernel_threads(device, run_step)?;
         state = next;
         state.next_iteration = iteration + 1;
         progress(&record);
@@ -225,11 +216,16 @@ fn init_state(
 }
 
 /// Adam for a discriminator, in place on flex (the same update and state as Burn's `Adam`; see
-/// `fused_adam`). Methods without discriminators never step it.
+/// `dag_kernels::Adam`). Methods without discriminators never step it.
 fn discriminator_optimizer(params: Option<&AdversarialParams>) -> ModuleOptimizer {
     let p = params.cloned().unwrap_or_default();
     let (beta_1, beta_2, epsilon) = (p.adam_beta1, p.adam_beta2, p.adam_epsilon);
-    crate::fused_adam::FusedAdam::new(beta_1 as f32, beta_2 as f32, epsilon as f32).init()
+    dag_kernels::Adam(dag_kernels::AdamSettings {
+        beta_1: beta_1 as f32,
+        beta_2: beta_2 as f32,
+        epsilon: epsilon as f32,
+    })
+    .init()
 }
 
 /// Only these may differ between the run that wrote a checkpoint and the one resuming it.
@@ -374,9 +370,10 @@ fn add(sum: Option<Tensor<1>>, lambda: f64, term: Tensor<1>) -> Option<Tensor<1>
 
 /// The target batch as the discriminator's own loss sees it.
 enum TargetForDiscriminator {
-    /// Its logits, from the pass that also gave the adversarial term (flex).
+    /// Its logits, from the pass that also gave the adversarial term (a backend with the
+    /// split kernel: flex).
     Logits(Tensor<4>),
-    /// Its self-information map, detached, for a pass of its own (other devices).
+    /// Its self-information map, detached, for a pass of its own (every other backend).
     Map(Tensor<4>),
 }
 
@@ -392,7 +389,8 @@ impl TargetForDiscriminator {
 /// The discriminator's logits for the target prediction `logits`, for the adversarial term
 /// (gradients to the network only), and what its own loss reads.
 ///
-/// On flex one forward pass serves both (`Discriminator::forward_split`). Elsewhere an
+/// Where the backend has the kernel (flex), one forward pass serves both
+/// (`Discriminator::forward_split`). Elsewhere an
 /// untracked copy of the discriminator (the same weights) gives the adversarial term, as
 /// ADVENT's `requires_grad = False` does, and the discriminator's loss runs its own pass on a
 /// detached map after the network's backward pass.

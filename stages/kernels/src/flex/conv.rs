@@ -1,4 +1,4 @@
-//! Convolutions on flex through [`crate::im2col`], as one Burn operation with its own backward
+//! Convolutions on flex through `super::im2col`, as one Burn operation with its own backward
 //! step.
 //!
 //! Burn 0.22's flex backend runs a conv's forward pass as tiled im2col + GEMM after copying the
@@ -9,6 +9,7 @@
 //! Burn's extension points (`Tensor::try_into_primitive`, `Backward::prepare`), as the LibTorch
 //! ops in `libtorch` do.
 
+use burn::nn::conv::Conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -19,22 +20,30 @@ use burn_autodiff::Autodiff;
 use burn_backend::TensorMetadata;
 use burn_flex::{Flex, FlexTensor, Layout};
 
-use crate::im2col::{self, ConvShape};
+use super::im2col::{self, ConvShape};
 
 /// The backend of a tracked (training) tensor on flex.
 pub(crate) type TrackedFlex = Autodiff<Flex, NoCheckpointing>;
 
 pub(crate) type Tracked = burn_backend::tensor::FloatTensor<TrackedFlex>;
 
+/// `conv.forward(x)` through im2col (see [`conv2d`]); `None` where that declines or the conv
+/// has `Same` padding.
+pub(crate) fn conv_layer(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
+    let options = crate::plain::explicit_options(conv)?;
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    conv2d(x, &conv.weight.val(), bias.as_ref(), &options)
+}
+
 /// `conv2d(x, weight, bias, options)` through im2col on flex, tracked or not; `None` for
-/// another device, grouped convs or tensors that are not `f32`.
+/// grouped convs or tensors that are not `f32`.
 pub(crate) fn conv2d(
     x: &Tensor<4>,
     weight: &Tensor<4>,
     bias: Option<&Tensor<1>>,
     options: &ConvOptions<2>,
 ) -> Option<Tensor<4>> {
-    if options.groups != 1 || !crate::conv::on_flex(&x.device()) {
+    if options.groups != 1 {
         return None;
     }
     if x.device().is_autodiff() {

@@ -1,5 +1,5 @@
 //! Frozen-affine BatchNorm (+ ReLU) on flex as one pass per channel, forward and backward
-//! (`crate::flex::unary`).
+//! (`super::host::unary`).
 //!
 //! Burn 0.22's flex backend computes BatchNorm from generic tensor ops: in training a swap of
 //! the batch and channel axes, two means, a subtraction, a product and the normalisation's
@@ -12,15 +12,14 @@ use burn::nn::BatchNorm;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::flex::{host_values, unary, HostBackward, HostOutput, HostTensor};
+use super::host::{host_values, unary, HostBackward, HostOutput, HostTensor};
 
 /// `bn(x)` then, if `then_relu`, a ReLU, with Burn's `BatchNorm::forward` semantics: batch
 /// statistics and a running-statistics update on an autodiff device when the layer trains,
-/// else the running statistics (forward only). `None` (leave it to Burn) off flex, when gamma
+/// else the running statistics (forward only). `None` (leave it to Burn) when gamma
 /// or beta would need a gradient, or for a layer that does not train on an autodiff device.
 pub(crate) fn batch_norm(bn: &BatchNorm, x: &Tensor<4>, then_relu: bool) -> Option<Tensor<4>> {
-    if !crate::conv::on_flex(&x.device()) || bn.gamma.is_require_grad() || bn.beta.is_require_grad()
-    {
+    if bn.gamma.is_require_grad() || bn.beta.is_require_grad() {
         return None;
     }
     let gamma = plain_values(bn.gamma.val())?;

@@ -27,6 +27,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::nn::conv::Conv2d;
 use burn::nn::BatchNorm;
 use burn::tensor::ops::ConvOptions;
@@ -37,6 +39,9 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 use burn_tch::{LibTorch, TchTensor};
+
+use crate::ops::{classifier_of, discriminator_of, Kernels, Lift};
+use crate::plain::{self, explicit_options, IGNORE_LABEL};
 
 /// The `tch` crate, for the closures given to [`record`].
 pub use tch;
@@ -166,7 +171,7 @@ fn record_convs<const N: usize>(
     let mut convolutions = Vec::with_capacity(convs.len());
     for conv in convs {
         let bias = conv.bias.as_ref()?;
-        convolutions.push(convolution(&crate::conv::explicit_options(conv)?)?);
+        convolutions.push(convolution(&explicit_options(conv)?)?);
         inputs.push(tracked(&conv.weight.val())?);
         inputs.push(tracked(&bias.val())?);
     }
@@ -391,14 +396,158 @@ impl<const N: usize> Backward<LibTorch, N> for Recorded<N> {
     }
 }
 
+/// Mean cross-entropy over labelled pixels with LibTorch's `log_softmax` and `nll_loss2d`.
+fn masked_cross_entropy(logits: &Tensor<4>, labels: &Tensor<3, Int>) -> Option<Tensor<1>> {
+    use tch::{Kind, Reduction};
+    let labels = tracked_int(labels)?;
+    Some(record([tracked(logits)?], move |t| {
+        let sum = t[0].log_softmax(1, None).nll_loss2d(
+            &labels,
+            None::<tch::Tensor>,
+            Reduction::Sum,
+            IGNORE_LABEL,
+        );
+        let count = labels.ne(IGNORE_LABEL).sum(Kind::Float).clamp_min(1.0);
+        (sum / count).reshape([1])
+    }))
+}
+
+fn self_information(logits: &Tensor<4>, norm: f64) -> Option<Tensor<4>> {
+    let scale = -1.0 / norm;
+    Some(record([tracked(logits)?], move |t| {
+        let log_p = t[0].log_softmax(1, None);
+        (log_p.exp() * &log_p) * scale
+    }))
+}
+
+fn bce_with_logits(logits: &Tensor<4>, label: f64) -> Option<Tensor<1>> {
+    Some(record([tracked(logits)?], move |t| {
+        let target = t[0].full_like(label);
+        t[0].binary_cross_entropy_with_logits(
+            &target,
+            None::<tch::Tensor>,
+            None,
+            tch::Reduction::Mean,
+        )
+        .reshape([1])
+    }))
+}
+
+/// Inference on `device: tch` runs Burn's ops through burn-tch unchanged.
+impl Kernels for LibTorch {}
+
+/// Training on `device: tch`: each piece of the network and each loss as one operation in
+/// LibTorch's own autograd; the default bodies wherever a piece declines (asymmetric padding,
+/// convs without bias in a chain, a BatchNorm that does not train).
+macro_rules! training_kernels {
+    ($($backend:ty),*) => {$(
+impl Kernels for $backend {
+    fn conv_layer(x: FloatTensor<Self>, conv: &Conv2d) -> FloatTensor<Self> {
+        let x = Self::lift(x);
+        let fused = explicit_options(conv).and_then(|options| {
+            let bias = conv.bias.as_ref().map(|b| b.val());
+            conv2d(&x, &conv.weight.val(), bias.as_ref(), &options)
+        });
+        Self::lower(fused.unwrap_or_else(|| plain::conv(conv, x)))
+    }
+
+    fn batch_norm_layer(x: FloatTensor<Self>, bn: &BatchNorm, relu: bool) -> FloatTensor<Self> {
+        let x = Self::lift(x);
+        let fused = batch_norm_train(bn, &x, relu);
+        Self::lower(fused.unwrap_or_else(|| plain::batch_norm(bn, x, relu)))
+    }
+
+    fn conv_batch_norm(
+        x: FloatTensor<Self>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+        relu: bool,
+    ) -> FloatTensor<Self> {
+        let fused = explicit_options(conv).and_then(|options| {
+            conv_batch_norm_train(conv, &options, bn, &Self::lift(x.clone()), relu)
+        });
+        match fused {
+            Some(y) => Self::lower(y),
+            None => Self::batch_norm_layer(Self::conv_layer(x, conv), bn, relu),
+        }
+    }
+
+    fn conv_batch_norm_add_relu(
+        x: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        conv: &Conv2d,
+        bn: &BatchNorm,
+    ) -> FloatTensor<Self> {
+        let residual = Self::lift::<4>(residual);
+        let fused = explicit_options(conv).and_then(|options| {
+            let x = Self::lift(x.clone());
+            conv_batch_norm_add_relu_train(conv, &options, bn, &x, &residual)
+        });
+        let y = fused.unwrap_or_else(|| {
+            let y = Self::lift::<4>(Self::conv_batch_norm(x, conv, bn, false));
+            burn::tensor::activation::relu(y + residual)
+        });
+        Self::lower(y)
+    }
+
+    fn classifier(x: FloatTensor<Self>, convs: &[Conv2d]) -> FloatTensor<Self> {
+        match classifier(convs, &Self::lift(x.clone())) {
+            Some(y) => Self::lower(y),
+            None => classifier_of::<Self>(x, convs),
+        }
+    }
+
+    fn discriminator(x: FloatTensor<Self>, convs: &[Conv2d], slope: f64) -> FloatTensor<Self> {
+        match discriminator(convs, slope, &Self::lift(x.clone())) {
+            Some(y) => Self::lower(y),
+            None => discriminator_of::<Self>(x, convs, slope),
+        }
+    }
+
+    fn upsample_differentiable(x: FloatTensor<Self>, size: [usize; 2]) -> FloatTensor<Self> {
+        let x = Self::lift(x);
+        let fused = upsample_bilinear(&x, size);
+        Self::lower(fused.unwrap_or_else(|| plain::upsample_differentiable(x, size)))
+    }
+
+    fn masked_cross_entropy(
+        logits: FloatTensor<Self>,
+        labels: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (logits, labels) = (Self::lift(logits), Self::lift_int(labels));
+        let loss = masked_cross_entropy(&logits, &labels)
+            .unwrap_or_else(|| plain::masked_cross_entropy(logits, labels));
+        Self::lower(loss)
+    }
+
+    fn self_information(logits: FloatTensor<Self>, norm: f64) -> FloatTensor<Self> {
+        let logits = Self::lift(logits);
+        let map = self_information(&logits, norm)
+            .unwrap_or_else(|| plain::self_information(logits, norm));
+        Self::lower(map)
+    }
+
+    fn bce_with_logits(logits: FloatTensor<Self>, label: f64) -> FloatTensor<Self> {
+        let logits = Self::lift(logits);
+        let loss = bce_with_logits(&logits, label)
+            .unwrap_or_else(|| plain::bce_with_logits(logits, label));
+        Self::lower(loss)
+    }
+}
+    )*};
+}
+
+training_kernels!(
+    Autodiff<LibTorch, NoCheckpointing>,
+    Autodiff<LibTorch, BalancedCheckpointing>
+);
+
 #[cfg(test)]
 mod tests {
     use burn::module::Module;
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::{BatchNormConfig, PaddingConfig2d};
     use burn::tensor::{Device, Distribution, TensorData};
-    use rand_chacha::rand_core::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
 
     use super::*;
 
@@ -490,7 +639,7 @@ mod tests {
                 .with_padding(PaddingConfig2d::Explicit(2, 2, 2, 2))
                 .with_bias(false)
                 .init(&Device::flex());
-            let options = crate::conv::explicit_options(&conv).expect("explicit padding");
+            let options = explicit_options(&conv).expect("explicit padding");
             let conv_tch = on_training_tch(conv.clone());
             let conv_flex = conv.fork(&Device::flex().autodiff()).train();
             check_against_flex(
@@ -543,7 +692,7 @@ mod tests {
             "upsample",
             [1, 3, 5, 7],
             |x| upsample_bilinear(x, [17, 29]),
-            |x| crate::upsample_differentiable(x, [17, 29]),
+            |x| plain::upsample_differentiable(x, [17, 29]),
         );
     }
 
@@ -607,35 +756,50 @@ mod tests {
         }
     }
 
+    /// A list of convs with biases, each `kernel`x`kernel` with the given stride and dilation
+    /// (and the padding that keeps a stride-1 conv's size).
+    #[derive(Module, Debug)]
+    struct Convs {
+        convs: Vec<Conv2d>,
+    }
+
+    fn convs(channels: &[[usize; 2]], kernel: usize, stride: usize, dilations: &[usize]) -> Convs {
+        let convs = channels
+            .iter()
+            .zip(dilations)
+            .map(|(&[cin, cout], &d)| {
+                let pad = if stride == 1 { d * (kernel - 1) / 2 } else { 1 };
+                Conv2dConfig::new([cin, cout], [kernel, kernel])
+                    .with_stride([stride, stride])
+                    .with_dilation([d, d])
+                    .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                    .init(&Device::flex())
+            })
+            .collect();
+        Convs { convs }
+    }
+
     #[test]
     fn fused_discriminator_matches_burn() {
-        let d = crate::DiscriminatorConfig::new(3)
-            .with_ndf(4)
-            .init(&mut ChaCha8Rng::seed_from_u64(3), &Device::flex())
-            .unwrap();
+        let channels = [[3, 4], [4, 8], [8, 16], [16, 32], [32, 1]];
         check_convs_against_flex(
             "discriminator",
-            d,
+            convs(&channels, 4, 2, &[1; 5]),
             |d| &d.convs,
-            |d, x| d.forward(x),
+            |d, x| crate::discriminator(&d.convs, 0.2, x),
             [1, 3, 32, 64],
         );
     }
 
     #[test]
     fn fused_classifier_matches_burn() {
-        let config = crate::DeepLabV2Config {
-            blocks: [1, 1, 1, 1],
-            width: 0.0625,
-            classes: 3,
-        };
-        let model = config.init(&Device::flex()).unwrap();
+        // DeepLabV2's classifier: four dilated 3x3 convs summed.
         check_convs_against_flex(
             "classifier",
-            model.layer6,
-            |c| &c.conv2d_list,
-            |c, x| c.forward(x),
-            [1, config.main_channels(), 9, 11],
+            convs(&[[8, 3]; 4], 3, 1, &[6, 12, 18, 24]),
+            |c| &c.convs,
+            |c, x| crate::classifier(&c.convs, x),
+            [1, 8, 9, 11],
         );
     }
 }

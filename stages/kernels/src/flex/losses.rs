@@ -1,5 +1,5 @@
 //! The softmax-based losses on flex as single passes over host memory with hand-derived
-//! gradients (`dag_model::flex::unary`), instead of Burn's chain of strided max / exp / sum /
+//! gradients (`super::host::unary`), instead of Burn's chain of strided max / exp / sum /
 //! division ops and their backward passes (BENCHMARKS.md, "Fused losses on flex").
 //!
 //! Maps are `[N, C, P]` row-major (`P = H * W`): a pixel's class scores lie `P` apart. Each
@@ -8,11 +8,11 @@
 //! by the same sequence of operations whatever the thread count, so results are bit-identical
 //! from run to run.
 
+use super::host::{int_values, unary, HostBackward, HostOutput, HostTensor};
 use burn::tensor::{Int, Tensor};
-use dag_model::flex::{int_values, unary, HostOutput, HostTensor};
 use rayon::prelude::*;
 
-use crate::losses::IGNORE_LABEL;
+use crate::plain::IGNORE_LABEL;
 
 /// Pixels per parallel task in the log-sum-exp pass.
 const BLOCK: usize = 1024;
@@ -90,8 +90,7 @@ pub(crate) fn self_information(logits: &Tensor<4>, norm: f64) -> Option<Tensor<4
         });
         let backward = wants_backward.then(|| {
             let z = z.clone();
-            Box::new(move |g: &[f32]| self_information_backward(&z, &ls, g, scale))
-                as dag_model::flex::HostBackward
+            Box::new(move |g: &[f32]| self_information_backward(&z, &ls, g, scale)) as HostBackward
         });
         HostOutput {
             values,
@@ -182,7 +181,7 @@ pub(crate) fn masked_cross_entropy(
         let backward = wants_backward.then(|| {
             let z = z.clone();
             Box::new(move |g: &[f32]| cross_entropy_backward(&z, &ls, &labels, g[0] / count as f32))
-                as dag_model::flex::HostBackward
+                as HostBackward
         });
         HostOutput {
             values: vec![(sum / count as f64) as f32],

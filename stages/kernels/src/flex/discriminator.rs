@@ -1,4 +1,4 @@
-//! ADVENT's discriminator on flex: its five convs (through [`crate::im2col`]) with the
+//! ADVENT's discriminator on flex: its five convs (through `super::im2col`) with the
 //! LeakyReLUs between them as one recorded operation, and one forward pass that can serve two
 //! losses.
 //!
@@ -21,9 +21,9 @@ use burn_backend::TensorMetadata;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use crate::conv::{explicit_options, on_flex};
-use crate::flex_conv::{contiguous_f32, from_vec, shape_for, tracked, Tracked, TrackedFlex};
-use crate::im2col::{self, ConvShape};
+use super::conv::{contiguous_f32, from_vec, shape_for, tracked, Tracked, TrackedFlex};
+use super::im2col::{self, ConvShape};
+use crate::plain::explicit_options;
 
 /// The discriminator's convs: this many layers, each with a weight and a bias.
 const LAYERS: usize = 5;
@@ -216,12 +216,9 @@ fn run(
 }
 
 /// The discriminator's logits for `x` on flex, as one recorded operation whose backward step
-/// computes only the gradients the graph asks for; `None` off flex or for another
+/// computes only the gradients the graph asks for; `None` for another
 /// architecture.
 pub(crate) fn forward(convs: &[Conv2d], slope: f64, x: &Tensor<4>) -> Option<Tensor<4>> {
-    if !on_flex(&x.device()) {
-        return None;
-    }
     if x.device().is_autodiff() {
         let ((input, weights, biases), pass, logits) = run_tracked(convs, slope, x)?;
         let parents: [&Tracked; 1 + 2 * LAYERS] = std::array::from_fn(|i| match i {
@@ -259,7 +256,7 @@ pub(crate) fn forward_split(
     slope: f64,
     x: &Tensor<4>,
 ) -> Option<(Tensor<4>, Tensor<4>)> {
-    if !on_flex(&x.device()) || !x.device().is_autodiff() {
+    if !x.device().is_autodiff() {
         return None;
     }
     let ((input, weights, biases), pass, logits) = run_tracked(convs, slope, x)?;
@@ -372,11 +369,28 @@ mod tests {
     use burn::tensor::activation::leaky_relu;
     use burn::tensor::{Device, Distribution, Gradients};
 
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::PaddingConfig2d;
+
     use super::*;
-    use crate::discriminator::LEAKY_SLOPE;
-    use crate::{Discriminator, DiscriminatorConfig};
-    use rand_chacha::rand_core::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
+
+    const LEAKY_SLOPE: f64 = 0.2;
+
+    /// ADVENT's discriminator at width 4: five 4x4 stride-2 convs with biases.
+    #[derive(Module, Debug)]
+    struct Discriminator {
+        convs: Vec<Conv2d>,
+    }
+
+    impl Discriminator {
+        fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+            crate::discriminator(&self.convs, LEAKY_SLOPE, x)
+        }
+
+        fn forward_split(&self, x: Tensor<4>) -> Option<(Tensor<4>, Tensor<4>)> {
+            crate::discriminator_split(&self.convs, LEAKY_SLOPE, x)
+        }
+    }
 
     /// Burn's own convs and LeakyReLUs, the reference.
     fn burn_forward(d: &Discriminator, x: Tensor<4>) -> Tensor<4> {
@@ -415,11 +429,17 @@ mod tests {
     }
 
     fn setup(device: &Device) -> (Discriminator, Tensor<4>, Tensor<4>) {
-        let d = DiscriminatorConfig::new(5)
-            .with_ndf(4)
-            .init(&mut ChaCha8Rng::seed_from_u64(3), device)
-            .unwrap()
-            .train();
+        let channels = [5, 4, 8, 16, 32, 1];
+        let convs = channels
+            .windows(2)
+            .map(|pair| {
+                Conv2dConfig::new([pair[0], pair[1]], [4, 4])
+                    .with_stride([2, 2])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(device)
+            })
+            .collect();
+        let d = Discriminator { convs };
         // 70x38: every conv's output size rounds down, the last has 2x1 pixels.
         let x = Tensor::<4>::random([2, 5, 38, 70], Distribution::Normal(0.0, 1.0), device);
         let upstream = Tensor::<4>::random([2, 1, 1, 2], Distribution::Normal(0.0, 1.0), device);
