@@ -192,8 +192,9 @@ pub struct Manifest {
     pub code: BTreeMap<String, String>,
     /// Resolved device kind, or `any-device` for device-independent kinds.
     pub device: String,
-    /// The pipeline seed.
-    pub seed: u64,
+    /// The stage's seed; `None` for kinds that are not seeded (older manifests hold the
+    /// pipeline seed for every stage).
+    pub seed: Option<u64>,
     /// Params with defaults filled in.
     pub params: BTreeMap<String, Value>,
     /// Input name -> where it came from and its tree digest.

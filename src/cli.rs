@@ -722,7 +722,10 @@ fn cmd_show(path: &Path, stage: &str, json: bool, g: &Global) -> Result<ExitCode
     for (name, digest) in &m.code {
         println!("code     {name} {}", &digest[..digest.len().min(12)]);
     }
-    println!("device   {}   seed {}", m.device, m.seed);
+    let seed = m
+        .seed
+        .map_or("none (not seeded)".to_string(), |s| s.to_string());
+    println!("device   {}   seed {}", m.device, seed);
     println!(
         "ran      {:.3} s (+{:.3} s publishing), finished at unix {:.0}",
         m.seconds, m.publish_seconds, m.finished_unix

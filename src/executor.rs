@@ -133,12 +133,12 @@ pub enum Reason {
         /// Device now.
         to: String,
     },
-    /// The pipeline seed changed.
+    /// The stage's seed changed (`None`: a kind that is not seeded).
     SeedChanged {
         /// Seed in the last run.
-        from: u64,
+        from: Option<u64>,
         /// Seed now.
-        to: u64,
+        to: Option<u64>,
     },
     /// A dataset's declaration or files changed.
     DatasetChanged {
@@ -215,7 +215,10 @@ impl fmt::Display for Reason {
                 write!(f, "{} changed", named.join(", "))
             }
             Reason::DeviceChanged { from, to } => write!(f, "device changed from {from} to {to}"),
-            Reason::SeedChanged { from, to } => write!(f, "seed changed from {from} to {to}"),
+            Reason::SeedChanged { from, to } => {
+                let show = |s: &Option<u64>| s.map_or("none".to_string(), |s| s.to_string());
+                write!(f, "seed changed from {} to {}", show(from), show(to))
+            }
             Reason::DatasetChanged { dataset } => write!(f, "dataset `{dataset}` changed"),
             Reason::WorkspaceChanged { path } => write!(f, "workspace file `{path}` changed"),
             Reason::EngineChanged => write!(f, "the key's encoding changed (another dag version)"),
@@ -385,20 +388,28 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn stage_index(&self, name: &str, flag: &'static str) -> Result<usize, EngineError> {
-        self.pipeline
-            .index
-            .get(name)
-            .copied()
-            .ok_or_else(|| EngineError::UnknownStage {
-                name: name.to_string(),
-                flag,
-                hint: crate::diag::did_you_mean(
-                    name,
-                    self.pipeline.stages.iter().map(|s| s.name.as_str()),
-                )
-                .unwrap_or_else(|| "`dag graph` lists the stages".into()),
-            })
+    /// The stages `name` selects: one instance (`advent@seed=1`), or every instance of a stage
+    /// as written in the file (`advent`).
+    fn stage_indices(&self, name: &str, flag: &'static str) -> Result<Vec<usize>, EngineError> {
+        let p = self.pipeline;
+        if let Some(&i) = p.index.get(name) {
+            return Ok(vec![i]);
+        }
+        let all: Vec<usize> = (0..p.stages.len())
+            .filter(|&i| p.stages[i].base == name)
+            .collect();
+        if !all.is_empty() {
+            return Ok(all);
+        }
+        Err(EngineError::UnknownStage {
+            name: name.to_string(),
+            flag,
+            hint: crate::diag::did_you_mean(
+                name,
+                self.pipeline.stages.iter().map(|s| s.name.as_str()),
+            )
+            .unwrap_or_else(|| "`dag graph` lists the stages".into()),
+        })
     }
 
     /// Selected stages and forced stages, as flags per stage.
@@ -408,20 +419,24 @@ impl<'a> Engine<'a> {
         if !sel.until.is_empty() {
             let mut keep = BTreeSet::new();
             for u in &sel.until {
-                keep.extend(self.pipeline.ancestors(self.stage_index(u, "--until")?));
+                for i in self.stage_indices(u, "--until")? {
+                    keep.extend(self.pipeline.ancestors(i));
+                }
             }
             (0..n).for_each(|i| selected[i] = keep.contains(&i));
         }
         if !sel.only.is_empty() {
             let mut keep = BTreeSet::new();
             for o in &sel.only {
-                keep.insert(self.stage_index(o, "--only")?);
+                keep.extend(self.stage_indices(o, "--only")?);
             }
             (0..n).for_each(|i| selected[i] &= keep.contains(&i));
         }
         let mut forced = vec![sel.force_all; n];
         for f in &sel.force {
-            forced[self.stage_index(f, "--force")?] = true;
+            for i in self.stage_indices(f, "--force")? {
+                forced[i] = true;
+            }
         }
         Ok((selected, forced))
     }
@@ -496,7 +511,7 @@ impl<'a> Engine<'a> {
             &st.kind.code(),
             &st.params,
             self.device_for(i),
-            self.pipeline.seed,
+            st.seed,
             parts,
         )
     }
@@ -565,10 +580,11 @@ impl<'a> Engine<'a> {
                 to: dev.to_string(),
             });
         }
-        if m.seed != self.pipeline.seed {
+        let seed = self.pipeline.stages[i].seed;
+        if m.seed != seed {
             r.push(Reason::SeedChanged {
                 from: m.seed,
-                to: self.pipeline.seed,
+                to: seed,
             });
         }
         if let Some(parts) = parts {
@@ -983,7 +999,7 @@ impl<'a> Engine<'a> {
             outputs: &outputs,
             scratch: &scratch,
             device: self.device_for(i).unwrap_or(&self.device),
-            seed: p.seed,
+            seed: st.seed.unwrap_or(0),
             workdir: &p.workdir,
             progress,
             cancel: &self.cancel,
@@ -1054,7 +1070,7 @@ impl<'a> Engine<'a> {
                 .map(|(name, digest)| (name.to_string(), digest.to_string()))
                 .collect(),
             device: self.device_for(i).unwrap_or("any-device").to_string(),
-            seed: p.seed,
+            seed: st.seed,
             params: st.params.0.clone(),
             inputs: parts
                 .inputs

@@ -184,7 +184,7 @@ pub fn stage_key(
     code: &dag_api::Code,
     params: &dag_api::Params,
     device: Option<&str>,
-    seed: u64,
+    seed: Option<u64>,
     parts: &KeyInputs,
 ) -> String {
     let mut e = Encoder::new("stage-key");
@@ -204,7 +204,10 @@ pub fn stage_key(
         Some(d) => e.str(d).str("f32"),
         None => e.str("any-device"),
     };
-    e.uint(seed);
+    match seed {
+        Some(s) => e.str("seed").uint(s),
+        None => e.str("unseeded"),
+    };
     for m in [&parts.inputs, &parts.datasets, &parts.workspace] {
         e.map_of(m.iter(), |e, v| {
             e.str(v);
@@ -268,10 +271,10 @@ mod tests {
         let code = dag_api::Code {
             parts: &[("dag-train", "aa"), ("dependencies", "bb")],
         };
-        let base = stage_key("k", &code, &params, Some("flex"), 0, &parts);
+        let base = stage_key("k", &code, &params, Some("flex"), Some(0), &parts);
         assert_eq!(
             base,
-            stage_key("k", &code, &params, Some("flex"), 0, &parts)
+            stage_key("k", &code, &params, Some("flex"), Some(0), &parts)
         );
         for other in [
             dag_api::Code {
@@ -287,32 +290,40 @@ mod tests {
         ] {
             assert_ne!(
                 base,
-                stage_key("k", &other, &params, Some("flex"), 0, &parts)
+                stage_key("k", &other, &params, Some("flex"), Some(0), &parts)
             );
         }
         assert_ne!(
             base,
-            stage_key("j", &code, &params, Some("flex"), 0, &parts)
+            stage_key("j", &code, &params, Some("flex"), Some(0), &parts)
         );
         assert_ne!(
             base,
-            stage_key("k", &code, &params, Some("cuda"), 0, &parts)
+            stage_key("k", &code, &params, Some("cuda"), Some(0), &parts)
         );
-        assert_ne!(base, stage_key("k", &code, &params, None, 0, &parts));
+        assert_ne!(base, stage_key("k", &code, &params, None, Some(0), &parts));
         assert_ne!(
             base,
-            stage_key("k", &code, &params, Some("flex"), 1, &parts)
+            stage_key("k", &code, &params, Some("flex"), Some(1), &parts)
+        );
+        // An unseeded kind's key differs from every seeded one's.
+        assert_ne!(
+            base,
+            stage_key("k", &code, &params, Some("flex"), None, &parts)
         );
         let p2 = dag_api::Params([("n".to_string(), json!(2))].into_iter().collect());
-        assert_ne!(base, stage_key("k", &code, &p2, Some("flex"), 0, &parts));
+        assert_ne!(
+            base,
+            stage_key("k", &code, &p2, Some("flex"), Some(0), &parts)
+        );
         let mut i = parts.clone();
         i.inputs.insert("x".into(), "d1".into());
-        let a = stage_key("k", &code, &params, Some("flex"), 0, &i);
+        let a = stage_key("k", &code, &params, Some("flex"), Some(0), &i);
         i.inputs.insert("x".into(), "d2".into());
-        assert_ne!(a, stage_key("k", &code, &params, Some("flex"), 0, &i));
+        assert_ne!(a, stage_key("k", &code, &params, Some("flex"), Some(0), &i));
         // The same digest under another part is another key.
         let mut w = KeyInputs::default();
         w.workspace.insert("x".into(), "d1".into());
-        assert_ne!(a, stage_key("k", &code, &params, Some("flex"), 0, &w));
+        assert_ne!(a, stage_key("k", &code, &params, Some("flex"), Some(0), &w));
     }
 }

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod diag;
 pub mod executor;
+pub mod experiments;
 pub mod hash;
 pub mod key;
 pub mod report;

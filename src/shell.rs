@@ -133,6 +133,11 @@ impl Stage for Shell {
         Ok(())
     }
 
+    /// A command may use `DAG_SEED`; dag cannot tell whether it does.
+    fn seeded(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let p: ShellParams = ctx.params.parse()?;
         let work = ctx.scratch.join("work");

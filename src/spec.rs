@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dag_api::{
-    ArtifactType, DatasetRef, InputSpec, OutputSpec, ParamType, Params, Preflight, Registry, Stage,
-    Value,
+    ArtifactType, DatasetRef, InputSpec, OutputSpec, ParamSpec, ParamType, Params, Preflight,
+    Registry, Stage, Value,
 };
 use petgraph::graph::{DiGraph, NodeIndex};
 
@@ -15,9 +15,13 @@ use crate::diag::{did_you_mean, Source, SpecError, SpecErrors};
 use crate::shell;
 use crate::yaml::{self, Key, Node, Span, Yaml};
 
-const TOP_KEYS: &[&str] = &["name", "device", "seed", "jobs", "datasets", "stages"];
-const STAGE_KEYS: &[&str] = &["kind", "inputs", "params"];
+const TOP_KEYS: &[&str] = &[
+    "name", "device", "seed", "seeds", "jobs", "datasets", "stages",
+];
+const STAGE_KEYS: &[&str] = &["kind", "inputs", "params", "matrix"];
 const DATASET_KEYS: &[&str] = &["format", "root", "classes"];
+/// Pipeline-level keys `-S` may set (`-S seeds=[0,1,2]`); every other override names a stage.
+const TOP_OVERRIDES: &[&str] = &["seed", "seeds"];
 const DEVICES: &[&str] = &["auto", "flex", "wgpu", "cuda", "tch"];
 
 /// A validated pipeline.
@@ -30,8 +34,10 @@ pub struct Pipeline {
     pub workdir: PathBuf,
     /// `device:` as written (`auto` when absent); the CLI resolves it.
     pub device: String,
-    /// `seed:` (0 when absent).
+    /// `seed:` (0 when absent; the first of `seeds:` when that is given).
     pub seed: u64,
+    /// `seeds:`, when given: every seeded stage and its dependents run once per seed.
+    pub seeds: Option<Vec<u64>>,
     /// `jobs:`, how many independent stages `dag run` runs at once unless `--jobs` says
     /// otherwise (1 when absent). Scheduling only: it is not part of any stage's key.
     pub jobs: usize,
@@ -104,6 +110,15 @@ pub struct StageDef {
     pub workspace_paths: Vec<String>,
     /// Where its name is in the file.
     pub span: Span,
+    /// Its seed when its kind is [`Stage::seeded`] (then part of its key), else `None`.
+    pub seed: Option<u64>,
+    /// `matrix:`, the values each swept param takes (empty once expanded into instances).
+    pub matrix: Vec<(String, Vec<Value>)>,
+    /// The stage's name in the file; an instance's [`StageDef::name`] adds its setting.
+    pub base: String,
+    /// An instance's setting, `(axis, value)` in axis order (`seed`, then swept params); empty
+    /// for a stage that is not swept.
+    pub setting: Vec<(String, String)>,
 }
 
 impl StageDef {
@@ -212,7 +227,8 @@ impl Override {
             .hint("e.g. `-S train.iters=100`"));
         };
         let lhs = &arg[..eq];
-        let Some(dot) = lhs.find('.') else {
+        let top_level = TOP_OVERRIDES.contains(&lhs);
+        let Some(dot) = lhs.find('.').or(top_level.then_some(0)) else {
             return Err(SpecError::new(
                 &source,
                 whole,
@@ -220,7 +236,11 @@ impl Override {
             )
             .hint("name the stage before the param, e.g. `-S train.iters=100`"));
         };
-        let (stage, param) = (&lhs[..dot], &lhs[dot + 1..]);
+        let (stage, param) = if top_level {
+            ("", lhs)
+        } else {
+            (&lhs[..dot], &lhs[dot + 1..])
+        };
         let shift = arg[..=eq].chars().count();
         let mut value = yaml::parse(&arg[eq + 1..]).map_err(|e| {
             let mut sp = e.span;
@@ -240,13 +260,27 @@ impl Override {
                 col: 1,
             },
             param_span: Span {
-                index: dot + 1,
+                index: if top_level { 0 } else { dot + 1 },
                 len: param.chars().count(),
                 line: 1,
-                col: dot + 2,
+                col: if top_level { 1 } else { dot + 2 },
             },
             source,
         })
+    }
+}
+
+/// Whether an override's value sweeps the param (a list of its values) rather than sets it: a
+/// list for a param that is not itself a list, a list of lists for one that is.
+fn is_sweep(ty: &ParamType, value: &Yaml) -> bool {
+    let Node::Seq(items) = &value.node else {
+        return false;
+    };
+    match ty {
+        ParamType::List(_) | ParamType::Tuple(_) => items
+            .first()
+            .is_some_and(|first| matches!(first.node, Node::Seq(_))),
+        _ => true,
     }
 }
 
@@ -363,6 +397,7 @@ struct RawStage<'y> {
     params_span: Span,
     inputs: Vec<(&'y Key, &'y Yaml)>,
     inputs_span: Span,
+    matrix: Vec<(String, Vec<Value>)>,
 }
 
 impl<'a> Validator<'a> {
@@ -457,16 +492,32 @@ impl<'a> Validator<'a> {
         }
         let mut seed = 0u64;
         if let Some((_, v)) = get("seed") {
-            match v.to_json().as_u64() {
-                Some(s) if v.as_scalar().is_some() => seed = s,
-                _ => {
-                    let t = v.type_name();
-                    self.err(
-                        v.span,
-                        format!("`seed` must be a non-negative integer, found {t}"),
-                    );
-                }
+            seed = self.seed_value(v, "`seed`").unwrap_or(0);
+        }
+        let mut seeds = None;
+        if let Some((k, v)) = get("seeds") {
+            if get("seed").is_some() {
+                self.err(k.span, "both `seed` and `seeds` are given").hint =
+                    Some("keep `seeds` to sweep the seeds, or `seed` for one".into());
             }
+            seeds = self.seed_list(v);
+        }
+        for o in overrides.iter().filter(|o| o.stage.is_empty()) {
+            let mut sub = Validator {
+                src: &o.source,
+                errors: Vec::new(),
+                registry: self.registry,
+                declared_datasets: BTreeSet::new(),
+            };
+            if o.param == "seeds" {
+                seeds = sub.seed_list(&o.value);
+            } else if let Some(s) = sub.seed_value(&o.value, "`seed`") {
+                (seed, seeds) = (s, None);
+            }
+            self.errors.extend(sub.errors);
+        }
+        if let Some(first) = seeds.as_ref().and_then(|s| s.first()) {
+            seed = *first;
         }
 
         let mut jobs = 1usize;
@@ -551,12 +602,16 @@ impl<'a> Validator<'a> {
         if !self.errors.is_empty() || stages.len() != raws.len() {
             return None;
         }
+        for st in &mut stages {
+            st.seed = st.kind.seeded().then_some(seed);
+        }
         let mut p = Pipeline {
             name,
             file,
             workdir,
             device,
             seed,
+            seeds,
             jobs,
             datasets,
             stages,
@@ -565,7 +620,13 @@ impl<'a> Validator<'a> {
         };
         p.order = self.order(&p)?;
         self.preflight(&p);
-        Some(p)
+        match crate::experiments::expand(p) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.err(e.span, e.message).hint = e.hint;
+                None
+            }
+        }
     }
 
     fn raw_stage<'y>(&mut self, key: &'y Key, node: &'y Yaml) -> RawStage<'y> {
@@ -577,6 +638,7 @@ impl<'a> Validator<'a> {
             params_span: key.span,
             inputs: Vec::new(),
             inputs_span: key.span,
+            matrix: Vec::new(),
         };
         let Some(entries) = self.map(node, &format!("stage `{}`", key.name)) else {
             return raw;
@@ -619,8 +681,135 @@ impl<'a> Validator<'a> {
         };
         if let Some(kind) = raw.kind.clone() {
             raw.params = self.params(&key.name, &*kind, &given, raw.params_span);
+            if let Some((_, v)) = get("matrix") {
+                raw.matrix = self.matrix(&key.name, &*kind, v, &given);
+            }
         }
         raw
+    }
+
+    /// `matrix:`: each param with the list of values to sweep, type-checked.
+    fn matrix(
+        &mut self,
+        stage: &str,
+        kind: &dyn Stage,
+        node: &Yaml,
+        given: &[(&Key, &Yaml)],
+    ) -> Vec<(String, Vec<Value>)> {
+        let Some(entries) = self.map(node, "`matrix`") else {
+            return Vec::new();
+        };
+        let specs = kind.params();
+        let mut out = Vec::new();
+        for (k, v) in entries {
+            let Some(spec) = specs.iter().find(|s| s.name == k.name) else {
+                let hint = did_you_mean(&k.name, specs.iter().map(|s| s.name));
+                self.err(
+                    k.span,
+                    format!(
+                        "`matrix` sweeps `{}`, not a param of kind `{}`",
+                        k.name,
+                        kind.kind()
+                    ),
+                )
+                .hint = hint;
+                continue;
+            };
+            if given.iter().any(|(g, _)| g.name == k.name) {
+                self.err(
+                    k.span,
+                    format!(
+                        "`{}` is both set under `params` and swept by `matrix`",
+                        k.name
+                    ),
+                )
+                .hint = Some(format!("remove `{}` from the stage's `params`", k.name));
+                continue;
+            }
+            if let Some(values) = self.sweep_values(stage, spec, v) {
+                out.push((k.name.clone(), values));
+            }
+        }
+        out
+    }
+
+    /// The values of one swept param: a non-empty list of distinct values of its type.
+    fn sweep_values(&mut self, stage: &str, spec: &ParamSpec, v: &Yaml) -> Option<Vec<Value>> {
+        let Node::Seq(items) = &v.node else {
+            let t = v.type_name();
+            self.err(
+                v.span,
+                format!(
+                    "the values swept for `{}` must be a list, found {t}",
+                    spec.name
+                ),
+            )
+            .hint = Some(format!("e.g. `{}: [a, b]`", spec.name));
+            return None;
+        };
+        if items.is_empty() {
+            self.err(v.span, format!("no values to sweep for `{}`", spec.name));
+            return None;
+        }
+        let mut values: Vec<Value> = Vec::new();
+        for item in items {
+            match check_value(&spec.ty, item) {
+                Ok(val) if values.contains(&val) => {
+                    self.err(item.span, format!("`{}` sweeps {val} twice", spec.name));
+                }
+                Ok(val) => values.push(val),
+                Err((sp, msg)) => {
+                    self.err(
+                        sp,
+                        format!("param `{}` of stage `{stage}`: {msg}", spec.name),
+                    )
+                    .hint = Some(format!("`{}`: {}", spec.name, spec.doc));
+                }
+            }
+        }
+        (values.len() == items.len()).then_some(values)
+    }
+
+    fn seed_value(&mut self, v: &Yaml, what: &str) -> Option<u64> {
+        match v.to_json().as_u64() {
+            Some(s) if v.as_scalar().is_some() => Some(s),
+            _ => {
+                let t = v.type_name();
+                self.err(
+                    v.span,
+                    format!("{what} must be a non-negative integer, found {t}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// `seeds:`, a non-empty list of distinct seeds.
+    fn seed_list(&mut self, v: &Yaml) -> Option<Vec<u64>> {
+        let Node::Seq(items) = &v.node else {
+            let t = v.type_name();
+            self.err(
+                v.span,
+                format!("`seeds` must be a list of seeds, found {t}"),
+            )
+            .hint = Some("e.g. `seeds: [0, 1, 2]`".into());
+            return None;
+        };
+        if items.is_empty() {
+            self.err(v.span, "`seeds` is empty").hint =
+                Some("list at least one seed, e.g. `seeds: [0, 1, 2]`".into());
+            return None;
+        }
+        let mut seeds = Vec::new();
+        for item in items {
+            let s = self.seed_value(item, "a seed")?;
+            if seeds.contains(&s) {
+                self.err(item.span, format!("seed {s} is listed twice"));
+                return None;
+            }
+            seeds.push(s);
+        }
+        Some(seeds)
     }
 
     fn kinds_list(&self) -> String {
@@ -698,7 +887,7 @@ impl<'a> Validator<'a> {
         index: &HashMap<String, usize>,
         overrides: &[Override],
     ) {
-        for o in overrides {
+        for o in overrides.iter().filter(|o| !o.stage.is_empty()) {
             let Some(&i) = index.get(&o.stage) else {
                 let hint = did_you_mean(&o.stage, index.keys().map(String::as_str));
                 self.errors.push(
@@ -711,7 +900,8 @@ impl<'a> Validator<'a> {
                 );
                 continue;
             };
-            let (Some(kind), Some(params)) = (raws[i].kind.clone(), raws[i].params.as_mut()) else {
+            let raw = &mut raws[i];
+            let (Some(kind), Some(params)) = (raw.kind.clone(), raw.params.as_mut()) else {
                 continue;
             };
             let specs = kind.params();
@@ -727,8 +917,25 @@ impl<'a> Validator<'a> {
                         .maybe_hint(hint),
                     );
                 }
+                Some(spec) if is_sweep(&spec.ty, &o.value) => {
+                    let stage = o.stage.clone();
+                    let mut sub = Validator {
+                        src: &o.source,
+                        errors: Vec::new(),
+                        registry: self.registry,
+                        declared_datasets: BTreeSet::new(),
+                    };
+                    let values = sub.sweep_values(&stage, spec, &o.value);
+                    self.errors.extend(sub.errors);
+                    if let Some(values) = values {
+                        let matrix = &mut raw.matrix;
+                        matrix.retain(|(p, _)| *p != o.param);
+                        matrix.push((o.param.clone(), values));
+                    }
+                }
                 Some(spec) => match check_value(&spec.ty, &o.value) {
                     Ok(v) => {
+                        raw.matrix.retain(|(p, _)| *p != o.param);
                         params.0.insert(o.param.clone(), v);
                     }
                     Err((sp, msg)) => self.errors.push(
@@ -1127,6 +1334,10 @@ impl<'a> Validator<'a> {
             datasets: ds,
             workspace_paths: paths,
             span: r.key.span,
+            seed: None,
+            matrix: r.matrix.clone(),
+            base: name.clone(),
+            setting: Vec::new(),
         })
     }
 

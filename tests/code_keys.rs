@@ -99,7 +99,16 @@ fn shell_stages_depend_on_no_code_of_dag() {
 fn a_change_to_any_crate_of_a_kind_changes_its_key() {
     let params = Params::default();
     let code = code_of("adapt");
-    let key = |code: &Code| stage_key("adapt", code, &params, Some("flex"), 1, &Default::default());
+    let key = |code: &Code| {
+        stage_key(
+            "adapt",
+            code,
+            &params,
+            Some("flex"),
+            Some(1),
+            &Default::default(),
+        )
+    };
     let base = key(&code);
     for i in 0..code.parts.len() {
         let mut parts = code.parts.to_vec();

@@ -18,7 +18,7 @@ datasets:
   synthia:    { format: synthia,    root: synth.source, classes: 16 }
   cityscapes: { format: cityscapes, root: synth.target, classes: 16 }
 stages:
-  synth:  { kind: synth, params: { source_images: 12, target_train: 12, target_val: 5, size: [128, 64] } }
+  synth:  { kind: synth, params: { seed: 7, source_images: 12, target_train: 12, target_val: 5, size: [128, 64] } }
   source: { kind: preprocess, params: { dataset: synthia, split: all, size: [64, 32] } }
   target: { kind: preprocess, params: { dataset: cityscapes, split: train, size: [64, 32] } }
   val:    { kind: preprocess, params: { dataset: cityscapes, split: val, size: [64, 32], keep_full_labels: true } }

@@ -294,6 +294,12 @@ impl Stage for TrainStage {
         Ok(())
     }
 
+    /// The network's initial weights where not loaded, the discriminators, the batch order and
+    /// the augmentation come from the seed.
+    fn seeded(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let p: P = ctx.params.parse_set()?;
         let config = self.config(ctx.params, ctx.seed)?;

@@ -334,6 +334,8 @@ pub struct StageContext<'a> {
     pub scratch: &'a Path,
     /// Resolved device kind: `flex`, `wgpu` or `cuda`.
     pub device: &'a str,
+    /// The stage's seed: the pipeline's `seed`, or this instance's entry of `seeds:`, for kinds
+    /// that are [`Stage::seeded`]; 0 for every other kind (their outputs must not depend on it).
     pub seed: u64,
     /// Directory of the pipeline file; relative paths in params are relative to it.
     pub workdir: &'a Path,
@@ -429,6 +431,12 @@ pub trait Stage: Send + Sync {
     /// stage's `params:` in the pipeline file.
     fn check(&self, _params: &Params) -> Result<(), String> {
         Ok(())
+    }
+    /// Whether the kind's outputs depend on the pipeline seed (it draws random numbers from it).
+    /// Only then is the seed part of its key and does `seeds:` give it one instance per seed;
+    /// every other kind stays one instance shared by all seeds.
+    fn seeded(&self) -> bool {
+        false
     }
     /// Cheap checks before any stage of the pipeline runs (e.g. a dataset root exists).
     fn preflight(&self, _pre: &Preflight<'_>) -> Result<(), StageError> {

@@ -28,9 +28,10 @@ struct P {
     /// [width, height] of every generated image
     #[param(default = [320, 160], min = 16, max = 8192)]
     size: [u32; 2],
-    /// added to the pipeline seed, to draw another set of scenes
+    /// the scenes' seed; the pipeline's `seed` (and `seeds:`) is for training, so every training
+    /// seed sees the same images
     #[param(default = 0)]
-    seed_offset: u64,
+    seed: u64,
 }
 
 impl Stage for Synth {
@@ -47,7 +48,7 @@ impl Stage for Synth {
          flat-shaded mini SYNTHIA-RAND-CITYSCAPES, `target` a mini Cityscapes (train, val) with \
          another palette, textures, blur, lighting and camera height, plus per-image fog, \
          darkness, noise and contrast loss whose difficulty in [0, 1] is written to \
-         target/difficulty.parquet. Deterministic in the pipeline seed + `seed_offset`."
+         target/difficulty.parquet. Deterministic in `seed` (its own param, not the pipeline's)."
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -82,7 +83,7 @@ impl Stage for Synth {
             target_val: p.target_val,
             width: p.size[0],
             height: p.size[1],
-            seed: ctx.seed.wrapping_add(p.seed_offset),
+            seed: p.seed,
         };
         let total = (cfg.source_images + cfg.target_train + cfg.target_val) as u64;
         ctx.progress.start("synth", total);
