@@ -689,6 +689,26 @@ fn cmd_graph(path: &Path, format: GraphFormat, g: &Global) -> Result<ExitCode, F
 
 fn cmd_show(path: &Path, stage: &str, json: bool, g: &Global) -> Result<ExitCode, Failure> {
     let p = load(path, g)?;
+    let instances: Vec<&str> = p
+        .stages
+        .iter()
+        .filter(|s| s.base == stage && s.name != stage)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !instances.is_empty() {
+        return Err(Failure::msg(
+            EXIT_USAGE,
+            format!(
+                "stage `{stage}` runs as {} instances; show one of them",
+                instances.len()
+            ),
+            Some(format!(
+                "e.g. `dag show {} '{}'`",
+                path.display(),
+                instances[0]
+            )),
+        ));
+    }
     if !p.index.contains_key(stage) {
         return Err(Failure::msg(
             EXIT_USAGE,

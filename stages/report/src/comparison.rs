@@ -25,6 +25,10 @@ pub struct Row {
     pub miou13: f64,
     /// IoU in percent per class of [`Comparison::classes`]; NaN where undefined.
     pub iou: Vec<f64>,
+    /// How many runs the row stands for: 1, or the seeds a `compare` mean row is over.
+    pub n: usize,
+    /// A mean row's standard deviation of the mIoU over the seeds; NaN for a run.
+    pub miou_std: f64,
 }
 
 /// mIoU and per-class IoU of several models.
@@ -92,6 +96,15 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
             f64s(&t, "miou16", &file)?,
             f64s(&t, "miou13", &file)?,
         );
+        // Tables written before `seeds:` have neither column: every row is one run.
+        let n: Vec<usize> = match t.column("n") {
+            Some(Column::U64(v)) => v.iter().map(|&n| n as usize).collect(),
+            _ => vec![1; t.num_rows()],
+        };
+        let miou_std = match t.column("miou_std") {
+            Some(_) => f64s(&t, "miou_std", &file)?,
+            None => vec![f64::NAN; t.num_rows()],
+        };
         let rows = (0..t.num_rows())
             .map(|r| Row {
                 name: names[r].clone(),
@@ -101,6 +114,8 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
                 miou16: miou16[r],
                 miou13: miou13[r],
                 iou: iou.iter().map(|col| col[r]).collect(),
+                n: n[r],
+                miou_std: miou_std[r],
             })
             .collect();
         return Ok(Some(Comparison {
@@ -164,6 +179,8 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
                         .map_or(f64::NAN, |x| x.1)
                 })
                 .collect(),
+            n: 1,
+            miou_std: f64::NAN,
         });
     }
     if rows.is_empty() {
@@ -211,6 +228,11 @@ impl Comparison {
         cols
     }
 
+    /// Whether some row is a mean over seeds (a `compare` under `seeds:`).
+    pub fn has_means(&self) -> bool {
+        self.rows.iter().any(|r| r.n > 1 || r.miou_std.is_finite())
+    }
+
     /// The index of the best (highest) finite value of a column, if any.
     pub fn best(values: &[f64]) -> Option<usize> {
         values
@@ -254,16 +276,28 @@ impl Comparison {
             .unwrap_or(6)
             .max(6);
         let cell = |v: f64, best: bool| format!("{}{}", fmt2(v), if best { "*" } else { " " });
+        let spread = self.has_means();
         let mut s = String::new();
         let _ = write!(s, "{:<nw$}  {:<mw$}", "model", "method");
         for (n, _) in &cols[..head] {
             let _ = write!(s, "  {n:>8}");
+        }
+        if spread {
+            let _ = write!(s, "  {:>6}  {:>3}", "± std", "n");
         }
         s.push('\n');
         for (r, row) in self.rows.iter().enumerate() {
             let _ = write!(s, "{:<nw$}  {:<mw$}", row.name, row.method);
             for (_, v) in &cols[..head] {
                 let _ = write!(s, "  {:>8}", cell(v[r], Self::best(v) == Some(r)));
+            }
+            if spread {
+                let std = if row.miou_std.is_finite() {
+                    fmt2(row.miou_std)
+                } else {
+                    String::new()
+                };
+                let _ = write!(s, "  {std:>6}  {:>3}", row.n);
             }
             s.push('\n');
         }
@@ -345,6 +379,8 @@ impl Comparison {
                 "miou": num(r.miou),
                 "miou16": num(r.miou16),
                 "miou13": num(r.miou13),
+                "n": r.n,
+                "miou_std": num(r.miou_std),
                 "per_class_iou": self.classes.iter().zip(&r.iou)
                     .map(|(c, v)| json!({ "class": c, "iou": num(*v) }))
                     .collect::<Vec<_>>(),
@@ -395,6 +431,8 @@ mod tests {
                     miou16: 10.0,
                     miou13: 12.0,
                     iou: vec![50.0, f64::NAN],
+                    n: 1,
+                    miou_std: f64::NAN,
                 },
                 Row {
                     name: "b".into(),
@@ -404,6 +442,8 @@ mod tests {
                     miou16: 20.5,
                     miou13: 11.0,
                     iou: vec![40.0, 3.0],
+                    n: 1,
+                    miou_std: f64::NAN,
                 },
             ],
         }
