@@ -95,6 +95,19 @@ fn seeds_and_a_lambda_sweep_share_what_they_can() {
         .unwrap_or_else(|e| panic!("cannot run `{python}` (set DAG_TEST_PYTHON): {e}"));
     assert!(check.status.success(), "{}", text(&check));
 
+    // The report draws one bar per method and setting: the mean, an error bar of one standard
+    // deviation, and a point per seed.
+    let out = ws.dag(&["report", "pipeline.yaml", "-o", "report"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let chart = ws.read("report/charts/miou_over_seeds.svg");
+    assert_eq!(
+        chart.matches("<rect x=").count(),
+        4 + 4,
+        "4 bars and 4 legend keys"
+    );
+    assert_eq!(chart.matches("<circle").count(), 4 * 3, "{chart}");
+    assert_eq!(chart.matches("stroke=\"#222\"").count(), 4, "{chart}");
+
     // 3. A fourth seed runs that seed's instances and the comparison, nothing else.
     let out = ws.dag(&["run", "pipeline.yaml", "-S", "seeds=[1,2,3,4]"]);
     assert!(out.status.success(), "{}", text(&out));

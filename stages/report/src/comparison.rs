@@ -29,6 +29,11 @@ pub struct Row {
     pub n: usize,
     /// A mean row's standard deviation of the mIoU over the seeds; NaN for a run.
     pub miou_std: f64,
+    /// A mean row's standard deviation of each class's IoU; NaN for a run.
+    pub iou_std: Vec<f64>,
+    /// The method and swept setting without the seed: a mean row's name, and the name of the
+    /// mean row a run belongs to.
+    pub group: String,
 }
 
 /// mIoU and per-class IoU of several models.
@@ -38,6 +43,19 @@ pub struct Comparison {
     pub source: String,
     pub classes: Vec<String>,
     pub rows: Vec<Row>,
+}
+
+/// A mean over seeds and what it is made of: index 0 of each list is the mIoU, then one entry
+/// per class of [`Comparison::classes`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spread {
+    /// The mean row's name (method and swept setting).
+    pub name: String,
+    pub mean: Vec<f64>,
+    /// Sample standard deviations over the seeds.
+    pub std: Vec<f64>,
+    /// Each seed's values.
+    pub runs: Vec<Vec<f64>>,
 }
 
 /// The output formats of `dag metrics`.
@@ -101,9 +119,18 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
             Some(Column::U64(v)) => v.iter().map(|&n| n as usize).collect(),
             _ => vec![1; t.num_rows()],
         };
-        let miou_std = match t.column("miou_std") {
-            Some(_) => f64s(&t, "miou_std", &file)?,
-            None => vec![f64::NAN; t.num_rows()],
+        let optional = |name: &str| match t.column(name) {
+            Some(_) => f64s(&t, name, &file),
+            None => Ok(vec![f64::NAN; t.num_rows()]),
+        };
+        let miou_std = optional("miou_std")?;
+        let iou_std = classes
+            .iter()
+            .map(|c| optional(&format!("std_iou_{c}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let groups = match t.column("group") {
+            Some(_) => strs(&t, "group", &file)?,
+            None => names.clone(),
         };
         let rows = (0..t.num_rows())
             .map(|r| Row {
@@ -116,6 +143,8 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
                 iou: iou.iter().map(|col| col[r]).collect(),
                 n: n[r],
                 miou_std: miou_std[r],
+                iou_std: iou_std.iter().map(|col| col[r]).collect(),
+                group: groups[r].clone(),
             })
             .collect();
         return Ok(Some(Comparison {
@@ -181,6 +210,8 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
                 .collect(),
             n: 1,
             miou_std: f64::NAN,
+            iou_std: vec![f64::NAN; classes.len()],
+            group: st.name.clone(),
         });
     }
     if rows.is_empty() {
@@ -226,6 +257,39 @@ impl Comparison {
             cols.push((c.clone(), self.rows.iter().map(|r| r.iou[k]).collect()));
         }
         cols
+    }
+
+    /// The mean rows with their spread, for charts: per mean row its name, its values (mIoU,
+    /// then per class), their standard deviations and the values of each of its runs. `None`
+    /// without mean rows.
+    pub fn spread(&self) -> Option<Vec<Spread>> {
+        if !self.has_means() {
+            return None;
+        }
+        let values = |r: &Row| {
+            std::iter::once(r.miou)
+                .chain(r.iou.iter().copied())
+                .collect()
+        };
+        Some(
+            self.rows
+                .iter()
+                .filter(|r| r.miou_std.is_finite() || r.n > 1)
+                .map(|m| Spread {
+                    name: m.name.clone(),
+                    mean: values(m),
+                    std: std::iter::once(m.miou_std)
+                        .chain(m.iou_std.iter().copied())
+                        .collect(),
+                    runs: self
+                        .rows
+                        .iter()
+                        .filter(|r| r.n == 1 && !r.miou_std.is_finite() && r.group == m.name)
+                        .map(values)
+                        .collect(),
+                })
+                .collect(),
+        )
     }
 
     /// Whether some row is a mean over seeds (a `compare` under `seeds:`).
@@ -433,6 +497,8 @@ mod tests {
                     iou: vec![50.0, f64::NAN],
                     n: 1,
                     miou_std: f64::NAN,
+                    iou_std: vec![f64::NAN; 2],
+                    group: "a".into(),
                 },
                 Row {
                     name: "b".into(),
@@ -444,6 +510,8 @@ mod tests {
                     iou: vec![40.0, 3.0],
                     n: 1,
                     miou_std: f64::NAN,
+                    iou_std: vec![f64::NAN; 2],
+                    group: "b".into(),
                 },
             ],
         }

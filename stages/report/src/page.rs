@@ -389,11 +389,66 @@ impl<'a> Page<'a> {
                     self.body.push_str("</tr>\n");
                 }
                 self.body.push_str("</table></div>\n");
-                if !c.classes.is_empty() {
+                if let Some(spread) = c.spread() {
+                    // Under `seeds:`: one bar per method and setting, the mean over the seeds,
+                    // with ± one standard deviation and a point per seed.
+                    let names: Vec<String> = spread.iter().map(|m| m.name.clone()).collect();
+                    let bar = |k: usize| -> (Vec<Vec<f64>>, Vec<svg::BarSpread>) {
+                        let pick = |v: &Vec<f64>| vec![v.get(k).copied().unwrap_or(f64::NAN)];
+                        spread
+                            .iter()
+                            .map(|m| {
+                                let sp = svg::BarSpread {
+                                    std: pick(&m.std),
+                                    points: m.runs.iter().map(pick).collect(),
+                                };
+                                (pick(&m.mean), sp)
+                            })
+                            .unzip()
+                    };
+                    let (values, spreads) = bar(0);
+                    let bars = svg::grouped_bars(
+                        "mIoU, mean over seeds (± std, one point per seed)",
+                        "mIoU (%)",
+                        &["mIoU".to_string()],
+                        &names,
+                        &values,
+                        &spreads,
+                    );
+                    let img = self.chart("miou_over_seeds", bars, "mIoU over seeds")?;
+                    let _ = writeln!(self.body, "<div class=\"scroll\">{img}</div>");
+                    if !c.classes.is_empty() {
+                        let values: Vec<Vec<f64>> =
+                            spread.iter().map(|m| m.mean[1..].to_vec()).collect();
+                        let spreads: Vec<svg::BarSpread> = spread
+                            .iter()
+                            .map(|m| svg::BarSpread {
+                                std: m.std[1..].to_vec(),
+                                points: m.runs.iter().map(|r| r[1..].to_vec()).collect(),
+                            })
+                            .collect();
+                        let bars = svg::grouped_bars(
+                            "IoU per class, mean over seeds (± std, one point per seed)",
+                            "IoU (%)",
+                            &c.classes,
+                            &names,
+                            &values,
+                            &spreads,
+                        );
+                        let img = self.chart("iou_per_class", bars, "IoU per class and model")?;
+                        let _ = writeln!(self.body, "<div class=\"scroll\">{img}</div>");
+                    }
+                } else if !c.classes.is_empty() {
                     let names: Vec<String> = c.rows.iter().map(|r| r.name.clone()).collect();
                     let values: Vec<Vec<f64>> = c.rows.iter().map(|r| r.iou.clone()).collect();
-                    let bars =
-                        svg::grouped_bars("IoU per class", "IoU (%)", &c.classes, &names, &values);
+                    let bars = svg::grouped_bars(
+                        "IoU per class",
+                        "IoU (%)",
+                        &c.classes,
+                        &names,
+                        &values,
+                        &[],
+                    );
                     let img = self.chart("iou_per_class", bars, "IoU per class and model")?;
                     let _ = writeln!(self.body, "<div class=\"scroll\">{img}</div>");
                 }

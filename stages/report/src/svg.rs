@@ -251,14 +251,24 @@ pub fn line_chart(c: &LineChart<'_>) -> String {
     s
 }
 
+/// What a bar of [`grouped_bars`] is a mean of: its standard deviation (an error bar of
+/// ± one std) and the values it averages (points), per category.
+#[derive(Debug, Clone, Default)]
+pub struct BarSpread {
+    pub std: Vec<f64>,
+    pub points: Vec<Vec<f64>>,
+}
+
 /// Grouped bars: for each category (class) one bar per group (model), values in `values[group]
-/// [category]`; NaN draws no bar (the class is absent from the evaluation).
+/// [category]`; NaN draws no bar (the class is absent from the evaluation). `spread[group]`,
+/// where given, adds an error bar and the individual values (per-seed points) to its bars.
 pub fn grouped_bars(
     title: &str,
     y_label: &str,
     categories: &[String],
     groups: &[String],
     values: &[Vec<f64>],
+    spread: &[BarSpread],
 ) -> String {
     let (ml, mr, mt, mb) = (54.0, 16.0, 30.0, 96.0);
     let bar = 9.0f64.min(60.0 / groups.len().max(1) as f64).max(3.0);
@@ -267,10 +277,20 @@ pub fn grouped_bars(
     let w = ml + pw + mr;
     let ph = 220.0;
     let h = mt + ph + mb;
+    let tops = spread.iter().enumerate().flat_map(|(g, sp)| {
+        let means = values.get(g);
+        let bars = sp
+            .std
+            .iter()
+            .enumerate()
+            .map(move |(c, sd)| means.and_then(|m| m.get(c)).copied().unwrap_or(f64::NAN) + sd);
+        bars.chain(sp.points.iter().flatten().copied())
+    });
     let vmax = values
         .iter()
         .flatten()
         .copied()
+        .chain(tops)
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max);
     let top = if vmax <= 0.0 { 1.0 } else { vmax };
@@ -319,6 +339,36 @@ pub fn grouped_bars(
                 mt + ph - y,
                 PALETTE[g % PALETTE.len()]
             );
+            let Some(sp) = spread.get(g) else {
+                continue;
+            };
+            let cx = x0 + g as f64 * bar + (bar - 1.0) / 2.0;
+            if let Some(sd) = sp.std.get(c).copied().filter(|sd| sd.is_finite()) {
+                let (lo, hi) = (py((v - sd).max(0.0)), py(v + sd));
+                let cap = (bar / 2.0 - 0.5).max(1.0);
+                let _ = writeln!(
+                    s,
+                    "<path d=\"M{cx:.1} {lo:.1}V{hi:.1}M{:.1} {hi:.1}H{:.1}M{:.1} {lo:.1}H{:.1}\" \
+                     stroke=\"#222\" stroke-width=\"1\"/>",
+                    cx - cap,
+                    cx + cap,
+                    cx - cap,
+                    cx + cap
+                );
+            }
+            for p in sp
+                .points
+                .iter()
+                .filter_map(|run| run.get(c))
+                .filter(|p| p.is_finite())
+            {
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{cx:.1}\" cy=\"{:.1}\" r=\"1.8\" fill=\"#222\" \
+                     fill-opacity=\"0.7\"/>",
+                    py(p.max(0.0))
+                );
+            }
         }
         let cx = ml + (c as f64 + 0.5) * slot;
         let _ = writeln!(
@@ -609,7 +659,30 @@ mod tests {
             &["road".into(), "sky".into()],
             &["a".into(), "b".into()],
             &[vec![50.0, f64::NAN], vec![60.0, 10.0]],
+            &[],
         );
+        // Means over seeds: an error bar and a point per seed where the value is defined.
+        let spread = [
+            BarSpread {
+                std: vec![4.0, f64::NAN],
+                points: vec![vec![46.0, f64::NAN], vec![54.0, f64::NAN]],
+            },
+            BarSpread {
+                std: vec![2.0, 1.0],
+                points: vec![vec![58.0, 9.0], vec![62.0, 11.0]],
+            },
+        ];
+        let with_spread = grouped_bars(
+            "iou",
+            "IoU",
+            &["road".into(), "sky".into()],
+            &["a".into(), "b".into()],
+            &[vec![50.0, f64::NAN], vec![60.0, 10.0]],
+            &spread,
+        );
+        assert_eq!(with_spread.matches("<circle").count(), 6, "{with_spread}");
+        assert_eq!(with_spread.matches("stroke=\"#222\"").count(), 3);
+        assert!(!with_spread.contains("NaN"), "{with_spread}");
         let hist = histogram("h", "score", &[0.1, 0.2, 0.3], Some((0.25, "split".into())));
         let graph = dag_diagram(&[
             Node {
