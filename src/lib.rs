@@ -1,19 +1,10 @@
-//! The `dag` engine: a YAML pipeline -> a validated DAG -> content-hashed keys -> a cache of
-//! immutable artifacts -> an executor that runs only what is stale.
-//!
-//! The engine knows stage kinds only through [`dag_api::Stage`] and a [`dag_api::Registry`]; it
-//! never touches a tensor. Its one built-in kind is [`shell::Shell`].
+//! The `dag` binary's library: the command line ([`cli`]) and the HTML report's inputs
+//! ([`report`]), wiring the engine (crate `dag-engine`, re-exported here) to the stage kinds
+//! (`dag-stages`, `dag-data-stages`) and the report (`dag-report`).
 
 #![warn(missing_docs)]
 
-pub mod cache;
+pub use dag_engine::{cache, diag, executor, experiments, hash, key, shell, spec, yaml};
+
 pub mod cli;
-pub mod diag;
-pub mod executor;
-pub mod experiments;
-pub mod hash;
-pub mod key;
 pub mod report;
-pub mod shell;
-pub mod spec;
-pub mod yaml;
