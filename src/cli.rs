@@ -371,9 +371,8 @@ fn load(path: &Path, g: &Global) -> Result<Pipeline, Failure> {
 
 fn device(p: &Pipeline, g: &Global) -> Result<String, Failure> {
     let requested = g.device.as_deref().unwrap_or(&p.device);
-    // Shell stages are device-independent; resolving may probe GPU backends, so skip it when
-    // nothing else would use the answer.
-    if p.stages.iter().all(|s| s.is_shell()) {
+    // Resolving may probe GPU backends: skip it when no stage would use the answer.
+    if p.stages.iter().all(|s| s.kind.device_independent()) {
         return Ok(requested.to_string());
     }
     dag_stages::resolve_device(requested).map_err(|e| {
@@ -491,7 +490,7 @@ fn record_last_run(cache: &Cache, pipeline: &str, r: &RunReport) {
         .iter()
         .map(|s| cache::LastRunStage {
             stage: s.stage.clone(),
-            outcome: s.outcome.word().to_string(),
+            outcome: s.outcome,
             key: s.key.clone(),
             message: r
                 .failure

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use dag_report::{ReportInput, StageInfo, State};
 
 use crate::cache::{Cache, Manifest};
-use crate::executor::{Engine, EngineError, Selection};
+use crate::executor::{Engine, EngineError, Outcome, Selection};
 use crate::spec::Pipeline;
 
 /// The state of every stage of `p` and the readable outputs of its current run (or, for a stale
@@ -35,7 +35,7 @@ pub fn gather(
         let (state, shown, note): (State, Option<Manifest>, Option<String>) = match current {
             Some(m) => {
                 let ran_last = in_last.is_some_and(|s| {
-                    s.outcome == "ran" && s.key.as_deref() == Some(m.key.as_str())
+                    s.outcome == Outcome::Ran && s.key.as_deref() == Some(m.key.as_str())
                 });
                 (
                     if ran_last { State::Ran } else { State::Cached },
@@ -44,7 +44,7 @@ pub fn gather(
                 )
             }
             None => {
-                let failed = in_last.filter(|s| s.outcome == "FAILED");
+                let failed = in_last.filter(|s| s.outcome == Outcome::Failed);
                 let previous = cache
                     .latest(&p.name, &st.name)
                     .and_then(|k| cache.read_manifest(&k));

@@ -37,6 +37,37 @@ use crate::key::Encoder;
 /// kind's version number with its [`Manifest::code`].
 pub const MANIFEST_FORMAT: u32 = 3;
 
+/// How a stage ended in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A run with the same key was reused.
+    Cached,
+    /// The stage ran.
+    Ran,
+    /// The stage failed.
+    #[serde(alias = "FAILED")]
+    Failed,
+    /// Not selected by --only/--until.
+    Skipped,
+    /// Not reached because another stage failed or the run was interrupted.
+    #[serde(alias = "not run")]
+    NotRun,
+}
+
+impl Outcome {
+    /// The word in the summary table.
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Cached => "cached",
+            Outcome::Ran => "ran",
+            Outcome::Failed => "FAILED",
+            Outcome::Skipped => "skipped",
+            Outcome::NotRun => "not run",
+        }
+    }
+}
+
 /// How the stages of a pipeline ended in its last `dag run`; a hint for `dag report`, which
 /// tells what ran from what was reused and shows why a stage failed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,8 +83,8 @@ pub struct LastRun {
 pub struct LastRunStage {
     /// Stage name.
     pub stage: String,
-    /// `ran`, `cached`, `FAILED`, `skipped` or `not run`.
-    pub outcome: String,
+    /// How it ended (older records hold the summary's words, which read back the same).
+    pub outcome: Outcome,
     /// Its key, when known.
     pub key: Option<String>,
     /// Why it failed.
@@ -765,6 +796,32 @@ mod tests {
         match cache.lock(false) {
             Err(CacheError::Locked { holder, .. }) => assert!(holder.contains("pid")),
             other => panic!("expected Locked, got {:?}", other.err()),
+        }
+    }
+
+    /// Outcomes are stored as enum tags; the summary's words that older records hold read back
+    /// as the same outcomes.
+    #[test]
+    fn outcomes_round_trip_and_read_the_old_words() {
+        for o in [
+            Outcome::Cached,
+            Outcome::Ran,
+            Outcome::Failed,
+            Outcome::Skipped,
+            Outcome::NotRun,
+        ] {
+            let text = serde_json::to_string(&o).unwrap();
+            assert_eq!(serde_json::from_str::<Outcome>(&text).unwrap(), o);
+            assert!(!text.contains(' ') && text == text.to_lowercase(), "{text}");
+        }
+        for (word, o) in [
+            ("\"ran\"", Outcome::Ran),
+            ("\"cached\"", Outcome::Cached),
+            ("\"FAILED\"", Outcome::Failed),
+            ("\"skipped\"", Outcome::Skipped),
+            ("\"not run\"", Outcome::NotRun),
+        ] {
+            assert_eq!(serde_json::from_str::<Outcome>(word).unwrap(), o);
         }
     }
 }

@@ -13,6 +13,7 @@ use dag_api::{CancelToken, DatasetRef, InputArtifact, Progress, StageContext, Va
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+pub use crate::cache::Outcome;
 use crate::cache::{self, Cache, CacheError, InputRecord, Manifest, OutputTree, MANIFEST_FORMAT};
 use crate::hash::{self, StatCache};
 use crate::key::{self, KeyInputs};
@@ -240,7 +241,7 @@ pub struct PlanEntry {
     /// Why it runs (empty when cached or skipped).
     pub reasons: Vec<Reason>,
     /// One digest of the kind's code ([`key::code_digest`]); `None` for kinds without code of
-    /// dag's own (shell).
+    /// dag's own.
     pub code_digest: Option<String>,
     /// The kind's code, crate name -> digest.
     pub code: BTreeMap<String, String>,
@@ -256,35 +257,6 @@ impl PlanEntry {
                 .reasons
                 .iter()
                 .all(|r| matches!(r, Reason::UpstreamWillRun { .. }))
-    }
-}
-
-/// How a stage ended in a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// A run with the same key was reused.
-    Cached,
-    /// The stage ran.
-    Ran,
-    /// The stage failed.
-    Failed,
-    /// Not selected by --only/--until.
-    Skipped,
-    /// Not reached because another stage failed or the run was interrupted.
-    NotRun,
-}
-
-impl Outcome {
-    /// The word in the summary table.
-    pub fn word(self) -> &'static str {
-        match self {
-            Outcome::Cached => "cached",
-            Outcome::Ran => "ran",
-            Outcome::Failed => "FAILED",
-            Outcome::Skipped => "skipped",
-            Outcome::NotRun => "not run",
-        }
     }
 }
 
@@ -501,7 +473,7 @@ impl<'a> Engine<'a> {
     }
 
     fn device_for(&self, i: usize) -> Option<&str> {
-        (!self.pipeline.stages[i].is_shell()).then_some(self.device.as_str())
+        (!self.pipeline.stages[i].kind.device_independent()).then_some(self.device.as_str())
     }
 
     fn key(&self, i: usize, parts: &KeyInputs) -> String {

@@ -178,7 +178,7 @@ pub fn dataset_digest(
 /// The cache key of one stage run.
 ///
 /// `code` is the kind's [`dag_api::Code`]: a digest per crate it is built from. `device` is the
-/// resolved device kind, or `None` for device-independent kinds (shell).
+/// resolved device kind, or `None` for device-independent kinds ([`dag_api::Stage::device_independent`]).
 pub fn stage_key(
     kind: &str,
     code: &dag_api::Code,

@@ -138,6 +138,15 @@ impl Stage for Shell {
         true
     }
 
+    /// dag does not run a command on a device (a command that uses a GPU picks it itself).
+    fn device_independent(&self) -> bool {
+        true
+    }
+
+    fn outputs_are_paths(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let p: ShellParams = ctx.params.parse()?;
         let work = ctx.scratch.join("work");

@@ -12,7 +12,6 @@ use dag_api::{
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::diag::{did_you_mean, Source, SpecError, SpecErrors};
-use crate::shell;
 use crate::yaml::{self, Key, Node, Span, Yaml};
 
 const TOP_KEYS: &[&str] = &[
@@ -102,7 +101,7 @@ pub struct StageDef {
     pub params: Params,
     /// Declared outputs for these params.
     pub outputs: Vec<OutputSpec>,
-    /// Input name -> producer (including a shell stage's deps on other shell stages' outs).
+    /// Input name -> producer (including path edges: a dep inside another stage's path output).
     pub inputs: BTreeMap<String, InputRef>,
     /// Names of the datasets its params refer to.
     pub datasets: Vec<String>,
@@ -119,13 +118,6 @@ pub struct StageDef {
     /// An instance's setting, `(axis, value)` in axis order (`seed`, then swept params); empty
     /// for a stage that is not swept.
     pub setting: Vec<(String, String)>,
-}
-
-impl StageDef {
-    /// Whether this is the engine's own `shell` kind (device-independent, path outputs).
-    pub fn is_shell(&self) -> bool {
-        self.kind.kind() == shell::KIND
-    }
 }
 
 impl Pipeline {
@@ -561,7 +553,7 @@ impl<'a> Validator<'a> {
 
         self.apply_overrides(&mut raws, &index, overrides);
 
-        // Outputs depend on params (a shell stage's outs).
+        // Outputs may depend on params (path outputs listed in a param).
         let outputs: Vec<Vec<OutputSpec>> = raws
             .iter()
             .map(|r| match (&r.kind, &r.params) {
@@ -575,26 +567,19 @@ impl<'a> Validator<'a> {
             None => BTreeMap::new(),
         };
 
-        // Out path -> the first shell stage writing it (a later one is reported as a duplicate).
-        let mut shell_outs: HashMap<&str, (usize, dag_api::ArtifactType)> = HashMap::new();
+        // Out path -> the first stage writing it (a later one is reported as a duplicate).
+        let mut path_outs: HashMap<&str, (usize, dag_api::ArtifactType)> = HashMap::new();
         for (j, r) in raws.iter().enumerate() {
-            if r.kind.as_ref().is_some_and(|k| k.kind() == shell::KIND) {
+            if r.kind.as_ref().is_some_and(|k| k.outputs_are_paths()) {
                 for o in &outputs[j] {
-                    shell_outs.entry(o.name.as_str()).or_insert((j, o.ty));
+                    path_outs.entry(o.name.as_str()).or_insert((j, o.ty));
                 }
             }
         }
         let mut stages = Vec::new();
         for (i, r) in raws.iter().enumerate() {
             if let Some(st) = self.stage(
-                i,
-                r,
-                &raws,
-                &index,
-                &outputs,
-                &datasets,
-                &workdir,
-                &shell_outs,
+                i, r, &raws, &index, &outputs, &datasets, &workdir, &path_outs,
             ) {
                 stages.push(st);
             }
@@ -1125,7 +1110,7 @@ impl<'a> Validator<'a> {
         outputs: &[Vec<OutputSpec>],
         datasets: &BTreeMap<String, Dataset>,
         workdir: &Path,
-        shell_outs: &HashMap<&str, (usize, ArtifactType)>,
+        path_outs: &HashMap<&str, (usize, ArtifactType)>,
     ) -> Option<StageDef> {
         let kind = r.kind.clone()?;
         let params = r.params.clone()?;
@@ -1269,15 +1254,15 @@ impl<'a> Validator<'a> {
         ds.sort();
         ds.dedup();
 
-        if kind.kind() == shell::KIND {
-            // A dep equal to or inside another shell stage's out is an edge, as in DVC.
+        if kind.outputs_are_paths() {
+            // A dep equal to or inside another such stage's out is an edge, as in DVC.
             let mut ws = Vec::new();
             for dep in paths {
                 // The dep itself or one of its parent directories may be an out.
                 let producer = std::iter::successors(Some(dep.as_str()), |d| {
                     d.rsplit_once('/').map(|(a, _)| a)
                 })
-                .find_map(|d| shell_outs.get(d).map(|&(j, ty)| (j, d.to_string(), ty)));
+                .find_map(|d| path_outs.get(d).map(|&(j, ty)| (j, d.to_string(), ty)));
                 match producer {
                     Some((j, _, _)) if j == i => {
                         let span = dep_span(r, &dep).unwrap_or(r.params_span);
@@ -1312,7 +1297,7 @@ impl<'a> Validator<'a> {
             paths = ws;
             // Two stages writing the same path would make the edge ambiguous.
             for o in &outputs[i] {
-                if let Some(&(j, _)) = shell_outs.get(o.name.as_str()).filter(|(j, _)| *j != i) {
+                if let Some(&(j, _)) = path_outs.get(o.name.as_str()).filter(|(j, _)| *j != i) {
                     self.err(
                         r.params_span,
                         format!(

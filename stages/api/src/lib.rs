@@ -432,6 +432,18 @@ pub trait Stage: Send + Sync {
     fn check(&self, _params: &Params) -> Result<(), String> {
         Ok(())
     }
+    /// Whether the kind's outputs are the same on every device (it runs no device code of its
+    /// own, like `shell`): then the device is not part of its key, and a pipeline of such
+    /// stages alone never probes the GPU backends.
+    fn device_independent(&self) -> bool {
+        false
+    }
+    /// Whether the kind's outputs are workspace paths (`shell`'s `outs`): a workspace path that
+    /// another stage's params name as a dependency, equal to or inside such an output, becomes an
+    /// edge from this stage instead of a file read before the run.
+    fn outputs_are_paths(&self) -> bool {
+        false
+    }
     /// Whether the kind's outputs depend on the pipeline seed (it draws random numbers from it).
     /// Only then is the seed part of its key and does `seeds:` give it one instance per seed;
     /// every other kind stays one instance shared by all seeds.
