@@ -1,6 +1,5 @@
 //! The `dag` command line.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -9,8 +8,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dag_api::{ParamType, Params, Registry};
 
-use crate::cache::{self, Cache, Manifest};
-use crate::executor::{Engine, EngineError, Outcome, RunReport, Selection};
+use crate::cache::{self, Cache};
+use crate::executor::{Engine, EngineError, Outcome, PlanStatus, RunReport, Selection};
 use crate::hash::StatCache;
 use crate::spec::{self, Override, Pipeline};
 
@@ -434,7 +433,7 @@ fn cmd_run(
     let cache = Cache::open(&g.cache)?;
     let _lock = cache.lock(!no_wait)?;
     cache.clean_tmp()?;
-    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let stat = StatCache::load(cache.stat_cache_path());
     let out = std::path::absolute(&g.out).unwrap_or_else(|_| g.out.clone());
     let mut engine = Engine::new(&p, &cache, &stat, device, out);
     engine.progress &= !g.quiet;
@@ -555,7 +554,7 @@ fn cmd_plan(path: &Path, select: &SelectArgs, json: bool, g: &Global) -> Result<
     let p = load(path, g)?;
     let device = device(&p, g)?;
     let cache = cache_view(g);
-    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let stat = StatCache::load(cache.stat_cache_path());
     let engine = Engine::new(&p, &cache, &stat, device, g.out.clone());
     let plan = engine.plan(&select.selection())?;
     if json {
@@ -568,10 +567,10 @@ fn cmd_plan(path: &Path, select: &SelectArgs, json: bool, g: &Global) -> Result<
     let width = plan.iter().map(|e| e.stage.len()).max().unwrap_or(5).max(5);
     for e in &plan {
         let status = match e.status {
-            "cached" => "cached",
-            "run" if e.stale_only_upstream() => "may run",
-            "run" => "will run",
-            _ => "skipped",
+            PlanStatus::Cached => "cached",
+            PlanStatus::Run if e.stale_only_upstream() => "may run",
+            PlanStatus::Run => "will run",
+            PlanStatus::Skip => "skipped",
         };
         let why = e
             .reasons
@@ -582,7 +581,7 @@ fn cmd_plan(path: &Path, select: &SelectArgs, json: bool, g: &Global) -> Result<
         println!("{:<width$}  {:<8}  {why}", e.stage, status);
     }
     let maybe = plan.iter().filter(|e| e.stale_only_upstream()).count();
-    let runs = plan.iter().filter(|e| e.status == "run").count() - maybe;
+    let runs = plan.iter().filter(|e| e.status == PlanStatus::Run).count() - maybe;
     if maybe == 0 {
         println!("{runs} of {} stages will run", plan.len());
     } else {
@@ -599,11 +598,11 @@ fn cmd_status(path: &Path, g: &Global) -> Result<ExitCode, Failure> {
     let p = load(path, g)?;
     let device = device(&p, g)?;
     let cache = cache_view(g);
-    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let stat = StatCache::load(cache.stat_cache_path());
     let engine = Engine::new(&p, &cache, &stat, device, g.out.clone());
     let plan = engine.plan(&Selection::default())?;
     for e in &plan {
-        let state = if e.status == "cached" {
+        let state = if e.status == PlanStatus::Cached {
             "up to date"
         } else {
             "stale"
@@ -615,16 +614,7 @@ fn cmd_status(path: &Path, g: &Global) -> Result<ExitCode, Failure> {
             .unwrap_or_default();
         println!("{}: {state}{first}", e.stage);
     }
-    let (mut n, mut bytes) = (0u64, 0u64);
-    for e in walkdir::WalkDir::new(cache.root.join("objects"))
-        .into_iter()
-        .flatten()
-    {
-        if e.file_type().is_file() {
-            n += 1;
-            bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-        }
-    }
+    let (n, bytes) = cache.object_totals();
     println!(
         "cache {}: {n} objects, {:.1} MiB",
         cache.root.display(),
@@ -780,7 +770,7 @@ fn report_input(path: &Path, g: &Global) -> Result<dag_report::ReportInput, Fail
     let p = load(path, g)?;
     let device = device(&p, g)?;
     let cache = cache_view(g);
-    let stat = StatCache::load(cache.root.join("statcache.json"));
+    let stat = StatCache::load(cache.stat_cache_path());
     let engine = Engine::new(&p, &cache, &stat, device, g.out.clone());
     Ok(crate::report::gather(&p, &engine, &cache)?)
 }
@@ -850,108 +840,12 @@ fn cmd_metrics(path: &Path, format: MetricsFormat, g: &Global) -> Result<ExitCod
     }
 }
 
-fn reachable(ms: &[Manifest]) -> (HashSet<String>, HashSet<String>) {
-    let mut objects = HashSet::new();
-    let mut trees = HashSet::new();
-    for m in ms {
-        for t in m.outputs.values() {
-            trees.insert(t.digest.clone());
-            objects.extend(t.entries.iter().map(|e| e.digest.clone()));
-        }
-        if let Some(l) = &m.log {
-            objects.insert(l.clone());
-        }
-    }
-    (objects, trees)
-}
-
-fn list_objects(cache: &Cache) -> Vec<(String, PathBuf)> {
-    let mut out = Vec::new();
-    for e in walkdir::WalkDir::new(cache.root.join("objects"))
-        .min_depth(2)
-        .max_depth(2)
-        .into_iter()
-        .flatten()
-    {
-        let prefix = e
-            .path()
-            .parent()
-            .and_then(|p| p.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        out.push((
-            format!("{prefix}{}", e.file_name().to_string_lossy()),
-            e.path().to_path_buf(),
-        ));
-    }
-    out
-}
-
 fn cmd_gc(keep_last: Option<usize>, dry_run: bool, g: &Global) -> Result<ExitCode, Failure> {
     let Some(cache) = Cache::open_existing(&g.cache) else {
         println!("no cache at {}", g.cache.display());
         return Ok(ExitCode::SUCCESS);
     };
-    let _lock = cache.lock(true)?;
-    let mut manifests = cache.manifests()?;
-    let mut dropped = 0usize;
-    if let Some(n) = keep_last {
-        let mut by_stage: BTreeMap<(String, String), Vec<Manifest>> = BTreeMap::new();
-        for m in manifests.drain(..) {
-            by_stage
-                .entry((m.pipeline.clone(), m.stage.clone()))
-                .or_default()
-                .push(m);
-        }
-        for ((pipeline, stage), mut runs) in by_stage {
-            runs.sort_by(|a, b| {
-                b.finished_unix
-                    .total_cmp(&a.finished_unix)
-                    .then(a.key.cmp(&b.key))
-            });
-            let latest = cache.latest(&pipeline, &stage);
-            for (k, m) in runs.into_iter().enumerate() {
-                if k < n || latest.as_deref() == Some(m.key.as_str()) {
-                    manifests.push(m);
-                } else {
-                    dropped += 1;
-                    if !dry_run {
-                        let path = cache.manifest_path(&m.key);
-                        fs::remove_file(&path).map_err(|e| {
-                            Failure::msg(1, format!("cannot remove {}: {e}", path.display()), None)
-                        })?;
-                    }
-                }
-            }
-        }
-    }
-    let (objects, trees) = reachable(&manifests);
-    let (mut n_obj, mut bytes) = (0usize, 0u64);
-    for (digest, path) in list_objects(&cache) {
-        if !objects.contains(&digest) {
-            n_obj += 1;
-            bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            if !dry_run {
-                let _ = fs::remove_file(&path);
-            }
-        }
-    }
-    let mut n_tree = 0usize;
-    if let Ok(rd) = fs::read_dir(cache.root.join("trees")) {
-        for e in rd.flatten() {
-            if !trees.contains(e.file_name().to_string_lossy().as_ref()) {
-                n_tree += 1;
-                if !dry_run {
-                    let _ = cache::remove_all(&e.path());
-                }
-            }
-        }
-    }
-    println!(
-        "{}{dropped} old runs, {n_obj} objects ({:.1} MiB) and {n_tree} trees",
-        if dry_run { "would delete " } else { "deleted " },
-        bytes as f64 / 1048576.0
-    );
+    println!("{}", cache.gc(keep_last, dry_run)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -960,214 +854,32 @@ fn cmd_verify(pipeline: Option<&Path>, g: &Global) -> Result<ExitCode, Failure> 
         println!("no cache at {}", g.cache.display());
         return Ok(ExitCode::SUCCESS);
     };
-    let _lock = cache.lock(true)?;
-    let quarantine = cache.root.join("quarantine");
-    fs::create_dir_all(&quarantine).map_err(|e| {
-        Failure::msg(
-            1,
-            format!("cannot create {}: {e}", quarantine.display()),
-            None,
-        )
-    })?;
-    let move_aside = |from: &Path, name: &str| -> Result<PathBuf, Failure> {
-        let to = quarantine.join(name);
-        fs::rename(from, &to).map_err(|e| {
-            Failure::msg(
-                1,
-                format!("cannot quarantine {}: {e}", from.display()),
-                Some("check the permissions of the cache directory".into()),
-            )
-        })?;
-        Ok(to)
-    };
-    // Manifests first: a damaged one must neither be trusted nor hide the objects it names.
-    let runs = cache.root.join("runs");
-    let mut keys: Vec<String> = fs::read_dir(&runs)
-        .map_err(|e| Failure::msg(1, format!("cannot list {}: {e}", runs.display()), None))?
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(str::to_string)
-        })
-        .collect();
-    keys.sort();
-    let mut manifests = Vec::new();
-    let mut bad_manifests = 0usize;
-    let mut quarantined_keys = HashSet::new();
-    for key in &keys {
-        match cache.check_manifest(key) {
-            Ok(Some(m)) => manifests.push(m),
-            Ok(None) => {}
-            Err(e) => {
-                bad_manifests += 1;
-                quarantined_keys.insert(key.clone());
-                let to = move_aside(&cache.manifest_path(key), &format!("run-{key}.json"))?;
-                println!("corrupt manifest {e}; moved to {}", to.display());
-            }
-        }
-    }
-    // A manifest deleted by hand leaves its stage's latest pointer behind; that is the only trace.
-    let mut gone_manifests = 0usize;
-    let latest_dir = cache.root.join("latest");
-    for e in walkdir::WalkDir::new(&latest_dir)
-        .min_depth(2)
-        .max_depth(2)
-        .sort_by_file_name()
-        .into_iter()
-        .flatten()
-    {
-        let Ok(key) = fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let key = key.trim();
-        if !cache.manifest_path(key).exists() && !quarantined_keys.contains(key) {
-            gone_manifests += 1;
-            let stage = e.path().strip_prefix(&latest_dir).unwrap_or(e.path());
-            println!(
-                "missing manifest runs/{key}.json (the latest run of {})",
-                stage.display()
-            );
-        }
-    }
-    let scope: Option<HashSet<String>> = match pipeline {
+    // With a pipeline, only what the latest runs of its stages read and wrote.
+    let scope: Option<Vec<String>> = match pipeline {
         None => None,
         Some(path) => {
             let p = load(path, g)?;
-            let latest: Vec<Manifest> = p
-                .stages
-                .iter()
-                .filter_map(|s| cache.latest(&p.name, &s.name))
-                .filter_map(|k| manifests.iter().find(|m| m.key == k).cloned())
-                .collect();
-            Some(reachable(&latest).0)
+            Some(
+                p.stages
+                    .iter()
+                    .filter_map(|s| cache.latest(&p.name, &s.name))
+                    .collect(),
+            )
         }
     };
-    let objects: Vec<(String, PathBuf)> = list_objects(&cache)
-        .into_iter()
-        .filter(|(d, _)| scope.as_ref().is_none_or(|s| s.contains(d)))
-        .collect();
-    use rayon::prelude::*;
-    let corrupt: BTreeSet<String> = objects
-        .par_iter()
-        .filter_map(|(digest, path)| {
-            let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            match crate::hash::hash_file(path, size) {
-                Ok(d) if &d == digest => None,
-                _ => Some(digest.clone()),
-            }
-        })
-        .collect();
-    for d in &corrupt {
-        let to = move_aside(&cache.object_path(d), d)?;
-        println!("corrupt object {d} moved to {}", to.display());
+    let report = cache.verify(scope.as_deref())?;
+    for finding in &report.findings {
+        println!("{finding}");
     }
-    // Objects a manifest names but that are gone (deleted by hand, lost in a crash).
-    let in_scope = |d: &String| scope.as_ref().is_none_or(|s| s.contains(d));
-    let mut missing: BTreeSet<String> = BTreeSet::new();
-    for m in &manifests {
-        for d in m
-            .outputs
-            .values()
-            .flat_map(|t| t.entries.iter().map(|e| &e.digest))
-            .chain(m.log.iter())
-        {
-            if in_scope(d)
-                && !corrupt.contains(d)
-                && !cache.object_path(d).exists()
-                && missing.insert(d.clone())
-            {
-                println!(
-                    "missing object {d} (named by runs/{}.json, {}/{})",
-                    m.key, m.pipeline, m.stage
-                );
-            }
-        }
-    }
-    let lost: BTreeSet<&String> = corrupt.iter().chain(&missing).collect();
-    let mut dropped = Vec::new();
-    let mut bad_trees = 0usize;
-    for m in &manifests {
-        let uses = |t: &cache::OutputTree| t.entries.iter().any(|e| lost.contains(&e.digest));
-        if m.outputs.values().any(uses) || m.log.as_ref().is_some_and(|l| lost.contains(l)) {
-            let _ = fs::remove_file(cache.manifest_path(&m.key));
-            // Tree files are hard links to the objects, so the trees are corrupt too.
-            for t in m.outputs.values().filter(|t| uses(t)) {
-                let _ = cache::remove_all(&cache.tree_path(&t.digest));
-            }
-            dropped.push(format!("{}/{}", m.pipeline, m.stage));
-            continue;
-        }
-        // A materialised tree with a file removed or replaced is rebuilt from the objects,
-        // which are intact: no stage has to run again.
-        for t in m.outputs.values() {
-            if scope.is_some() && !t.entries.iter().all(|e| in_scope(&e.digest)) {
-                continue;
-            }
-            let dir = cache.tree_path(&t.digest);
-            if fs::symlink_metadata(&dir).is_err() || tree_matches(&cache, t) {
-                continue;
-            }
-            bad_trees += 1;
-            cache::remove_all(&dir).map_err(|e| {
-                Failure::msg(1, format!("cannot remove {}: {e}", dir.display()), None)
-            })?;
-            cache.ensure_tree(t)?;
-            println!(
-                "damaged tree {} of {}/{} rebuilt from its objects",
-                t.digest, m.pipeline, m.stage
-            );
-        }
-    }
-    dropped.sort();
-    dropped.dedup();
-    println!(
-        "verified {} manifests, {} objects: {} corrupt manifests, {} missing manifests, {} corrupt \
-         objects, {} missing objects, {} damaged trees",
-        keys.len(),
-        objects.len(),
-        bad_manifests,
-        gone_manifests,
-        corrupt.len(),
-        missing.len(),
-        bad_trees
-    );
-    if bad_manifests + gone_manifests + corrupt.len() + missing.len() + bad_trees == 0 {
+    println!("{report}");
+    if report.is_clean() {
         return Ok(ExitCode::SUCCESS);
     }
-    if !dropped.is_empty() {
-        println!("dropped the runs of: {}", dropped.join(", "));
+    if !report.dropped.is_empty() {
+        println!("dropped the runs of: {}", report.dropped.join(", "));
     }
     println!("the next `dag run` rebuilds what is affected");
     Ok(ExitCode::from(1))
-}
-
-/// Whether a materialised tree still holds exactly its entries: each file present, the same
-/// inode as its object when hard-linked, else the same size and bytes.
-fn tree_matches(cache: &Cache, t: &cache::OutputTree) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let root = cache.tree_path(&t.digest);
-    let files = match crate::hash::list_files(&root) {
-        Ok(f) => f,
-        Err(_) => return false,
-    };
-    if files.len() != t.entries.len() {
-        return false;
-    }
-    files.iter().zip(&t.entries).all(|(f, e)| {
-        if f.rel != e.path || f.size != e.size {
-            return false;
-        }
-        let same_inode = match (
-            fs::metadata(&f.path),
-            fs::metadata(cache.object_path(&e.digest)),
-        ) {
-            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
-            _ => false,
-        };
-        same_inode || crate::hash::hash_file(&f.path, f.size).is_ok_and(|d| d == e.digest)
-    })
 }
 
 fn type_name(t: &ParamType) -> String {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use dag_report::{ReportInput, StageInfo, State};
 
 use crate::cache::{Cache, Manifest};
-use crate::executor::{Engine, EngineError, Outcome, Selection};
+use crate::executor::{Engine, EngineError, Outcome, PlanStatus, Selection};
 use crate::spec::Pipeline;
 
 /// The state of every stage of `p` and the readable outputs of its current run (or, for a stale
@@ -29,7 +29,7 @@ pub fn gather(
         let in_last = last
             .as_ref()
             .and_then(|l| l.stages.iter().find(|s| s.stage == st.name));
-        let current = (entry.status == "cached")
+        let current = (entry.status == PlanStatus::Cached)
             .then(|| entry.key.as_deref().and_then(|k| cache.read_manifest(k)))
             .flatten();
         let (state, shown, note): (State, Option<Manifest>, Option<String>) = match current {

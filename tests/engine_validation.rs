@@ -6,7 +6,7 @@ mod engine_common;
 use std::fs;
 
 use dag::cache::Cache;
-use dag::executor::{Engine, Outcome, Selection};
+use dag::executor::{Engine, Outcome, PlanStatus, Selection};
 use dag::hash::StatCache;
 use dag::spec::{self, Override};
 use dag_api::{
@@ -351,8 +351,12 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
     let p2 = spec::load(&ws.path("pipeline.yaml"), &newer, &[]).unwrap();
     let engine = Engine::new(&p2, &cache, &stat, "flex".into(), ws.path("out"));
     let plan = engine.plan(&Selection::default()).unwrap();
-    let status: Vec<&str> = plan.iter().map(|e| e.status).collect();
-    assert_eq!(status, ["cached", "cached", "run"], "{plan:?}");
+    let status: Vec<PlanStatus> = plan.iter().map(|e| e.status).collect();
+    assert_eq!(
+        status,
+        [PlanStatus::Cached, PlanStatus::Cached, PlanStatus::Run],
+        "{plan:?}"
+    );
     assert_eq!(
         plan[2].reasons,
         [dag::executor::Reason::CodeChanged {
@@ -376,7 +380,7 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
     // Another device is another key for device-dependent kinds.
     let engine = Engine::new(&p, &cache, &stat, "cuda".into(), ws.path("out"));
     let plan = engine.plan(&Selection::default()).unwrap();
-    assert!(plan.iter().all(|e| e.status == "run"), "{plan:?}");
+    assert!(plan.iter().all(|e| e.status == PlanStatus::Run), "{plan:?}");
     assert!(plan[0]
         .reasons
         .iter()

@@ -227,6 +227,18 @@ impl fmt::Display for Reason {
     }
 }
 
+/// Whether a stage will run, in a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanStatus {
+    /// A run with the same key is reused.
+    Cached,
+    /// It runs (or may run, see [`PlanEntry::stale_only_upstream`]).
+    Run,
+    /// Not selected by --only/--until.
+    Skip,
+}
+
 /// What `dag plan` says about one stage.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanEntry {
@@ -234,8 +246,8 @@ pub struct PlanEntry {
     pub stage: String,
     /// Stage kind.
     pub kind: String,
-    /// `cached`, `run` or `skip` (not selected).
-    pub status: &'static str,
+    /// Whether it runs.
+    pub status: PlanStatus,
     /// Known unless an upstream stage must run first.
     pub key: Option<String>,
     /// Why it runs (empty when cached or skipped).
@@ -251,7 +263,7 @@ impl PlanEntry {
     /// Whether the stage runs only because an upstream stage does: early cutoff still keeps
     /// its result when what it reads comes out byte-identical.
     pub fn stale_only_upstream(&self) -> bool {
-        self.status == "run"
+        self.status == PlanStatus::Run
             && !self.reasons.is_empty()
             && self
                 .reasons
@@ -624,7 +636,7 @@ impl<'a> Engine<'a> {
             let mut e = PlanEntry {
                 stage: st.name.clone(),
                 kind: st.kind.kind().to_string(),
-                status: "skip",
+                status: PlanStatus::Skip,
                 key: None,
                 reasons: Vec::new(),
                 code_digest: (!code.parts.is_empty()).then(|| key::code_digest(&code)),
@@ -639,7 +651,7 @@ impl<'a> Engine<'a> {
             } else {
                 match self.parts(i, &outs)? {
                     Err(up) => {
-                        e.status = "run";
+                        e.status = PlanStatus::Run;
                         e.reasons = self.why(i, None);
                         if e.reasons == [Reason::NeverRan] {
                             e.reasons.clear();
@@ -661,12 +673,12 @@ impl<'a> Engine<'a> {
                     }
                     Ok(parts) => match self.decide(i, parts, forced[i]) {
                         Decision::Cached(m) => {
-                            e.status = "cached";
+                            e.status = PlanStatus::Cached;
                             e.key = Some(m.key.clone());
                             outs[i] = Some(m.outputs);
                         }
                         Decision::Run { key, reasons, .. } => {
-                            e.status = "run";
+                            e.status = PlanStatus::Run;
                             e.key = Some(key);
                             e.reasons = reasons;
                         }

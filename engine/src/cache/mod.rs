@@ -91,6 +91,10 @@ pub struct LastRunStage {
     pub message: Option<String>,
 }
 
+mod maintenance;
+
+pub use maintenance::{GcReport, VerifyFinding, VerifyReport};
+
 /// A failure of the cache, naming the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -447,20 +451,17 @@ impl Cache {
 
     /// Where the object with this digest lives.
     pub fn object_path(&self, digest: &str) -> PathBuf {
-        self.root
-            .join("objects")
-            .join(&digest[..2])
-            .join(&digest[2..])
+        self.objects_dir().join(&digest[..2]).join(&digest[2..])
     }
 
     /// Where the materialised tree with this digest lives.
     pub fn tree_path(&self, digest: &str) -> PathBuf {
-        self.root.join("trees").join(digest)
+        self.trees_dir().join(digest)
     }
 
     /// Where the manifest of the run with this key lives.
     pub fn manifest_path(&self, key: &str) -> PathBuf {
-        self.root.join("runs").join(format!("{key}.json"))
+        self.runs_dir().join(format!("{key}.json"))
     }
 
     /// The per-key scratch directory (created).
@@ -530,7 +531,37 @@ impl Cache {
     }
 
     fn latest_path(&self, pipeline: &str, stage: &str) -> PathBuf {
-        self.root.join("latest").join(pipeline).join(stage)
+        self.latest_dir().join(pipeline).join(stage)
+    }
+
+    /// `objects/`: immutable files by digest, under a two-character prefix directory.
+    fn objects_dir(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+
+    /// `trees/`: each output tree materialised from its objects.
+    fn trees_dir(&self) -> PathBuf {
+        self.root.join("trees")
+    }
+
+    /// `runs/`: one manifest per stage run.
+    fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
+    /// `latest/<pipeline>/<stage>`: the key of each stage's last completed run.
+    fn latest_dir(&self) -> PathBuf {
+        self.root.join("latest")
+    }
+
+    /// `statcache.json`: the file stats and digests of workspace files hashed before.
+    pub fn stat_cache_path(&self) -> PathBuf {
+        self.root.join("statcache.json")
+    }
+
+    /// `quarantine/`: what `verify` found corrupt, kept for inspection.
+    fn quarantine_dir(&self) -> PathBuf {
+        self.root.join("quarantine")
     }
 
     /// The key of the last completed run of a stage name.
