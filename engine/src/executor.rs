@@ -349,6 +349,82 @@ enum Decision {
     },
 }
 
+/// The walk through the graph that `plan` (as a dry run) and `run` share: which stages are
+/// selected and forced, the outputs known so far, and which selected stages are ready (every
+/// selected upstream stage finished).
+struct Schedule {
+    selected: Vec<bool>,
+    forced: Vec<bool>,
+    /// Each stage's outputs once known: from the cache, or from its run.
+    outs: Vec<Option<BTreeMap<String, OutputTree>>>,
+    down: Vec<BTreeSet<usize>>,
+    /// How many selected upstream stages each stage still waits for.
+    waiting_on: Vec<usize>,
+    /// Ready stages by topological position, so that a serial run follows the file's order.
+    ready: BTreeSet<(usize, usize)>,
+    position: Vec<usize>,
+}
+
+impl Schedule {
+    fn new(engine: &Engine<'_>, sel: &Selection) -> Result<Self, EngineError> {
+        let p = engine.pipeline;
+        let n = p.stages.len();
+        let (selected, forced) = engine.select(sel)?;
+        let mut outs = vec![None; n];
+        for &i in &p.order {
+            if !selected[i] {
+                outs[i] = engine.resolve_unselected(i, &outs)?;
+            }
+        }
+        let waiting_on: Vec<usize> = (0..n)
+            .map(|i| p.upstream(i).iter().filter(|&&u| selected[u]).count())
+            .collect();
+        let mut position = vec![0usize; n];
+        for (k, &i) in p.order.iter().enumerate() {
+            position[i] = k;
+        }
+        let ready = (0..n)
+            .filter(|&i| selected[i] && waiting_on[i] == 0)
+            .map(|i| (position[i], i))
+            .collect();
+        Ok(Schedule {
+            selected,
+            forced,
+            outs,
+            down: p.downstream(),
+            waiting_on,
+            ready,
+            position,
+        })
+    }
+
+    /// The ready stage first in topological order.
+    fn next(&mut self) -> Option<usize> {
+        self.ready.pop_first().map(|(_, i)| i)
+    }
+
+    /// Makes stages ready again (those parked behind a run with the same key).
+    fn requeue(&mut self, stages: impl IntoIterator<Item = usize>) {
+        for i in stages {
+            self.ready.insert((self.position[i], i));
+        }
+    }
+
+    /// Records that stage `i` finished, with its outputs (`None` in a plan, where a stage that
+    /// runs has outputs nobody knows yet), and readies what waited for it last.
+    fn finish(&mut self, i: usize, outputs: Option<BTreeMap<String, OutputTree>>) {
+        self.outs[i] = outputs;
+        for &d in &self.down[i] {
+            if self.selected[d] {
+                self.waiting_on[d] -= 1;
+                if self.waiting_on[d] == 0 {
+                    self.ready.insert((self.position[d], d));
+                }
+            }
+        }
+    }
+}
+
 impl<'a> Engine<'a> {
     /// Binds a pipeline to a cache.
     pub fn new(
@@ -627,76 +703,76 @@ impl<'a> Engine<'a> {
     /// What a run would do, stage by stage, without running anything.
     pub fn plan(&self, sel: &Selection) -> Result<Vec<PlanEntry>, EngineError> {
         let p = self.pipeline;
-        let (selected, forced) = self.select(sel)?;
-        let mut outs: Vec<Option<BTreeMap<String, OutputTree>>> = vec![None; p.stages.len()];
-        let mut entries: Vec<Option<PlanEntry>> = vec![None; p.stages.len()];
-        for &i in &p.order {
-            let st = &p.stages[i];
-            let code = st.kind.code();
-            let mut e = PlanEntry {
-                stage: st.name.clone(),
-                kind: st.kind.kind().to_string(),
-                status: PlanStatus::Skip,
-                key: None,
-                reasons: Vec::new(),
-                code_digest: (!code.parts.is_empty()).then(|| key::code_digest(&code)),
-                code: code
-                    .parts
-                    .iter()
-                    .map(|(name, digest)| (name.to_string(), digest.to_string()))
-                    .collect(),
-            };
-            if !selected[i] {
-                outs[i] = self.resolve_unselected(i, &outs)?;
-            } else {
-                match self.parts(i, &outs)? {
-                    Err(up) => {
-                        e.status = PlanStatus::Run;
-                        e.reasons = self.why(i, None);
-                        if e.reasons == [Reason::NeverRan] {
-                            e.reasons.clear();
-                        }
-                        if forced[i] {
-                            e.reasons.insert(0, Reason::Forced);
-                        }
-                        let upstream = &p.stages[up].name;
-                        if selected[up] {
-                            e.reasons.push(Reason::UpstreamWillRun {
-                                stage: upstream.clone(),
-                            });
-                        } else {
-                            return Err(EngineError::MissingUpstream {
-                                stage: st.name.clone(),
-                                upstream: upstream.clone(),
-                            });
-                        }
-                    }
-                    Ok(parts) => match self.decide(i, parts, forced[i]) {
-                        Decision::Cached(m) => {
-                            e.status = PlanStatus::Cached;
-                            e.key = Some(m.key.clone());
-                            outs[i] = Some(m.outputs);
-                        }
-                        Decision::Run { key, reasons, .. } => {
-                            e.status = PlanStatus::Run;
-                            e.key = Some(key);
-                            e.reasons = reasons;
-                        }
-                    },
+        let mut schedule = Schedule::new(self, sel)?;
+        let mut entries: Vec<PlanEntry> = p
+            .stages
+            .iter()
+            .map(|st| {
+                let code = st.kind.code();
+                PlanEntry {
+                    stage: st.name.clone(),
+                    kind: st.kind.kind().to_string(),
+                    status: PlanStatus::Skip,
+                    key: None,
+                    reasons: Vec::new(),
+                    code_digest: (!code.parts.is_empty()).then(|| key::code_digest(&code)),
+                    code: code
+                        .parts
+                        .iter()
+                        .map(|(name, digest)| (name.to_string(), digest.to_string()))
+                        .collect(),
                 }
-            }
-            entries[i] = Some(e);
+            })
+            .collect();
+        while let Some(i) = schedule.next() {
+            let st = &p.stages[i];
+            let e = &mut entries[i];
+            let outputs = match self.parts(i, &schedule.outs)? {
+                Err(up) => {
+                    e.status = PlanStatus::Run;
+                    e.reasons = self.why(i, None);
+                    if e.reasons == [Reason::NeverRan] {
+                        e.reasons.clear();
+                    }
+                    if schedule.forced[i] {
+                        e.reasons.insert(0, Reason::Forced);
+                    }
+                    let upstream = &p.stages[up].name;
+                    if !schedule.selected[up] {
+                        return Err(EngineError::MissingUpstream {
+                            stage: st.name.clone(),
+                            upstream: upstream.clone(),
+                        });
+                    }
+                    e.reasons.push(Reason::UpstreamWillRun {
+                        stage: upstream.clone(),
+                    });
+                    None
+                }
+                Ok(parts) => match self.decide(i, parts, schedule.forced[i]) {
+                    Decision::Cached(m) => {
+                        e.status = PlanStatus::Cached;
+                        e.key = Some(m.key.clone());
+                        Some(m.outputs)
+                    }
+                    Decision::Run { key, reasons, .. } => {
+                        e.status = PlanStatus::Run;
+                        e.key = Some(key);
+                        e.reasons = reasons;
+                        None
+                    }
+                },
+            };
+            schedule.finish(i, outputs);
         }
-        Ok(p.order.iter().filter_map(|&i| entries[i].take()).collect())
+        Ok(p.order.iter().map(|&i| entries[i].clone()).collect())
     }
 
     /// Runs what is stale. `jobs` bounds the stages running at once.
     pub fn run(&self, sel: &Selection, jobs: usize) -> Result<RunReport, EngineError> {
         let t0 = Instant::now();
         let p = self.pipeline;
-        let n = p.stages.len();
-        let (selected, forced) = self.select(sel)?;
-        let mut outs: Vec<Option<BTreeMap<String, OutputTree>>> = vec![None; n];
+        let mut schedule = Schedule::new(self, sel)?;
         let mut reports: Vec<StageReport> = p
             .stages
             .iter()
@@ -708,25 +784,6 @@ impl<'a> Engine<'a> {
                 summary: None,
             })
             .collect();
-        for &i in &p.order {
-            if !selected[i] {
-                outs[i] = self.resolve_unselected(i, &outs)?;
-            }
-        }
-        let down = p.downstream();
-        let mut indeg: Vec<usize> = (0..n)
-            .map(|i| p.upstream(i).iter().filter(|&&u| selected[u]).count())
-            .collect();
-        let mut ready: BTreeSet<usize> = p
-            .order
-            .iter()
-            .copied()
-            .filter(|&i| selected[i] && indeg[i] == 0)
-            .collect();
-        let mut pos = vec![0usize; n];
-        for (k, &i) in p.order.iter().enumerate() {
-            pos[i] = k;
-        }
         let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let mut failure: Option<StageFailure> = None;
         let jobs = jobs.max(1);
@@ -740,13 +797,11 @@ impl<'a> Engine<'a> {
             let mut key_of: HashMap<usize, String> = HashMap::new();
             loop {
                 while failure.is_none() && !self.cancel.is_cancelled() && running < jobs {
-                    // Topological position first, so a serial run follows the file's order.
-                    let Some(&i) = ready.iter().min_by_key(|&&i| pos[i]) else {
+                    let Some(i) = schedule.next() else {
                         break;
                     };
-                    ready.remove(&i);
                     let st = &p.stages[i];
-                    let parts = match self.parts(i, &outs)? {
+                    let parts = match self.parts(i, &schedule.outs)? {
                         Ok(parts) => parts,
                         Err(up) => {
                             return Err(EngineError::MissingUpstream {
@@ -755,22 +810,14 @@ impl<'a> Engine<'a> {
                             })
                         }
                     };
-                    match self.decide(i, parts, forced[i]) {
+                    match self.decide(i, parts, schedule.forced[i]) {
                         Decision::Cached(m) => {
                             tracing::debug!(stage = %st.name, key = %m.key, "cached");
                             self.publish_links(i, &m)?;
                             reports[i].outcome = Outcome::Cached;
                             reports[i].key = Some(m.key.clone());
                             reports[i].summary = m.summary.clone();
-                            outs[i] = Some(m.outputs);
-                            for &d in &down[i] {
-                                if selected[d] {
-                                    indeg[d] -= 1;
-                                    if indeg[d] == 0 {
-                                        ready.insert(d);
-                                    }
-                                }
-                            }
+                            schedule.finish(i, Some(m.outputs));
                         }
                         Decision::Run { key, .. } if running_keys.contains_key(&key) => {
                             running_keys.get_mut(&key).expect("checked").push(i);
@@ -788,25 +835,9 @@ impl<'a> Engine<'a> {
                             if self.progress_lines && !self.progress {
                                 eprintln!("{}: running ({})", st.name, why.join("; "));
                             }
-                            let inputs = self.input_artifacts(i, &outs)?;
-                            let datasets = self.dataset_refs(i, &outs)?;
-                            // Bars (and their ticker threads) only exist when drawn.
-                            let bar = self.progress.then(|| {
-                                let bar = bars.add(ProgressBar::new_spinner());
-                                bar.set_style(
-                                    // The stage's message (its phase, or while training every
-                                    // loss term and the lr) comes last, where the terminal's
-                                    // width cuts it rather than the numbers before it.
-                                    ProgressStyle::with_template(
-                                        "{spinner} {prefix:.bold} {bar:24} {pos}/{len} {per_sec} \
-                                         ETA {eta} {wide_msg}",
-                                    )
-                                    .expect("valid template"),
-                                );
-                                bar.set_prefix(st.name.clone());
-                                bar.enable_steady_tick(std::time::Duration::from_millis(200));
-                                bar
-                            });
+                            let inputs = self.input_artifacts(i, &schedule.outs)?;
+                            let datasets = self.dataset_refs(i, &schedule.outs)?;
+                            let bar = self.progress_bar(&bars, &st.name);
                             let tx = tx.clone();
                             running += 1;
                             scope.spawn(move || {
@@ -826,7 +857,7 @@ impl<'a> Engine<'a> {
                 let (i, r) = rx.recv().expect("a worker always reports");
                 running -= 1;
                 if let Some(parked) = key_of.remove(&i).and_then(|k| running_keys.remove(&k)) {
-                    ready.extend(parked);
+                    schedule.requeue(parked);
                 }
                 match r {
                     Ok(m) => {
@@ -842,15 +873,7 @@ impl<'a> Engine<'a> {
                         reports[i].seconds = m.seconds + m.publish_seconds;
                         reports[i].key = Some(m.key.clone());
                         reports[i].summary = m.summary.clone();
-                        outs[i] = Some(m.outputs);
-                        for &d in &down[i] {
-                            if selected[d] {
-                                indeg[d] -= 1;
-                                if indeg[d] == 0 {
-                                    ready.insert(d);
-                                }
-                            }
-                        }
+                        schedule.finish(i, Some(m.outputs));
                     }
                     Err(f) => {
                         reports[i].outcome = Outcome::Failed;
@@ -868,7 +891,7 @@ impl<'a> Engine<'a> {
             }
         }
         for (i, r) in reports.iter_mut().enumerate() {
-            if selected[i] && r.outcome == Outcome::Skipped {
+            if schedule.selected[i] && r.outcome == Outcome::Skipped {
                 r.outcome = Outcome::NotRun;
             }
         }
@@ -889,6 +912,26 @@ impl<'a> Engine<'a> {
             stages: order_reports,
             failure,
             seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// A progress bar for a running stage when bars are drawn (bars and their ticker threads
+    /// only exist then).
+    fn progress_bar(&self, bars: &MultiProgress, stage: &str) -> Option<ProgressBar> {
+        self.progress.then(|| {
+            let bar = bars.add(ProgressBar::new_spinner());
+            bar.set_style(
+                // The stage's message (its phase, or while training every loss term and the lr)
+                // comes last, where the terminal's width cuts it rather than the numbers before
+                // it.
+                ProgressStyle::with_template(
+                    "{spinner} {prefix:.bold} {bar:24} {pos}/{len} {per_sec} ETA {eta} {wide_msg}",
+                )
+                .expect("valid template"),
+            );
+            bar.set_prefix(stage.to_string());
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            bar
         })
     }
 
