@@ -62,6 +62,13 @@ struct LoopState {
     log: Vec<IterationLog>,
 }
 
+/// Held from seeding the device RNG to the end of a training's first step. Burn keeps one RNG
+/// per backend for the whole process (flex: a global seeded generator), and the network's lazily
+/// initialised parameters draw from it during the first forward pass: two trainings running at
+/// once (`jobs`, or the instances of `seeds:`) would otherwise interleave their seeds and draws
+/// and start from weights that depend on the timing.
+static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Trains `model` with `config.method` for `config.schedule.iters` iterations on `device` (a plain
 /// device; autodiff is added here) and returns the trained model and the log.
 ///
@@ -87,7 +94,10 @@ pub fn train(
     let run = Run::new(config).map_err(TrainError::Config)?;
     let ad = device.clone().autodiff();
     // Seed before anything draws: any lazily-initialised parameter of `model` takes its weights
-    // from the device RNG (reading a lazy parameter initialises it, hence `lazy_shape`).
+    // from the device RNG (reading a lazy parameter initialises it, hence `lazy_shape`). The
+    // draws happen up to the end of the first step; until then no other training in this
+    // process may seed or draw (see `DEVICE_RNG`).
+    let mut device_rng = Some(DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner()));
     ad.seed(config.seed);
     let classes = model.layer6.conv2d_list[0].weight.lazy_shape()[0];
     let mut state = init_state(config, &run, model, classes, &ad)?;
@@ -128,6 +138,7 @@ pub fn train(
             )
         };
         let (next, record) = dag_kernels::run_on_kernel_threads(device, run_step)?;
+        drop(device_rng.take());
         state = next;
         state.next_iteration = iteration + 1;
         progress(&record);

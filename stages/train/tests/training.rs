@@ -415,6 +415,53 @@ fn same_seed_same_weights() {
     );
 }
 
+/// Two trainings at once in one process (as `jobs: 2` runs two seeds' instances) start from the
+/// weights each would draw alone: the device RNG is one per process, so seeding and the lazy
+/// initialisation's draws must not interleave.
+#[test]
+fn trainings_at_once_draw_their_weights_as_if_alone() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let configs: Vec<TrainConfig> = [1, 2]
+        .map(|seed| TrainConfig {
+            seed,
+            ..config("source_only", 2)
+        })
+        .into();
+    let alone: Vec<Vec<TensorData>> = configs
+        .iter()
+        .map(|c| {
+            run(c, tempfile::tempdir().unwrap().path(), None)
+                .unwrap()
+                .weights
+        })
+        .collect();
+    assert_ne!(
+        alone[0][0].as_bytes(),
+        alone[1][0].as_bytes(),
+        "seeds differ"
+    );
+    for _ in 0..50 {
+        let start = std::sync::Barrier::new(2);
+        let together: Vec<Vec<TensorData>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = configs
+                .iter()
+                .map(|c| {
+                    let start = &start;
+                    scope.spawn(move || {
+                        let dir = tempfile::tempdir().unwrap();
+                        start.wait();
+                        run(c, dir.path(), None).unwrap().weights
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (a, b) in alone.iter().zip(&together) {
+            assert_bit_identical(a, b);
+        }
+    }
+}
+
 #[test]
 fn resume_after_interruption_is_bit_identical() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
