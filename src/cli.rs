@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use dag_api::{ParamType, Params, Registry};
+use dag_api::{DeviceKind, ParamType, Params, Registry};
 
 use crate::cache::{self, Cache};
 use crate::executor::{Engine, EngineError, Outcome, PlanStatus, RunReport, Selection};
@@ -368,11 +368,12 @@ fn load(path: &Path, g: &Global) -> Result<Pipeline, Failure> {
     })
 }
 
-fn device(p: &Pipeline, g: &Global) -> Result<String, Failure> {
+fn device(p: &Pipeline, g: &Global) -> Result<DeviceKind, Failure> {
     let requested = g.device.as_deref().unwrap_or(&p.device);
-    // Resolving may probe GPU backends: skip it when no stage would use the answer.
+    // Resolving may probe GPU backends: skip it when no stage would use the answer (the kind
+    // then only fills a field that no stage reads).
     if p.stages.iter().all(|s| s.kind.device_independent()) {
-        return Ok(requested.to_string());
+        return Ok(DeviceKind::from_name(requested).unwrap_or(DeviceKind::Flex));
     }
     dag_stages::resolve_device(requested).map_err(|e| {
         Failure::msg(
@@ -734,7 +735,7 @@ fn cmd_show(path: &Path, stage: &str, json: bool, g: &Global) -> Result<ExitCode
     let seed = m
         .seed
         .map_or("none (not seeded)".to_string(), |s| s.to_string());
-    println!("device   {}   seed {}", m.device, seed);
+    println!("device   {}   seed {}", cache::device_name(m.device), seed);
     println!(
         "ran      {:.3} s (+{:.3} s publishing), finished at unix {:.0}",
         m.seconds, m.publish_seconds, m.finished_unix

@@ -108,7 +108,7 @@ pub fn gather(
         pipeline: p.name.clone(),
         file: p.file.clone(),
         cache: cache.root.clone(),
-        device: engine.device.clone(),
+        device: engine.device.name().to_string(),
         stages,
     })
 }

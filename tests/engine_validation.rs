@@ -315,7 +315,7 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
 
     let cache = Cache::open(&ws.path("cache")).unwrap();
     let stat = StatCache::load(cache.root.join("statcache.json"));
-    let engine = Engine::new(&p, &cache, &stat, "flex".into(), ws.path("out"));
+    let engine = Engine::new(&p, &cache, &stat, dag_api::DeviceKind::Flex, ws.path("out"));
     let report = engine.run(&Selection::default(), 2).unwrap();
     assert!(report.failure.is_none(), "{:?}", report.failure);
     assert!(report.stages.iter().all(|s| s.outcome == Outcome::Ran));
@@ -338,7 +338,7 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
 
     // A new file in the workspace dataset changes its fingerprint: everything downstream reruns.
     ws.write("data/city/b.png", "y");
-    let engine = Engine::new(&p, &cache, &stat, "flex".into(), ws.path("out"));
+    let engine = Engine::new(&p, &cache, &stat, dag_api::DeviceKind::Flex, ws.path("out"));
     let report = engine.run(&Selection::default(), 1).unwrap();
     let ran: Vec<_> = report.stages.iter().map(|s| s.outcome).collect();
     // `prep` lists the new file; `use` reruns because its dataset changed but writes the same
@@ -349,7 +349,13 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
         parts: &[("test-train", "4"), ("dependencies", "1")],
     });
     let p2 = spec::load(&ws.path("pipeline.yaml"), &newer, &[]).unwrap();
-    let engine = Engine::new(&p2, &cache, &stat, "flex".into(), ws.path("out"));
+    let engine = Engine::new(
+        &p2,
+        &cache,
+        &stat,
+        dag_api::DeviceKind::Flex,
+        ws.path("out"),
+    );
     let plan = engine.plan(&Selection::default()).unwrap();
     let status: Vec<PlanStatus> = plan.iter().map(|e| e.status).collect();
     assert_eq!(
@@ -370,7 +376,13 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
         parts: &[("test-train", "3"), ("dependencies", "2")],
     });
     let p3 = spec::load(&ws.path("pipeline.yaml"), &locked, &[]).unwrap();
-    let engine = Engine::new(&p3, &cache, &stat, "flex".into(), ws.path("out"));
+    let engine = Engine::new(
+        &p3,
+        &cache,
+        &stat,
+        dag_api::DeviceKind::Flex,
+        ws.path("out"),
+    );
     let plan = engine.plan(&Selection::default()).unwrap();
     assert_eq!(
         plan[2].reasons[0].to_string(),
@@ -378,7 +390,7 @@ fn dataset_roots_that_are_outputs_are_edges_and_resolve_to_the_artifact() {
     );
 
     // Another device is another key for device-dependent kinds.
-    let engine = Engine::new(&p, &cache, &stat, "cuda".into(), ws.path("out"));
+    let engine = Engine::new(&p, &cache, &stat, dag_api::DeviceKind::Cuda, ws.path("out"));
     let plan = engine.plan(&Selection::default()).unwrap();
     assert!(plan.iter().all(|e| e.status == PlanStatus::Run), "{plan:?}");
     assert!(plan[0]
@@ -482,7 +494,7 @@ stages:
     let p = spec::load(&ws.path("pipeline.yaml"), &reg, &[]).unwrap();
     let cache = Cache::open(&ws.path("cache")).unwrap();
     let stat = StatCache::load(cache.root.join("statcache.json"));
-    let engine = Engine::new(&p, &cache, &stat, "flex".into(), ws.path("out"));
+    let engine = Engine::new(&p, &cache, &stat, dag_api::DeviceKind::Flex, ws.path("out"));
     let report = engine.run(&Selection::default(), 2).unwrap();
     let outcomes: Vec<_> = report.stages.iter().map(|s| s.outcome).collect();
     assert_eq!(outcomes, vec![Outcome::Ran, Outcome::Cached]);

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use dag_api::{CancelToken, DatasetRef, InputArtifact, Progress, StageContext, Value, STAGE_LOG};
+use dag_api::{
+    CancelToken, DatasetRef, DeviceKind, InputArtifact, Progress, StageContext, Value, STAGE_LOG,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -129,10 +131,10 @@ pub enum Reason {
     },
     /// The device kind changed.
     DeviceChanged {
-        /// Device in the last run.
-        from: String,
+        /// Device in the last run (`None`: any device).
+        from: Option<DeviceKind>,
         /// Device now.
-        to: String,
+        to: Option<DeviceKind>,
     },
     /// The stage's seed changed (`None`: a kind that is not seeded).
     SeedChanged {
@@ -215,7 +217,12 @@ impl fmt::Display for Reason {
                     .collect();
                 write!(f, "{} changed", named.join(", "))
             }
-            Reason::DeviceChanged { from, to } => write!(f, "device changed from {from} to {to}"),
+            Reason::DeviceChanged { from, to } => write!(
+                f,
+                "device changed from {} to {}",
+                crate::cache::device_name(*from),
+                crate::cache::device_name(*to)
+            ),
             Reason::SeedChanged { from, to } => {
                 let show = |s: &Option<u64>| s.map_or("none".to_string(), |s| s.to_string());
                 write!(f, "seed changed from {} to {}", show(from), show(to))
@@ -322,7 +329,7 @@ pub struct Engine<'a> {
     /// Digests of workspace files.
     pub stat: &'a StatCache,
     /// The resolved device kind (`flex`, `wgpu`, `cuda`).
-    pub device: String,
+    pub device: DeviceKind,
     /// Links go to `<out_dir>/<pipeline>/<stage>/<output>`.
     pub out_dir: PathBuf,
     /// Draw progress bars (only when stderr is a terminal).
@@ -431,7 +438,7 @@ impl<'a> Engine<'a> {
         pipeline: &'a Pipeline,
         cache: &'a Cache,
         stat: &'a StatCache,
-        device: String,
+        device: DeviceKind,
         out_dir: PathBuf,
     ) -> Self {
         Engine {
@@ -560,8 +567,8 @@ impl<'a> Engine<'a> {
         Ok(Ok(parts))
     }
 
-    fn device_for(&self, i: usize) -> Option<&str> {
-        (!self.pipeline.stages[i].kind.device_independent()).then_some(self.device.as_str())
+    fn device_for(&self, i: usize) -> Option<DeviceKind> {
+        (!self.pipeline.stages[i].kind.device_independent()).then_some(self.device)
     }
 
     fn key(&self, i: usize, parts: &KeyInputs) -> String {
@@ -570,7 +577,7 @@ impl<'a> Engine<'a> {
             st.kind.kind(),
             &st.kind.code(),
             &st.params,
-            self.device_for(i),
+            self.device_for(i).map(DeviceKind::name),
             st.seed,
             parts,
         )
@@ -633,11 +640,11 @@ impl<'a> Engine<'a> {
                 });
             }
         }
-        let dev = self.device_for(i).unwrap_or("any-device");
+        let dev = self.device_for(i);
         if m.device != dev {
             r.push(Reason::DeviceChanged {
-                from: m.device.clone(),
-                to: dev.to_string(),
+                from: m.device,
+                to: dev,
             });
         }
         let seed = self.pipeline.stages[i].seed;
@@ -1025,7 +1032,7 @@ impl<'a> Engine<'a> {
             datasets,
             outputs: &outputs,
             scratch: &scratch,
-            device: self.device_for(i).unwrap_or(&self.device),
+            device: self.device,
             seed: st.seed.unwrap_or(0),
             workdir: &p.workdir,
             progress,
@@ -1096,7 +1103,7 @@ impl<'a> Engine<'a> {
                 .iter()
                 .map(|(name, digest)| (name.to_string(), digest.to_string()))
                 .collect(),
-            device: self.device_for(i).unwrap_or("any-device").to_string(),
+            device: self.device_for(i),
             seed: st.seed,
             params: st.params.0.clone(),
             inputs: parts

@@ -202,7 +202,7 @@ pub fn stage_key(
         // Every backend computes in f32 today; the precision is part of the key so that adding
         // half precision later invalidates nothing silently.
         Some(d) => e.str(d).str("f32"),
-        None => e.str("any-device"),
+        None => e.str(crate::cache::ANY_DEVICE),
     };
     match seed {
         Some(s) => e.str("seed").uint(s),

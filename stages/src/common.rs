@@ -8,8 +8,9 @@ use dag_model::{DeepLabV2, ModelDescription};
 
 /// The Burn device of the stage's resolved device kind.
 pub(crate) fn device(ctx: &StageContext<'_>) -> Result<Device, StageError> {
-    let choice = dag_train::resolve_device(ctx.device).map_err(StageError::new)?;
-    Ok(dag_train::device_for(choice))
+    // Refuses a kind this build lacks with the message that says how to rebuild.
+    let kind = dag_train::resolve_device(ctx.device.name()).map_err(StageError::new)?;
+    Ok(dag_train::device_for(kind))
 }
 
 /// Opens a preprocessed dataset input.

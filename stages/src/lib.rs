@@ -29,6 +29,6 @@ pub fn register_all(registry: &mut Registry) {
 /// Resolves the pipeline's `device:` (`auto`, `flex`, `wgpu`, `cuda`) to the device kind that
 /// will actually run, or explains why the requested one is not available in this build.
 /// `auto` probes the GPU backends compiled in (CUDA, then wgpu) and falls back to `flex`.
-pub fn resolve_device(requested: &str) -> Result<String, String> {
-    dag_train::resolve_device(requested).map(|choice| choice.name().to_string())
+pub fn resolve_device(requested: &str) -> Result<dag_api::DeviceKind, String> {
+    dag_train::resolve_device(requested)
 }

@@ -27,7 +27,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dag_api::{Map, Value};
+use dag_api::{DeviceKind, Map, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::hash;
@@ -92,6 +92,34 @@ pub struct LastRunStage {
 }
 
 mod maintenance;
+
+/// A manifest's device: a [`DeviceKind`]'s name, or `any-device` for a device-independent kind.
+mod any_device {
+    use dag_api::DeviceKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<DeviceKind>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(super::device_name(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DeviceKind>, D::Error> {
+        let name = String::deserialize(d)?;
+        if name == super::ANY_DEVICE {
+            return Ok(None);
+        }
+        DeviceKind::from_name(&name)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown device `{name}`")))
+    }
+}
+
+/// How a device-independent stage's device is written.
+pub const ANY_DEVICE: &str = "any-device";
+
+/// A device's name, or [`ANY_DEVICE`].
+pub fn device_name(device: Option<DeviceKind>) -> &'static str {
+    device.map_or(ANY_DEVICE, DeviceKind::name)
+}
 
 pub use maintenance::{GcReport, VerifyFinding, VerifyReport};
 
@@ -225,8 +253,9 @@ pub struct Manifest {
     /// dag's own, and in manifests older than format 3).
     #[serde(default)]
     pub code: BTreeMap<String, String>,
-    /// Resolved device kind, or `any-device` for device-independent kinds.
-    pub device: String,
+    /// Resolved device kind, or `None` for device-independent kinds (`any-device` on disk).
+    #[serde(with = "any_device")]
+    pub device: Option<DeviceKind>,
     /// The stage's seed; `None` for kinds that are not seeded (older manifests hold the
     /// pipeline seed for every stage).
     pub seed: Option<u64>,
@@ -854,5 +883,26 @@ mod tests {
         ] {
             assert_eq!(serde_json::from_str::<Outcome>(word).unwrap(), o);
         }
+    }
+
+    /// A manifest's device reads and writes the names it always had: a kind's name, or
+    /// `any-device`.
+    #[test]
+    fn manifest_devices_keep_their_names() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct D {
+            #[serde(with = "any_device")]
+            device: Option<DeviceKind>,
+        }
+        for (text, device) in [
+            (r#"{"device":"any-device"}"#, None),
+            (r#"{"device":"flex"}"#, Some(DeviceKind::Flex)),
+            (r#"{"device":"tch"}"#, Some(DeviceKind::LibTorch)),
+        ] {
+            let d: D = serde_json::from_str(text).unwrap();
+            assert_eq!(d, D { device });
+            assert_eq!(serde_json::to_string(&d).unwrap(), text);
+        }
+        assert!(serde_json::from_str::<D>(r#"{"device":"tpu"}"#).is_err());
     }
 }

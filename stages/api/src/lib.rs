@@ -13,6 +13,53 @@ use std::sync::Arc;
 
 pub use serde_json::{Map, Value};
 
+/// The kinds of device a stage computes on: the names of `device:` in a pipeline file, of cache
+/// keys and manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// Burn's pure-Rust CPU backend.
+    Flex,
+    /// WGPU (Vulkan, Metal, DX12, or a software adapter such as lavapipe).
+    Wgpu,
+    /// CUDA, device 0.
+    Cuda,
+    /// LibTorch on the CPU, linked against an installed PyTorch (the `tch` feature).
+    #[serde(rename = "tch")]
+    LibTorch,
+}
+
+impl DeviceKind {
+    /// Every kind, in the order `auto` prefers GPUs (CUDA, then WGPU) before the CPUs.
+    pub const ALL: [DeviceKind; 4] = [
+        DeviceKind::Flex,
+        DeviceKind::Wgpu,
+        DeviceKind::Cuda,
+        DeviceKind::LibTorch,
+    ];
+
+    /// The name used in pipeline files, cache keys and manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Flex => "flex",
+            DeviceKind::Wgpu => "wgpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::LibTorch => "tch",
+        }
+    }
+
+    /// The kind named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// File name under [`StageContext::scratch`] where a stage may write its log. The engine keeps
 /// it in the cache with the run's manifest (`dag show` names it) and points to it when the stage
 /// fails.
@@ -333,7 +380,7 @@ pub struct StageContext<'a> {
     /// and is deleted once the stage's outputs are published.
     pub scratch: &'a Path,
     /// Resolved device kind: `flex`, `wgpu` or `cuda`.
-    pub device: &'a str,
+    pub device: DeviceKind,
     /// The stage's seed: the pipeline's `seed`, or this instance's entry of `seeds:`, for kinds
     /// that are [`Stage::seeded`]; 0 for every other kind (their outputs must not depend on it).
     pub seed: u64,

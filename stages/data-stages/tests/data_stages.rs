@@ -55,7 +55,7 @@ impl Run<'_> {
             datasets: &self.datasets,
             outputs: &outputs,
             scratch: &scratch,
-            device: "flex",
+            device: dag_api::DeviceKind::Flex,
             seed: 1234,
             workdir: self.dir,
             progress: &NoProgress,

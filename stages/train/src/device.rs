@@ -6,40 +6,17 @@ use burn::tensor::Device;
 
 use crate::TrainError;
 
-/// A resolved device kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// Burn's pure-Rust CPU backend.
-    Flex,
-    /// WGPU (Vulkan, Metal, DX12, or a software adapter such as lavapipe).
-    Wgpu,
-    /// CUDA, device 0.
-    Cuda,
-    /// LibTorch on the CPU, linked against an installed PyTorch (the `tch` feature).
-    LibTorch,
-}
-
-impl DeviceChoice {
-    /// The name used in pipeline files and cache keys.
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceChoice::Flex => "flex",
-            DeviceChoice::Wgpu => "wgpu",
-            DeviceChoice::Cuda => "cuda",
-            DeviceChoice::LibTorch => "tch",
-        }
-    }
-}
+pub use dag_api::DeviceKind;
 
 /// Resolves a pipeline's `device:` value. `flex`, `wgpu` and `cuda` are taken as asked when
 /// compiled in (an absent backend is an error that says how to rebuild); `auto` probes the
 /// compiled-in GPU backends, CUDA first, and falls back to flex.
-pub fn resolve_device(requested: &str) -> Result<DeviceChoice, String> {
+pub fn resolve_device(requested: &str) -> Result<DeviceKind, String> {
     match requested {
-        "flex" => Ok(DeviceChoice::Flex),
-        "wgpu" if cfg!(feature = "wgpu") => Ok(DeviceChoice::Wgpu),
-        "cuda" if cfg!(feature = "cuda") => Ok(DeviceChoice::Cuda),
-        "tch" if cfg!(feature = "tch") => Ok(DeviceChoice::LibTorch),
+        "flex" => Ok(DeviceKind::Flex),
+        "wgpu" if cfg!(feature = "wgpu") => Ok(DeviceKind::Wgpu),
+        "cuda" if cfg!(feature = "cuda") => Ok(DeviceKind::Cuda),
+        "tch" if cfg!(feature = "tch") => Ok(DeviceKind::LibTorch),
         "tch" => Err(
             "this dag was built without the `tch` (LibTorch) backend; see \
              bench/libtorch/README.md for the build, or use `device: flex`"
@@ -58,24 +35,24 @@ pub fn resolve_device(requested: &str) -> Result<DeviceChoice, String> {
 
 /// The first GPU backend with a real card, else flex. Probed once per process: opening the
 /// backends is slow and the Vulkan loader may print warnings each time.
-fn auto() -> DeviceChoice {
-    static CHOICE: std::sync::OnceLock<DeviceChoice> = std::sync::OnceLock::new();
+fn auto() -> DeviceKind {
+    static CHOICE: std::sync::OnceLock<DeviceKind> = std::sync::OnceLock::new();
     *CHOICE.get_or_init(|| {
         if cuda_available() {
-            DeviceChoice::Cuda
+            DeviceKind::Cuda
         } else if wgpu_available() {
-            DeviceChoice::Wgpu
+            DeviceKind::Wgpu
         } else {
-            DeviceChoice::Flex
+            DeviceKind::Flex
         }
     })
 }
 
 /// The Burn device of a resolved choice (without autodiff). GPU devices are remembered for
 /// [`wait_for_device_work`].
-pub fn device_for(choice: DeviceChoice) -> Device {
+pub fn device_for(choice: DeviceKind) -> Device {
     let device = open(choice);
-    if choice != DeviceChoice::Flex && choice != DeviceChoice::LibTorch {
+    if choice != DeviceKind::Flex && choice != DeviceKind::LibTorch {
         let mut opened = OPENED_GPUS.lock().unwrap_or_else(|e| e.into_inner());
         if !opened.contains(&device) {
             opened.push(device.clone());
@@ -111,18 +88,18 @@ pub fn wait_for_device_work() -> Result<(), TrainError> {
     Ok(())
 }
 
-fn open(choice: DeviceChoice) -> Device {
+fn open(choice: DeviceKind) -> Device {
     match choice {
-        DeviceChoice::Flex => Device::flex(),
+        DeviceKind::Flex => Device::flex(),
         #[cfg(feature = "wgpu")]
-        DeviceChoice::Wgpu => Device::wgpu(Default::default()),
+        DeviceKind::Wgpu => Device::wgpu(Default::default()),
         #[cfg(feature = "cuda")]
-        DeviceChoice::Cuda => Device::cuda(0),
+        DeviceKind::Cuda => Device::cuda(0),
         // Burn marks burn-tch deprecated in favour of its CubeCL backends, but on a CPU it is
         // the backend with PyTorch's own kernels, which is what `device: tch` is for.
         #[cfg(feature = "tch")]
         #[allow(deprecated)]
-        DeviceChoice::LibTorch => Device::libtorch(),
+        DeviceKind::LibTorch => Device::libtorch(),
         #[allow(unreachable_patterns)]
         other => panic!(
             "device `{}` is not compiled into this build; resolve_device refuses it",

@@ -15,8 +15,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use dag_model::{DeepLabV2, DeepLabV2Config};
 use dag_train::losses::{bce_with_logits, entropy_loss, masked_cross_entropy, self_information};
 use dag_train::{
-    device_for, resolve_device, train, DeviceChoice, Schedule, TrainConfig, TrainError,
-    TrainOutcome,
+    device_for, resolve_device, train, DeviceKind, Schedule, TrainConfig, TrainError, TrainOutcome,
 };
 
 mod stripes;
@@ -40,10 +39,10 @@ fn tiny_model() -> DeepLabV2 {
 #[test]
 fn advent_steps_on_libtorch_match_flex() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    assert_eq!(resolve_device("tch"), Ok(DeviceChoice::LibTorch));
+    assert_eq!(resolve_device("tch"), Ok(DeviceKind::LibTorch));
     let flex = Device::flex();
     let model = tiny_model();
-    let tch = device_for(DeviceChoice::LibTorch);
+    let tch = device_for(DeviceKind::LibTorch);
     let on_tch = train_advent(&tch, model.clone().to_device(&tch), 3, 64);
     let on_flex = train_advent(&flex, model, 3, 64);
     assert_eq!(on_tch.log.len(), 3);
@@ -79,7 +78,7 @@ fn check_loss_against_flex<const D: usize>(case: &str, loss: impl Fn(Tensor<4>) 
     )
     .into_data();
     let mut results = Vec::new();
-    for device in [device_for(DeviceChoice::LibTorch), Device::flex()] {
+    for device in [device_for(DeviceKind::LibTorch), Device::flex()] {
         let device = device.autodiff();
         let logits = Tensor::<4>::from_data(values.clone(), &device).require_grad();
         let out = loss(logits.clone());
@@ -134,7 +133,7 @@ fn fused_losses_on_libtorch_match_flex_in_values_and_gradients() {
 #[test]
 fn advent_on_libtorch_resumes_from_a_checkpoint() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let tch = device_for(DeviceChoice::LibTorch);
+    let tch = device_for(DeviceKind::LibTorch);
     let config = TrainConfig {
         method: "advent".into(),
         schedule: Schedule {

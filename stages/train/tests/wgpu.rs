@@ -5,7 +5,7 @@
 use burn::tensor::{Device, DeviceType, Tensor};
 use dag_model::{load_record_into, save_record, DeepLabV2, DeepLabV2Config, Discriminator};
 use dag_train::{
-    device_for, resolve_device, wait_for_device_work, DeviceChoice, TrainConfig, TrainOutcome,
+    device_for, resolve_device, wait_for_device_work, DeviceKind, TrainConfig, TrainOutcome,
 };
 
 mod stripes;
@@ -46,8 +46,8 @@ fn compare_with_flex() {
         !Device::enumerate(DeviceType::Wgpu).is_empty(),
         "the wgpu feature is on but no adapter was found (install mesa-vulkan-drivers)"
     );
-    assert_eq!(resolve_device("wgpu"), Ok(DeviceChoice::Wgpu));
-    let wgpu = device_for(DeviceChoice::Wgpu);
+    assert_eq!(resolve_device("wgpu"), Ok(DeviceKind::Wgpu));
+    let wgpu = device_for(DeviceKind::Wgpu);
     let flex = Device::flex();
     let arch = DeepLabV2Config {
         blocks: [1, 1, 1, 1],
