@@ -58,6 +58,40 @@ pub mod compare {
     pub const COMPARISON_FILE: &str = "comparison.parquet";
     /// The same table as Markdown.
     pub const MARKDOWN_FILE: &str = "comparison.md";
+
+    /// The columns of comparison.parquet, which `compare` writes and the report reads.
+    pub mod column {
+        /// The input's name (`advent@seed=1`), or a mean row's group.
+        pub const NAME: &str = "name";
+        /// The method and swept setting without the seed (`intrada@lambda=0.5`).
+        pub const GROUP: &str = "group";
+        /// The seed in the input's name; empty for a mean row or an unswept input.
+        pub const SEED: &str = "seed";
+        /// `run` or `mean`.
+        pub const ROW: &str = "row";
+        /// Runs a row stands for: 1, or the seeds of a mean.
+        pub const N: &str = "n";
+        /// The evaluate stage.
+        pub const STAGE: &str = "stage";
+        /// The model's description.
+        pub const MODEL: &str = "model";
+        /// The training method.
+        pub const METHOD: &str = "method";
+        /// mIoU over the protocol's classes, in percent.
+        pub const MIOU: &str = "miou";
+        /// mIoU over SYNTHIA's 16 classes.
+        pub const MIOU16: &str = "miou16";
+        /// mIoU over the 13 classes of the papers' mIoU*.
+        pub const MIOU13: &str = "miou13";
+        /// A mean row's standard deviation of a column: `<column>_std`.
+        pub fn std(column: &str) -> String {
+            format!("{column}_std")
+        }
+        /// Per-class IoU columns: `iou_<class>`.
+        pub const IOU_PREFIX: &str = "iou_";
+        /// A mean row's standard deviation of a class's IoU: `std_iou_<class>`.
+        pub const STD_IOU_PREFIX: &str = "std_iou_";
+    }
 }
 
 /// The outputs of the training kinds (`train_source`, `adapt`, `self_train`).

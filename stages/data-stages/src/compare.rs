@@ -9,7 +9,7 @@ use dag_api::{
 use dag_data::{Column, Table};
 use serde::Deserialize;
 
-use dag_artifacts::compare::{COMPARISON_FILE, MARKDOWN_FILE};
+use dag_artifacts::compare::{column, COMPARISON_FILE, MARKDOWN_FILE};
 use dag_artifacts::evaluate::SUMMARY_FILE;
 use dag_artifacts::files::data_error;
 
@@ -353,32 +353,38 @@ impl Stage for Compare {
         let floats = |f: &dyn Fn(&Row) -> f64| Column::F64(rows.iter().map(|r| f(r)).collect());
         let std_at = |r: &Row, k: usize| r.std.get(k).copied().unwrap_or(f64::NAN);
         let mut t = Table::new()
-            .with("name", strs(&|r| r.name.clone()))
-            .with("group", strs(&|r| r.group.clone()))
-            .with("seed", strs(&|r| r.seed.clone().unwrap_or_default()))
+            .with(column::NAME, strs(&|r| r.name.clone()))
+            .with(column::GROUP, strs(&|r| r.group.clone()))
+            .with(column::SEED, strs(&|r| r.seed.clone().unwrap_or_default()))
             .with(
-                "row",
+                column::ROW,
                 strs(&|r| if r.std.is_empty() { "run" } else { "mean" }.to_string()),
             )
-            .with("n", Column::U64(rows.iter().map(|r| r.n as u64).collect()))
-            .with("stage", strs(&|r| r.stage.clone()))
-            .with("model", strs(&|r| r.model.clone()))
-            .with("method", strs(&|r| r.method.clone()))
-            .with("miou", floats(&|r| r.miou))
-            .with("miou_std", floats(&|r| std_at(r, 0)))
-            .with("miou16", floats(&|r| r.miou16))
-            .with("miou16_std", floats(&|r| std_at(r, 1)))
-            .with("miou13", floats(&|r| r.miou13))
-            .with("miou13_std", floats(&|r| std_at(r, 2)));
+            .with(
+                column::N,
+                Column::U64(rows.iter().map(|r| r.n as u64).collect()),
+            )
+            .with(column::STAGE, strs(&|r| r.stage.clone()))
+            .with(column::MODEL, strs(&|r| r.model.clone()))
+            .with(column::METHOD, strs(&|r| r.method.clone()))
+            .with(column::MIOU, floats(&|r| r.miou))
+            .with(column::std(column::MIOU), floats(&|r| std_at(r, 0)))
+            .with(column::MIOU16, floats(&|r| r.miou16))
+            .with(column::std(column::MIOU16), floats(&|r| std_at(r, 1)))
+            .with(column::MIOU13, floats(&|r| r.miou13))
+            .with(column::std(column::MIOU13), floats(&|r| std_at(r, 2)));
         if let Some(first) = rows.first() {
             for (k, (class, _)) in first.classes.iter().enumerate() {
                 t.push(
-                    format!("iou_{class}"),
+                    format!("{}{class}", column::IOU_PREFIX),
                     floats(&|r| r.classes.get(k).map_or(f64::NAN, |x| x.1)),
                 );
             }
             for (k, (class, _)) in first.classes.iter().enumerate() {
-                t.push(format!("std_iou_{class}"), floats(&|r| std_at(r, 3 + k)));
+                t.push(
+                    format!("{}{class}", column::STD_IOU_PREFIX),
+                    floats(&|r| std_at(r, 3 + k)),
+                );
             }
         }
         let out = ctx.output("comparison")?;

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use dag_artifacts::compare::COMPARISON_FILE;
+use dag_artifacts::compare::{column, COMPARISON_FILE};
 use dag_artifacts::evaluate::SUMMARY_FILE;
 use dag_data::{Column, Table};
 use serde_json::{json, Value};
@@ -97,25 +97,25 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
         let t = Table::read_parquet(&file).map_err(|e| ReportError::read(&file, e))?;
         let classes: Vec<String> = t
             .names()
-            .filter_map(|n| n.strip_prefix("iou_"))
+            .filter_map(|n| n.strip_prefix(column::IOU_PREFIX))
             .map(str::to_string)
             .collect();
         let iou = classes
             .iter()
-            .map(|c| f64s(&t, &format!("iou_{c}"), &file))
+            .map(|c| f64s(&t, &format!("{}{c}", column::IOU_PREFIX), &file))
             .collect::<Result<Vec<_>, _>>()?;
         let (names, stages, methods) = (
-            strs(&t, "name", &file)?,
-            strs(&t, "stage", &file)?,
-            strs(&t, "method", &file)?,
+            strs(&t, column::NAME, &file)?,
+            strs(&t, column::STAGE, &file)?,
+            strs(&t, column::METHOD, &file)?,
         );
         let (miou, miou16, miou13) = (
-            f64s(&t, "miou", &file)?,
-            f64s(&t, "miou16", &file)?,
-            f64s(&t, "miou13", &file)?,
+            f64s(&t, column::MIOU, &file)?,
+            f64s(&t, column::MIOU16, &file)?,
+            f64s(&t, column::MIOU13, &file)?,
         );
         // Tables written before `seeds:` have neither column: every row is one run.
-        let n: Vec<usize> = match t.column("n") {
+        let n: Vec<usize> = match t.column(column::N) {
             Some(Column::U64(v)) => v.iter().map(|&n| n as usize).collect(),
             _ => vec![1; t.num_rows()],
         };
@@ -123,13 +123,13 @@ pub fn comparison(input: &ReportInput) -> Result<Option<Comparison>, ReportError
             Some(_) => f64s(&t, name, &file),
             None => Ok(vec![f64::NAN; t.num_rows()]),
         };
-        let miou_std = optional("miou_std")?;
+        let miou_std = optional(&column::std(column::MIOU))?;
         let iou_std = classes
             .iter()
-            .map(|c| optional(&format!("std_iou_{c}")))
+            .map(|c| optional(&format!("{}{c}", column::STD_IOU_PREFIX)))
             .collect::<Result<Vec<_>, _>>()?;
-        let groups = match t.column("group") {
-            Some(_) => strs(&t, "group", &file)?,
+        let groups = match t.column(column::GROUP) {
+            Some(_) => strs(&t, column::GROUP, &file)?,
             None => names.clone(),
         };
         let rows = (0..t.num_rows())
