@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use dag_artifacts::evaluate::{
-    CONFUSION_FILE, METRICS_FILE, SAMPLES_DIR, SNAPSHOTS_FILE, SUMMARY_FILE,
+    snapshot_column, CONFUSION_FILE, METRICS_FILE, SAMPLES_DIR, SNAPSHOTS_FILE, SUMMARY_FILE,
 };
 use dag_artifacts::files::{create_parent, data_error, safe_join, write_json};
 use dag_artifacts::visuals::{write_index, Visual};
@@ -166,7 +166,7 @@ impl Stage for Evaluate {
         if results.len() > 1 {
             let t = Table::new()
                 .with(
-                    "iteration",
+                    snapshot_column::ITERATION,
                     Column::I64(
                         results
                             .iter()
@@ -175,7 +175,7 @@ impl Stage for Evaluate {
                     ),
                 )
                 .with(
-                    "miou",
+                    snapshot_column::MIOU,
                     Column::F64(
                         results
                             .iter()

@@ -27,7 +27,7 @@ use dag_artifacts::files::{
 };
 use dag_artifacts::score::LABELS_DIR;
 use dag_artifacts::split::table_file;
-use dag_artifacts::train::LOG_FILE;
+use dag_artifacts::train::{log_column, LOG_FILE};
 
 use crate::common::{check_classes, device, load_model_input, open_dataset, protocol};
 
@@ -640,7 +640,7 @@ fn final_losses(log: &[IterationLog]) -> Value {
 fn write_log(log: &[IterationLog], path: &Path) -> Result<(), StageError> {
     create_parent(path)?;
     let mut t = Table::new().with(
-        "iteration",
+        log_column::ITERATION,
         Column::U64(log.iter().map(|l| l.iteration as u64).collect()),
     );
     let mut names: Vec<&str> = Vec::new();
@@ -659,15 +659,18 @@ fn write_log(log: &[IterationLog], path: &Path) -> Result<(), StageError> {
             ),
         );
     }
-    t.push("lr", Column::F64(log.iter().map(|l| l.lr).collect()));
+    t.push(
+        log_column::LR,
+        Column::F64(log.iter().map(|l| l.lr).collect()),
+    );
     if log.iter().any(|l| l.lr_d.is_some()) {
         t.push(
-            "lr_d",
+            log_column::LR_D,
             Column::F64(log.iter().map(|l| l.lr_d.unwrap_or(f64::NAN)).collect()),
         );
     }
     t.push(
-        "seconds",
+        log_column::SECONDS,
         Column::F64(log.iter().map(|l| l.seconds).collect()),
     );
     t.write_parquet(path)

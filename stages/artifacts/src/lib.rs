@@ -50,6 +50,13 @@ pub mod evaluate {
     pub const SAMPLES_DIR: &str = "samples";
     /// mIoU of every snapshot (with `snapshots: all`).
     pub const SNAPSHOTS_FILE: &str = "snapshots.parquet";
+    /// The columns of snapshots.parquet: one row per evaluated snapshot.
+    pub mod snapshot_column {
+        /// The snapshot's iteration; -1 for the final model.
+        pub const ITERATION: &str = "iteration";
+        /// Its mIoU in percent.
+        pub const MIOU: &str = "miou";
+    }
 }
 
 /// The output of `compare`.
@@ -100,4 +107,18 @@ pub mod train {
     pub const LOG_FILE: &str = "log.parquet";
     /// Artifact type of the `log` output; the report finds training logs by it.
     pub const LOG_TYPE: &str = "training_log";
+    /// The fixed columns of log.parquet; between `ITERATION` and `LR` come the method's loss
+    /// terms, one column each.
+    pub mod log_column {
+        /// The iteration.
+        pub const ITERATION: &str = "iteration";
+        /// The network's learning rate.
+        pub const LR: &str = "lr";
+        /// The discriminators' learning rate (adversarial methods only).
+        pub const LR_D: &str = "lr_d";
+        /// Wall seconds of the iteration.
+        pub const SECONDS: &str = "seconds";
+        /// Every fixed column: the others are loss terms.
+        pub const FIXED: [&str; 4] = [ITERATION, LR, LR_D, SECONDS];
+    }
 }

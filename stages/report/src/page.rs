@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use dag_artifacts::evaluate::{SAMPLES_DIR, SNAPSHOTS_FILE};
+use dag_artifacts::evaluate::{snapshot_column, SAMPLES_DIR, SNAPSHOTS_FILE};
 use dag_artifacts::score::SCORES_FILE;
+use dag_artifacts::train::log_column;
 use dag_artifacts::train::{LOG_FILE, LOG_TYPE};
 use dag_artifacts::visuals::{read_index, Visual};
 use dag_data::{Column, Table};
@@ -471,8 +472,10 @@ impl<'a> Page<'a> {
                     continue;
                 }
             };
-            let (Some(it), Some(miou)) = (float_column(&t, "iteration"), float_column(&t, "miou"))
-            else {
+            let (Some(it), Some(miou)) = (
+                float_column(&t, snapshot_column::ITERATION),
+                float_column(&t, snapshot_column::MIOU),
+            ) else {
                 self.problem(ReportError::column(&file, "iteration/miou", "numeric"));
                 continue;
             };
@@ -538,14 +541,14 @@ impl<'a> Page<'a> {
                     continue;
                 }
             };
-            let Some(iteration) = float_column(&t, "iteration") else {
-                self.problem(ReportError::column(&file, "iteration", "integer"));
+            let Some(iteration) = float_column(&t, log_column::ITERATION) else {
+                self.problem(ReportError::column(&file, log_column::ITERATION, "integer"));
                 continue;
             };
             let mut charts = Vec::new();
             let terms: Vec<String> = t
                 .names()
-                .filter(|n| !matches!(*n, "iteration" | "seconds" | "lr" | "lr_d"))
+                .filter(|n| !log_column::FIXED.contains(n))
                 .map(str::to_string)
                 .collect();
             for (k, term) in terms.iter().enumerate() {
@@ -591,7 +594,7 @@ impl<'a> Page<'a> {
                 let alt = format!("{} {term}", st.name);
                 charts.push(self.chart(&format!("{}_{term}", st.name), chart, &alt)?);
             }
-            let lrs: Vec<Series> = ["lr", "lr_d"]
+            let lrs: Vec<Series> = [log_column::LR, log_column::LR_D]
                 .iter()
                 .enumerate()
                 .filter_map(|(k, n)| {
