@@ -19,7 +19,7 @@ use serde::Deserialize;
 use dag_artifacts::files::{
     create_parent, data_error, f64_column, read_class_png, read_table, safe_join, str_column,
 };
-use dag_artifacts::score::{COLOR_DIR, DIFFICULTY_FILE, LABELS_DIR, SCORES_FILE};
+use dag_artifacts::score::{column, COLOR_DIR, DIFFICULTY_FILE, LABELS_DIR, SCORES_FILE};
 use dag_artifacts::visuals::{write_index, Visual};
 
 use crate::common::{check_classes, device, load_model_input, open_dataset, protocol};
@@ -245,8 +245,8 @@ impl Stage for ScoreEntropy {
                 Column::U32((0..n).map(|i| ds.get(i).expect("index").image_id).collect()),
             )
             .with("path", Column::Str(paths.clone()))
-            .with("score", Column::F64(scores.clone()))
-            .with("normalized_score", Column::F64(normalized.clone()))
+            .with(column::SCORE, Column::F64(scores.clone()))
+            .with(column::NORMALIZED_SCORE, Column::F64(normalized.clone()))
             .with(
                 "rare_classes_present",
                 Column::U32(rare_present.iter().map(|&k| k as u32).collect()),

@@ -9,6 +9,13 @@ pub mod visuals;
 pub mod score {
     /// File name of the table in the `scores` output.
     pub const SCORES_FILE: &str = "scores.parquet";
+    /// The score columns of scores.parquet (and of the split's tables) that a split may sort by.
+    pub mod column {
+        /// The mean entropy of the image's prediction.
+        pub const SCORE: &str = "score";
+        /// The score normalised by the rare classes present (the paper's best variant).
+        pub const NORMALIZED_SCORE: &str = "normalized_score";
+    }
     /// Folder of the 8-bit class-id pseudo-labels in the `pseudo_labels` output.
     pub const LABELS_DIR: &str = "labels";
     /// Folder of the colour pseudo-labels in the `pseudo_labels` output.

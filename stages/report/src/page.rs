@@ -647,7 +647,7 @@ impl<'a> Page<'a> {
             .params
             .get("by")
             .and_then(Value::as_str)
-            .unwrap_or("score")
+            .unwrap_or(dag_artifacts::score::column::SCORE)
             .to_string();
         let mut parts = Vec::new();
         for which in ["easy", "hard"] {
