@@ -29,7 +29,9 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// Override a param: `-S stage.param=value` (the value is YAML; repeatable). Changes the
-    /// stage's key exactly as editing the file would.
+    /// stage's key exactly as editing the file would. A list sweeps the param instead, as
+    /// `matrix:` does (`-S split.lambda=[0.5,0.67]`; a list of lists for a list-valued param);
+    /// `-S seeds=[0,1,2]` and `-S seed=3` replace the file's seeds.
     #[arg(
         short = 'S',
         long = "set",
@@ -69,10 +71,12 @@ pub enum LogFormat {
 /// Which stages a command considers.
 #[derive(Debug, Args, Clone, Default)]
 pub struct SelectArgs {
-    /// Run only this stage (repeatable); its inputs must already be in the cache.
+    /// Run only this stage (repeatable); its inputs must already be in the cache. A swept
+    /// stage's name selects all its instances; `'advent@seed=1'` selects one.
     #[arg(long, value_name = "STAGE")]
     pub only: Vec<String>,
-    /// Run this stage and everything it depends on (repeatable).
+    /// Run this stage (or all its instances, or one instance) and everything it depends on
+    /// (repeatable).
     #[arg(long, value_name = "STAGE")]
     pub until: Vec<String>,
     /// Rerun this stage even when cached (repeatable); its dependents rerun only if its output
