@@ -131,3 +131,25 @@ impl Stage for Split {
         Ok(outcome)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dag_api::{ParamType, Stage};
+    use dag_artifacts::score::column;
+
+    /// `by` takes exactly the score columns that score_entropy writes (derive attributes take
+    /// literals, so the names are spelled here a second time).
+    #[test]
+    fn split_sorts_by_the_score_columns() {
+        let by = super::Split
+            .params()
+            .into_iter()
+            .find(|p| p.name == "by")
+            .expect("a `by` param");
+        assert_eq!(
+            by.ty,
+            ParamType::Enum(vec![column::SCORE, column::NORMALIZED_SCORE])
+        );
+        assert_eq!(by.default, Some(column::SCORE.into()));
+    }
+}
