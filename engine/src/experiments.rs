@@ -11,13 +11,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use dag_api::instance::{self, SEED_AXIS};
 use dag_api::{InputSpec, Value};
 
 use crate::spec::{DatasetRoot, InputRef, Pipeline, StageDef};
 use crate::yaml::Span;
-
-/// The axis that `seeds:` sweeps.
-pub const SEED_AXIS: &str = "seed";
 
 /// Why a pipeline cannot be expanded: the stage (index in the unexpanded pipeline) and message.
 #[derive(Debug)]
@@ -168,7 +166,7 @@ pub fn expand(p: Pipeline) -> Result<Pipeline, ExpandError> {
             if let Err(msg) = st.kind.check(&params) {
                 return Err(ExpandError {
                     span: st.span,
-                    message: format!("stage `{}` at {}: {msg}", st.name, label(&setting)),
+                    message: format!("stage `{}`: {msg}", instance::name(&st.name, &setting)),
                     hint: Some("drop that value from the sweep".into()),
                 });
             }
@@ -200,11 +198,7 @@ pub fn expand(p: Pipeline) -> Result<Pipeline, ExpandError> {
                 Some((_, &v)) => p.seeds.as_ref().map(|s| s[v]),
                 None => st.seed,
             };
-            let name = if setting.is_empty() {
-                st.name.clone()
-            } else {
-                format!("{}@{}", st.name, label(&setting))
-            };
+            let name = instance::name(&st.name, &setting);
             labels_of.push(setting.clone());
             instances.push(StageDef {
                 name,
@@ -227,14 +221,8 @@ pub fn expand(p: Pipeline) -> Result<Pipeline, ExpandError> {
         let renamed: BTreeMap<String, InputRef> = std::mem::take(&mut inst.inputs)
             .into_iter()
             .map(|(name, r)| {
-                let base = name.split('@').next().unwrap_or(&name).to_string();
-                let l = &labels_of[r.stage];
-                let name = if l.is_empty() {
-                    base
-                } else {
-                    format!("{base}@{}", label(l))
-                };
-                (name, r)
+                let (base, _) = instance::parse(&name);
+                (instance::name(base, &labels_of[r.stage]), r)
             })
             .collect();
         inst.inputs = renamed;
@@ -321,15 +309,6 @@ pub fn value_label(v: &Value) -> String {
     }
 }
 
-/// `a=1,b=x`.
-pub fn label(setting: &[(String, String)]) -> String {
-    setting
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +332,12 @@ mod tests {
             ("seed".to_string(), "1".to_string()),
             ("lambda".into(), "0.5".into()),
         ];
-        assert_eq!(label(&s), "seed=1,lambda=0.5");
+        let name = instance::name("split", &s);
+        assert_eq!(name, "split@seed=1,lambda=0.5");
+        assert_eq!(
+            instance::parse(&name),
+            ("split", vec![("seed", "1"), ("lambda", "0.5")])
+        );
+        assert_eq!(instance::parse("split"), ("split", vec![]));
     }
 }

@@ -393,6 +393,20 @@ struct RawStage<'y> {
 }
 
 impl<'a> Validator<'a> {
+    /// A validator whose errors point into a `-S` argument instead of the file; the caller
+    /// moves its errors over.
+    fn for_override<'o>(&self, o: &'o Override) -> Validator<'o>
+    where
+        'a: 'o,
+    {
+        Validator {
+            src: &o.source,
+            errors: Vec::new(),
+            registry: self.registry,
+            declared_datasets: BTreeSet::new(),
+        }
+    }
+
     fn err(&mut self, span: Span, msg: impl Into<String>) -> &mut SpecError {
         self.errors.push(SpecError::new(self.src, span, msg));
         self.errors.last_mut().expect("just pushed")
@@ -495,12 +509,7 @@ impl<'a> Validator<'a> {
             seeds = self.seed_list(v);
         }
         for o in overrides.iter().filter(|o| o.stage.is_empty()) {
-            let mut sub = Validator {
-                src: &o.source,
-                errors: Vec::new(),
-                registry: self.registry,
-                declared_datasets: BTreeSet::new(),
-            };
+            let mut sub = self.for_override(o);
             if o.param == "seeds" {
                 seeds = sub.seed_list(&o.value);
             } else if let Some(s) = sub.seed_value(&o.value, "`seed`") {
@@ -904,12 +913,7 @@ impl<'a> Validator<'a> {
                 }
                 Some(spec) if is_sweep(&spec.ty, &o.value) => {
                     let stage = o.stage.clone();
-                    let mut sub = Validator {
-                        src: &o.source,
-                        errors: Vec::new(),
-                        registry: self.registry,
-                        declared_datasets: BTreeSet::new(),
-                    };
+                    let mut sub = self.for_override(o);
                     let values = sub.sweep_values(&stage, spec, &o.value);
                     self.errors.extend(sub.errors);
                     if let Some(values) = values {

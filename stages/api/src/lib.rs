@@ -13,6 +13,36 @@ use std::sync::Arc;
 
 pub use serde_json::{Map, Value};
 
+/// The names of the instances that `seeds:` and `matrix:` give a stage: `base@axis=value,...`.
+/// The engine writes them; kinds that gather instances (`compare`) read them back.
+pub mod instance {
+    /// The axis that `seeds:` sweeps.
+    pub const SEED_AXIS: &str = "seed";
+
+    /// `base@a=1,b=x`, or `base` for an empty setting.
+    pub fn name(base: &str, setting: &[(String, String)]) -> String {
+        if setting.is_empty() {
+            return base.to_string();
+        }
+        let pairs: Vec<String> = setting.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("{base}@{}", pairs.join(","))
+    }
+
+    /// The base name and the setting of an instance name (an empty setting for a plain name).
+    pub fn parse(name: &str) -> (&str, Vec<(&str, &str)>) {
+        match name.split_once('@') {
+            None => (name, Vec::new()),
+            Some((base, setting)) => (
+                base,
+                setting
+                    .split(',')
+                    .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// The kinds of device a stage computes on: the names of `device:` in a pipeline file, of cache
 /// keys and manifests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

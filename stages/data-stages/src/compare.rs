@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use dag_api::{
-    InputArtifact, InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Stage, StageContext,
-    StageError, StageOutcome, Value,
+    instance, InputArtifact, InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Stage,
+    StageContext, StageError, StageOutcome, Value,
 };
 use dag_data::{Column, Table};
 use serde::Deserialize;
@@ -97,26 +97,17 @@ fn read_row(name: &str, art: &InputArtifact) -> Result<Row, StageError> {
 /// `advent@seed=1,lambda=0.5` -> (`advent@lambda=0.5`, `Some("1")`); names without a seed are
 /// their own group.
 fn split_seed(name: &str) -> (String, Option<String>) {
-    let Some((base, setting)) = name.split_once('@') else {
-        return (name.to_string(), None);
-    };
-    let mut seed = None;
-    let rest: Vec<&str> = setting
-        .split(',')
-        .filter(|pair| match pair.strip_prefix("seed=") {
-            Some(s) => {
-                seed = Some(s.to_string());
-                false
-            }
-            None => true,
-        })
+    let (base, setting) = instance::parse(name);
+    let seed = setting
+        .iter()
+        .find(|(axis, _)| *axis == instance::SEED_AXIS)
+        .map(|(_, v)| v.to_string());
+    let rest: Vec<(String, String)> = setting
+        .into_iter()
+        .filter(|(axis, _)| *axis != instance::SEED_AXIS)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let group = if rest.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}@{}", rest.join(","))
-    };
-    (group, seed)
+    (instance::name(base, &rest), seed)
 }
 
 /// Mean and sample standard deviation (NaN for fewer than two values).
@@ -167,12 +158,7 @@ fn means(runs: &[Row]) -> Vec<Row> {
                 seed: None,
                 n: members.len(),
                 std,
-                stage: first
-                    .stage
-                    .split('@')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
+                stage: instance::parse(&first.stage).0.to_string(),
                 model: first.model.clone(),
                 method: first.method.clone(),
                 miou,
@@ -324,7 +310,7 @@ impl Stage for Compare {
 
     fn run(&self, ctx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         let p: P = ctx.params.parse()?;
-        let base = |name: &str| name.split('@').next().unwrap_or(name).to_string();
+        let base = |name: &str| instance::parse(name).0.to_string();
         for name in &p.order {
             if !ctx.inputs.keys().any(|k| base(k) == *name) {
                 return Err(StageError::new(format!(

@@ -43,9 +43,6 @@ use burn_tch::{LibTorch, TchTensor};
 use crate::ops::{classifier_of, discriminator_of, Kernels, Lift};
 use crate::plain::{self, explicit_options, IGNORE_LABEL};
 
-/// The `tch` crate, for the closures given to [`record`].
-pub use tch;
-
 /// The backend of a tracked (training) tensor on `device: tch`.
 type TrackedLibTorch = Autodiff<LibTorch, NoCheckpointing>;
 
