@@ -6,9 +6,9 @@
 //!     cargo run --release -p dag-train --example train_step -- [--warmup 3] [--steps 10]
 //!         [--device flex|tch]
 //!
-//! Runs the real training loop (`dag_train::train`) twice, source-only (the CE step) and
-//! AdvEnt, and prints the median per-iteration wall time of the steps after warm-up, plus a
-//! forward-only time. `bench/train_step.sh` runs this and the PyTorch twin side by side.
+//! Runs the real training loop (`dag_train::train`) for source-only (the CE step), AdvEnt and
+//! DACS (mean teacher, ClassMix, colour jitter and blur on every step, no aux head), and prints
+//! the median per-iteration wall time of the steps after warm-up, plus a forward-only time. `bench/train_step.sh` runs this and the PyTorch twin side by side.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -80,7 +80,7 @@ fn model_config() -> DeepLabV2Config {
 fn time_loop(device: &Device, method: &str, warmup: usize, steps: usize) -> f64 {
     let device = device.clone();
     let model = model_config().init(&device).expect("valid config");
-    let config = TrainConfig {
+    let mut config = TrainConfig {
         method: method.to_string(),
         schedule: Schedule {
             iters: warmup + steps,
@@ -89,6 +89,12 @@ fn time_loop(device: &Device, method: &str, warmup: usize, steps: usize) -> f64 
         },
         ..TrainConfig::default()
     };
+    if method == "dacs" {
+        // DACS has no aux head; the augmentation runs every step so that each step does the
+        // same work (the reference draws it with p 0.8 and 0.5).
+        config.schedule.lambda_seg_aux = 0.0;
+        config = config.with_param("jitter_p", 1.0).with_param("blur_p", 1.0);
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let out = train(
         &config,
@@ -148,4 +154,6 @@ fn main() {
     println!("dag-{tag} ce_step_ms {:.1}", ce * 1e3);
     let adv = time_loop(&device, "advent", warmup, steps);
     println!("dag-{tag} advent_step_ms {:.1}", adv * 1e3);
+    let dacs = time_loop(&device, "dacs", warmup, steps);
+    println!("dag-{tag} dacs_step_ms {:.1}", dacs * 1e3);
 }

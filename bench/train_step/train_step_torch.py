@@ -1,7 +1,9 @@
 """PyTorch twin of bench/train_step/main.rs: the same DeepLabV2-small (Caffe-style bottlenecks
 [2,2,2,2], width 0.25, dilation 2/4, ceil-mode stem pool, frozen-affine BatchNorm in training
 mode, four-branch classifier heads on layer3/layer4), the same discriminators (ndf 64), losses,
-optimisers (SGD 0.9/5e-4 with 10x heads, Adam 0.9/0.99/1e-8) and step structure, timed on CPU.
+optimisers (SGD 0.9/5e-4 with 10x heads, Adam 0.9/0.99/1e-8) and step structure, timed on CPU;
+the DACS step follows DACS's trainUDA.py, with kornia 0.5.8's colour jitter and Gaussian blur
+written out in torch ops (kornia is not needed).
 
     /var/tmp/torch-venv/bin/python bench/train_step/train_step_torch.py [--warmup 3] [--steps 10]
 
@@ -124,6 +126,102 @@ def bce(x, label):
     return F.binary_cross_entropy_with_logits(x, torch.full_like(x, label))
 
 
+MEAN_BGR = torch.tensor([104.00698793, 116.66876762, 122.67891434]).view(1, 3, 1, 1)
+
+
+def rgb_to_hsv(img, eps=1e-6):
+    """kornia 0.5.8's rgb_to_hsv (hue in radians)."""
+    maxc, max_idx = img.max(dim=1)
+    minc = img.min(dim=1)[0]
+    v = maxc
+    delta = maxc - minc
+    s = delta / (v + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = torch.unbind(maxc.unsqueeze(1) - img, dim=1)
+    h = torch.stack([bc - gc, 2.0 * delta + rc - bc, 4.0 * delta + gc - rc], dim=1)
+    h = torch.gather(h, dim=1, index=max_idx.unsqueeze(1)).squeeze(1)
+    h = ((h / delta) / 6.0) % 1.0
+    return 2 * math.pi * h, s, v
+
+
+def hsv_to_rgb(h, s, v):
+    """kornia 0.5.8's hsv_to_rgb."""
+    h = h / (2 * math.pi)
+    hi = torch.floor(h * 6) % 6
+    f = ((h * 6) % 6) - hi
+    p = v * (1 - s)
+    q = v * (1 - f * s)
+    t = v * (1 - (1 - f) * s)
+    hi = hi.long().unsqueeze(1)
+    idx = torch.cat([hi, hi + 6, hi + 12], dim=1)
+    table = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), dim=1)
+    return torch.gather(table, 1, idx)
+
+
+def color_jitter(x, s=0.25):
+    """kornia 0.5.8 ColorJitter(s, s, s, s) on one image in [0, 1], factors and order drawn."""
+    b, c, sat = [float(torch.empty(1).uniform_(max(0, 1 - s), 1 + s)) for _ in range(3)]
+    hue = float(torch.empty(1).uniform_(-s, s))
+    for op in torch.randperm(4).tolist():
+        if op == 0:
+            x = (x + (b - 1)).clamp(0, 1)
+        elif op == 1:
+            x = (x * c).clamp(0, 1)
+        elif op == 2:
+            h, sv, v = rgb_to_hsv(x)
+            x = hsv_to_rgb(h, (sv * sat).clamp(0, 1), v)
+        else:
+            h, sv, v = rgb_to_hsv(x)
+            x = hsv_to_rgb(torch.fmod(h + 2 * math.pi * hue, 2 * math.pi), sv, v)
+    return x
+
+
+def gaussian_blur(x):
+    """DACS's gaussian_blur: kornia GaussianBlur2d, sigma ~ U(0.15, 1.15), reflect padding."""
+    sigma = float(torch.empty(1).uniform_(0.15, 1.15))
+
+    def size(side):
+        c = math.ceil(0.1 * side)
+        return c if c % 2 else c - 1
+
+    def gauss(k):
+        g = torch.exp(-((torch.arange(k) - k // 2).float() ** 2) / (2 * sigma**2))
+        return g / g.sum()
+
+    ky, kx = size(x.shape[2]), size(x.shape[3])
+    k2 = torch.outer(gauss(ky), gauss(kx)).expand(3, 1, ky, kx)
+    x = F.pad(x, (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect")
+    return F.conv2d(x, k2, groups=3)
+
+
+def dacs_step(model, ema, opt, xs, ys, xt, up):
+    """One DACS iteration (trainUDA.py): source CE, teacher pseudo-labels, ClassMix of half of
+    the source image's classes, jitter and blur, weighted CE on the mixed image, SGD step, EMA
+    update."""
+    opt.zero_grad()
+    _, main_s = model(xs)
+    loss_l = F.cross_entropy(up(main_s), ys, ignore_index=255)
+    with torch.no_grad():
+        _, main_t = ema(xt)
+        prob, pseudo = torch.max(F.softmax(up(main_t), dim=1), dim=1)
+    classes = torch.unique(ys[0])
+    n = classes.shape[0]
+    picked = classes[torch.randperm(n)[: (n + n % 2) // 2]]
+    mask = torch.isin(ys[0], picked).float()[None]
+    mixed = mask[:, None] * xs + (1 - mask[:, None]) * xt
+    mixed = color_jitter((mixed + MEAN_BGR) / 255) * 255 - MEAN_BGR
+    mixed = gaussian_blur(mixed)
+    y_mix = (mask * ys + (1 - mask) * pseudo).long()
+    weight = (prob >= 0.968).float().mean()
+    w_mix = mask + (1 - mask) * weight
+    _, main_m = model(mixed)
+    loss_u = (w_mix * F.cross_entropy(up(main_m), y_mix, ignore_index=255, reduction="none")).mean()
+    loss = loss_l + loss_u
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--warmup", type=int, default=3)
@@ -193,6 +291,29 @@ def main():
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def run_dacs():
+        model = DeepLabV2().train()
+        ema = DeepLabV2().train()
+        ema.load_state_dict(model.state_dict())
+        for p in ema.parameters():
+            p.requires_grad = False
+        lr = 2.5e-4
+        opt = torch.optim.SGD(model.optim_parameters(lr), lr=lr, momentum=0.9, weight_decay=5e-4)
+        times = []
+        for i in range(args.warmup + args.steps):
+            xs, ys = batch()
+            xt, _ = batch()
+            t0 = time.perf_counter()
+            loss = dacs_step(model, ema, opt, xs, ys, xt, up)
+            alpha = min(1 - 1 / (i + 1), 0.99)
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.data[:] = alpha * pe.data + (1 - alpha) * p.data
+            float(loss.detach())
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
     model = DeepLabV2().eval()
     x, _ = batch()
     fwd = []
@@ -206,6 +327,7 @@ def main():
     print(f"pytorch forward_ms {statistics.median(fwd) * 1e3:.1f}")
     print(f"pytorch ce_step_ms {run(False) * 1e3:.1f}")
     print(f"pytorch advent_step_ms {run(True) * 1e3:.1f}")
+    print(f"pytorch dacs_step_ms {run_dacs() * 1e3:.1f}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,14 @@ struct P {
     /// initialise the backbone of a new network
     #[param(path)]
     imagenet: Option<String>,
+    /// dilations of the classifier branches of a new network: [6, 12, 18, 24] (ADVENT, the
+    /// default) or [6, 12] (DACS and DAFormer's DeepLabV2, whose code sums only the first two)
+    #[param(min = 1)]
+    classifier_dilations: Option<Vec<usize>>,
+    /// [width, height] of a random crop taken from every training image (and its label) each
+    /// iteration, at a position drawn from the run's seed; default: the whole image
+    #[param(min = 1)]
+    crop: Option<[usize; 2]>,
 }
 
 impl TrainStage {
@@ -329,7 +337,8 @@ impl Stage for TrainStage {
                     .with_target(&labelled, hard)
             }
         }
-        .seeded(ctx.seed);
+        .seeded(ctx.seed)
+        .cropped(p.crop);
 
         let (model, model_config, init) = initial_model(ctx, &p, proto, &device)?;
         let ckpt_dir = ctx.scratch.join("checkpoints");
@@ -426,10 +435,14 @@ fn initial_model(
     device: &burn::tensor::Device,
 ) -> Result<(DeepLabV2, DeepLabV2Config, Value), StageError> {
     if ctx.inputs.contains_key("init") {
-        if p.imagenet.is_some() || p.depth.is_some() || p.width.is_some() {
+        if p.imagenet.is_some()
+            || p.depth.is_some()
+            || p.width.is_some()
+            || p.classifier_dilations.is_some()
+        {
             return Err(StageError::new(
-                "`init` gives the starting model, so `imagenet`, `depth` and `width` must not be \
-                 set as well",
+                "`init` gives the starting model, so `imagenet`, `depth`, `width` and \
+                 `classifier_dilations` must not be set as well",
             )
             .with_hint("remove either the `init` input or those params"));
         }
@@ -438,8 +451,11 @@ fn initial_model(
         let producer = &ctx.input("init")?.producer;
         return Ok((model, desc.config, json!({ "model": producer })));
     }
-    let config = DeepLabV2Config::new(p.depth.unwrap_or(101), proto.num_classes())?
+    let mut config = DeepLabV2Config::new(p.depth.unwrap_or(101), proto.num_classes())?
         .with_width(p.width.unwrap_or(1.0));
+    if let Some(d) = &p.classifier_dilations {
+        config = config.with_classifier_dilations(d);
+    }
     let mut model = config.init(device)?;
     let init = match &p.imagenet {
         Some(w) => {
@@ -507,6 +523,8 @@ struct ShardBatches<'a> {
     unlabelled: Option<(&'a Dataset, Vec<usize>)>,
     batch: usize,
     seed: u64,
+    /// `[width, height]` of the random crop, if any.
+    crop: Option<[usize; 2]>,
     samplers: [Option<(Sampler, usize)>; 2],
 }
 
@@ -524,6 +542,7 @@ impl<'a> ShardBatches<'a> {
             unlabelled: None,
             batch,
             seed: 0,
+            crop: None,
             samplers: [None, None],
         }
     }
@@ -535,6 +554,11 @@ impl<'a> ShardBatches<'a> {
 
     fn seeded(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    fn cropped(mut self, crop: Option<[usize; 2]>) -> Self {
+        self.crop = crop;
         self
     }
 
@@ -558,7 +582,7 @@ impl Batches for ShardBatches<'_> {
     fn source(
         &mut self,
         iteration: usize,
-        _rng: &mut dyn RngCore,
+        rng: &mut dyn RngCore,
     ) -> Result<SourceBatch, BatchError> {
         let picks = self.draw(0, self.labelled_indices.len(), iteration);
         let idx: Vec<usize> = picks.iter().map(|&k| self.labelled_indices[k]).collect();
@@ -581,22 +605,24 @@ impl Batches for ShardBatches<'_> {
                 b.labels[k * px..(k + 1) * px].copy_from_slice(&data);
             }
         }
-        Ok(SourceBatch {
-            images: ImageBatch {
-                data: b.images,
-                shape: b.shape,
-            },
-            labels: LabelBatch {
-                data: b.labels,
-                shape: [b.shape[0], b.shape[2], b.shape[3]],
-            },
-        })
+        let mut images = ImageBatch {
+            data: b.images,
+            shape: b.shape,
+        };
+        let mut labels = LabelBatch {
+            data: b.labels,
+            shape: [b.shape[0], b.shape[2], b.shape[3]],
+        };
+        if let Some(crop) = self.crop {
+            (images, labels) = random_crop(images, Some(labels), crop, rng)?;
+        }
+        Ok(SourceBatch { images, labels })
     }
 
     fn target(
         &mut self,
         iteration: usize,
-        _rng: &mut dyn RngCore,
+        rng: &mut dyn RngCore,
     ) -> Result<ImageBatch, BatchError> {
         let len = match &self.unlabelled {
             Some((_, idx)) => idx.len(),
@@ -606,11 +632,71 @@ impl Batches for ShardBatches<'_> {
         let (ds, indices) = self.unlabelled.as_ref().expect("checked");
         let idx: Vec<usize> = picks.iter().map(|&k| indices[k]).collect();
         let b = ds.batch(&idx);
-        Ok(ImageBatch {
+        let images = ImageBatch {
             data: b.images,
             shape: b.shape,
-        })
+        };
+        match self.crop {
+            Some(crop) => Ok(random_crop(images, None, crop, rng)?.0),
+            None => Ok(images),
+        }
     }
+}
+
+/// A `[width, height]` window of every image (and label map) of a batch, each at its own
+/// position drawn from `rng`: the offset of the window's left and top edge, uniform over the
+/// positions that fit.
+fn random_crop(
+    images: ImageBatch,
+    labels: Option<LabelBatch>,
+    [cw, ch]: [usize; 2],
+    rng: &mut dyn RngCore,
+) -> Result<(ImageBatch, LabelBatch), BatchError> {
+    let [n, c, h, w] = images.shape;
+    if cw > w || ch > h {
+        return Err(format!(
+            "crop [{cw}, {ch}] is larger than the {w}x{h} images; lower `crop` or preprocess \
+             to a larger `size`"
+        )
+        .into());
+    }
+    if let Some(l) = &labels {
+        if l.shape != [n, h, w] {
+            return Err(format!(
+                "cropping needs labels at the image size ({w}x{h}), got {:?}",
+                l.shape
+            )
+            .into());
+        }
+    }
+    let mut out = Vec::with_capacity(n * c * ch * cw);
+    let mut out_labels = Vec::with_capacity(n * ch * cw);
+    for img in 0..n {
+        let x0 = (rng.next_u64() % (w - cw + 1) as u64) as usize;
+        let y0 = (rng.next_u64() % (h - ch + 1) as u64) as usize;
+        for channel in 0..c {
+            let plane = &images.data[(img * c + channel) * h * w..][..h * w];
+            for y in y0..y0 + ch {
+                out.extend_from_slice(&plane[y * w + x0..y * w + x0 + cw]);
+            }
+        }
+        if let Some(l) = &labels {
+            let map = &l.data[img * h * w..][..h * w];
+            for y in y0..y0 + ch {
+                out_labels.extend_from_slice(&map[y * w + x0..y * w + x0 + cw]);
+            }
+        }
+    }
+    Ok((
+        ImageBatch {
+            data: out,
+            shape: [n, c, ch, cw],
+        },
+        LabelBatch {
+            data: out_labels,
+            shape: [n, ch, cw],
+        },
+    ))
 }
 
 /// Mean of each loss term over the last 50 iterations (or fewer), for `model.json` and metrics.

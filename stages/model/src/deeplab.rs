@@ -13,8 +13,13 @@ use crate::ModelError;
 /// Bottleneck expansion: the last 1x1 conv of every block has 4x the block's planes.
 const EXPANSION: usize = 4;
 
-/// Dilations (and paddings) of the four parallel 3x3 convs in DeepLabV2's classifier.
+/// Dilations (and paddings) of the four parallel 3x3 convs in DeepLabV2's classifier, all of
+/// which ADVENT sums.
 pub const CLASSIFIER_DILATIONS: [usize; 4] = [6, 12, 18, 24];
+
+/// The classifier of DACS and of the DAFormer family's DeepLabV2 (`dlv2red`): their code returns
+/// inside the loop over the branches, so only the first two (dilations 6 and 12) are summed.
+pub const REDUCED_CLASSIFIER_DILATIONS: [usize; 2] = [6, 12];
 
 /// Architecture of a [`DeepLabV2`]: everything needed to rebuild it from a saved artifact.
 ///
@@ -32,10 +37,27 @@ pub struct DeepLabV2Config {
     pub width: f64,
     /// Number of output classes of both heads (19 for GTA5/Cityscapes, 16 for SYNTHIA).
     pub classes: usize,
+    /// Dilations of the parallel 3x3 convs each classifier head sums:
+    /// [`CLASSIFIER_DILATIONS`] (ADVENT, IntraDA) or [`REDUCED_CLASSIFIER_DILATIONS`] (DACS,
+    /// DAFormer's DeepLabV2).
+    #[serde(
+        default = "default_dilations",
+        skip_serializing_if = "is_default_dilations"
+    )]
+    pub classifier_dilations: Vec<usize>,
 }
 
 fn default_width() -> f64 {
     1.0
+}
+
+fn default_dilations() -> Vec<usize> {
+    CLASSIFIER_DILATIONS.to_vec()
+}
+
+/// ADVENT's classifier is left out of `model.json`, which then reads as before the option.
+fn is_default_dilations(d: &[usize]) -> bool {
+    d == CLASSIFIER_DILATIONS
 }
 
 impl DeepLabV2Config {
@@ -47,12 +69,19 @@ impl DeepLabV2Config {
             blocks,
             width: 1.0,
             classes,
+            classifier_dilations: default_dilations(),
         })
     }
 
     /// Sets the width multiplier.
     pub fn with_width(mut self, width: f64) -> Self {
         self.width = width;
+        self
+    }
+
+    /// Sets the dilations of the classifier's branches.
+    pub fn with_classifier_dilations(mut self, dilations: &[usize]) -> Self {
+        self.classifier_dilations = dilations.to_vec();
         self
     }
 
@@ -87,6 +116,13 @@ impl DeepLabV2Config {
             return Err(ModelError::InvalidConfig(
                 "classes must be at least 1".into(),
             ));
+        }
+        if self.classifier_dilations.is_empty() || self.classifier_dilations.contains(&0) {
+            return Err(ModelError::InvalidConfig(format!(
+                "the classifier needs at least one branch, each with a dilation of 1 or more, \
+                 got {:?}",
+                self.classifier_dilations
+            )));
         }
         Ok(())
     }
@@ -157,9 +193,20 @@ impl DeepLabV2Config {
             layer4: next(),
         };
         Ok(DeepLabV2 {
+            arch: self.clone(),
             backbone,
-            layer5: Classifier::new(self.aux_channels(), self.classes, device),
-            layer6: Classifier::new(self.main_channels(), self.classes, device),
+            layer5: Classifier::new(
+                self.aux_channels(),
+                self.classes,
+                &self.classifier_dilations,
+                device,
+            ),
+            layer6: Classifier::new(
+                self.main_channels(),
+                self.classes,
+                &self.classifier_dilations,
+                device,
+            ),
         })
     }
 }
@@ -292,16 +339,17 @@ impl ResNetBackbone {
     }
 }
 
-/// DeepLabV2's classifier: the SUM of four 3x3 convs with dilation and padding 6, 12, 18, 24.
+/// DeepLabV2's classifier: the SUM of parallel 3x3 convs with dilation and padding 6, 12, 18, 24
+/// (or only 6 and 12, see [`REDUCED_CLASSIFIER_DILATIONS`]).
 #[derive(Module, Debug)]
 pub struct Classifier {
-    /// The four dilated convs (with bias), named as in the reference implementation.
+    /// The dilated convs (with bias), named as in the reference implementation.
     pub conv2d_list: Vec<Conv2d>,
 }
 
 impl Classifier {
-    fn new(cin: usize, classes: usize, device: &Device) -> Self {
-        let conv2d_list = CLASSIFIER_DILATIONS
+    fn new(cin: usize, classes: usize, dilations: &[usize], device: &Device) -> Self {
+        let conv2d_list = dilations
             .iter()
             .map(|&d| {
                 Conv2dConfig::new([cin, classes], [3, 3])
@@ -327,6 +375,9 @@ impl Classifier {
 /// layer4 features, both at output stride 8.
 #[derive(Module, Debug)]
 pub struct DeepLabV2 {
+    /// The architecture it was built with (not part of its record).
+    #[module(skip)]
+    pub arch: DeepLabV2Config,
     /// The dilated ResNet trunk; the only part ImageNet weights initialise.
     pub backbone: ResNetBackbone,
     /// Aux classifier on layer3 features.
@@ -336,6 +387,16 @@ pub struct DeepLabV2 {
 }
 
 impl DeepLabV2 {
+    /// A copy with its own storage on `device`: parameters equal to this model's, BatchNorm
+    /// running statistics its own (a `clone` shares them, so a teacher network's forward
+    /// passes would move its student's statistics).
+    pub fn independent_copy(&self, device: &Device) -> Result<Self, ModelError> {
+        let fresh = self.arch.init(device)?;
+        fresh
+            .try_load_record(self.clone().into_record())
+            .map_err(|e| ModelError::InvalidConfig(format!("copying the network: {e}")))
+    }
+
     /// Returns `(aux, main)` logits, each `[N, classes, ceil(H/8), ceil(W/8)]`-ish (the exact
     /// size follows the convolution arithmetic, see [`output_size`]), for images `[N, 3, H, W]`
     /// already mean-subtracted.

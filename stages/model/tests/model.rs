@@ -25,6 +25,7 @@ fn tiny(classes: usize) -> DeepLabV2Config {
         blocks: [1, 1, 2, 2],
         width: 0.0625,
         classes,
+        classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
     }
 }
 

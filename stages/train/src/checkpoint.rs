@@ -77,6 +77,8 @@ pub(crate) mod files {
     pub const OPTIM_D_MAIN: &str = "optim_d_main.bpk";
     pub const D_AUX: &str = "d_aux.bpk";
     pub const OPTIM_D_AUX: &str = "optim_d_aux.bpk";
+    /// The mean teacher of the self-training methods.
+    pub const TEACHER: &str = "teacher.bpk";
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {

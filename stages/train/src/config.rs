@@ -108,6 +108,23 @@ impl TrainConfig {
         }
     }
 
+    /// The self-training method's params, for the methods that have them.
+    pub(crate) fn self_training(
+        &self,
+    ) -> Result<Option<crate::selftraining::SelfTrainingRun>, String> {
+        let Some(st) = self.method()?.self_training else {
+            return Ok(None);
+        };
+        Ok(Some(crate::selftraining::SelfTrainingRun {
+            params: parse_params(&self.method_params)?,
+            mic: if st.mic {
+                Some(parse_params(&self.method_params)?)
+            } else {
+                None
+            },
+        }))
+    }
+
     /// The method's target objectives with their params bound.
     pub fn target_losses(&self) -> Result<Vec<Box<dyn TargetLoss>>, String> {
         self.method()?
@@ -136,6 +153,7 @@ impl TrainConfig {
         check(&Schedule::param_specs(), given.chain(&self.method_params))?;
         self.adversarial()?;
         self.target_losses()?;
+        self.self_training()?;
         if let Some(adv) = self.adversarial()? {
             for (name, beta) in [
                 ("adam_beta1", adv.adam_beta1),

@@ -1,6 +1,7 @@
-//! Losses, optimisers, schedules and the one adversarial training loop of `dag` (the methods of
-//! [`METHODS`]: source-only, MinEnt, AdvEnt, MinEnt+AdvEnt, and IntraDA's easy->hard step with
-//! any of them), with checkpoint/resume, plus device selection.
+//! Losses, optimisers, schedules and the one training loop of `dag` (the methods of [`METHODS`]:
+//! source-only, MinEnt, AdvEnt, MinEnt+AdvEnt, MaxSquare, IntraDA's easy->hard step with any of
+//! them, and the mean-teacher self-training of DACS and MIC), with checkpoint/resume, plus device
+//! selection.
 //!
 //! The loop is a library call that knows nothing of the cache or the engine: [`train`] takes a
 //! [`TrainConfig`], a device, a [`Batches`] provider, a checkpoint directory, a progress
@@ -18,6 +19,7 @@ pub mod device;
 pub mod losses;
 pub mod methods;
 pub mod objectives;
+pub mod selftraining;
 mod trainer;
 
 pub use checkpoint::snapshots;

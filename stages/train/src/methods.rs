@@ -11,6 +11,7 @@ use dag_api::{Map, ParamSet, ParamSpec, ParamType, Value};
 use crate::objectives::adversarial::AdversarialParams;
 use crate::objectives::minent::MinEnt;
 use crate::objectives::{Objective, Registered};
+use crate::selftraining::{MicParams, SelfTraining, SelfTrainingParams};
 
 /// A method: the objectives it adds to supervised segmentation on the labelled batch.
 pub struct Method {
@@ -24,6 +25,9 @@ pub struct Method {
     /// Whether ADVENT's two discriminators align the target predictions with the labelled
     /// ones (terms `adv_main`, `adv_aux`, `d_main`, `d_aux`, after the target objectives').
     pub adversarial: bool,
+    /// Mean-teacher self-training with ClassMix (terms `mix` and, with MIC, `mic`; see
+    /// [`crate::selftraining`]).
+    pub self_training: Option<SelfTraining>,
 }
 
 /// Every method, in the order `dag kinds` lists them.
@@ -33,30 +37,50 @@ pub static METHODS: &[Method] = &[
         doc: "segmentation on the labelled batch only (no target batches)",
         target: &[],
         adversarial: false,
+        self_training: None,
     },
     Method {
         name: "advent",
         doc: "ADVENT's adversarial entropy alignment (Vu et al., CVPR 2019)",
         target: &[],
         adversarial: true,
+        self_training: None,
     },
     Method {
         name: "minent",
         doc: "entropy minimisation on the target batch (ADVENT's MinEnt)",
         target: &[&Registered::<MinEnt>::NEW],
         adversarial: false,
+        self_training: None,
     },
     Method {
         name: "advent+minent",
         doc: "both of the above, summed (ADVENT's best)",
         target: &[&Registered::<MinEnt>::NEW],
         adversarial: true,
+        self_training: None,
     },
     Method {
         name: "maxsquare",
         doc: "maximum squares loss on the target batch (Chen et al., ICCV 2019)",
         target: &[&Registered::<crate::objectives::maxsquare::MaxSquare>::NEW],
         adversarial: false,
+        self_training: None,
+    },
+    Method {
+        name: "dacs",
+        doc: "mean-teacher self-training on ClassMix of source and target (Tranheden et al., \
+              WACV 2021)",
+        target: &[],
+        adversarial: false,
+        self_training: Some(SelfTraining { mic: false }),
+    },
+    Method {
+        name: "dacs+mic",
+        doc: "DACS plus MIC's masked-image consistency (Hoyer et al., CVPR 2023)",
+        target: &[],
+        adversarial: false,
+        self_training: Some(SelfTraining { mic: true }),
     },
 ];
 
@@ -120,6 +144,8 @@ pub fn param_specs() -> Vec<ParamSpec> {
     objectives
         .flat_map(|o| o.param_specs())
         .chain(AdversarialParams::param_specs())
+        .chain(SelfTrainingParams::param_specs())
+        .chain(MicParams::param_specs())
         .collect()
 }
 
@@ -135,6 +161,12 @@ impl Method {
         if self.adversarial {
             names.extend(AdversarialParams::param_specs().iter().map(|s| s.name));
         }
+        if let Some(st) = self.self_training {
+            names.extend(SelfTrainingParams::param_specs().iter().map(|s| s.name));
+            if st.mic {
+                names.extend(MicParams::param_specs().iter().map(|s| s.name));
+            }
+        }
         names
     }
 
@@ -148,6 +180,6 @@ impl Method {
 
     /// Whether it draws unlabelled batches.
     pub fn uses_target(&self) -> bool {
-        self.adversarial || !self.target.is_empty()
+        self.adversarial || !self.target.is_empty() || self.self_training.is_some()
     }
 }

@@ -24,6 +24,7 @@ use crate::data::{Batches, ImageBatch, LabelBatch};
 use crate::losses::{bce_with_logits, masked_cross_entropy, self_information};
 use crate::objectives::adversarial::AdversarialParams;
 use crate::objectives::TargetLoss;
+use crate::selftraining::{self, SelfTrainingRun, WeightedTerm};
 use crate::{IterationLog, TrainError};
 
 /// Domain label of source (and IntraDA easy) predictions for the discriminators.
@@ -44,6 +45,8 @@ pub struct TrainOutcome {
     pub d_main: Option<Discriminator>,
     /// The aux-head discriminator, for methods that train one.
     pub d_aux: Option<Discriminator>,
+    /// The mean teacher, for the self-training methods.
+    pub teacher: Option<DeepLabV2>,
 }
 
 /// The stream of the run's seed that the discriminators' initial weights come from.
@@ -54,6 +57,8 @@ struct LoopState {
     model: DeepLabV2,
     d_main: Option<Discriminator>,
     d_aux: Option<Discriminator>,
+    /// Created from the student in the first iteration, once its parameters are initialised.
+    teacher: Option<DeepLabV2>,
     opt_seg: ModuleOptimizer,
     opt_d_main: ModuleOptimizer,
     opt_d_aux: ModuleOptimizer,
@@ -105,7 +110,7 @@ pub fn train(
     for ckpt in checkpoint::candidates(checkpoint_dir) {
         match checkpoint::verify(&ckpt) {
             Ok(()) => {
-                state = restore(config, state, &ckpt)?;
+                state = restore(config, state, &ckpt, &ad)?;
                 break;
             }
             Err(e) => {
@@ -159,14 +164,16 @@ pub fn train(
         resumed_from,
         d_main: state.d_main.map(|d| d.valid()),
         d_aux: state.d_aux.map(|d| d.valid()),
+        teacher: state.teacher.map(|t| t.valid()),
     })
 }
 
-/// What a run fixes before its first iteration: the method's bound target losses and the
-/// adversarial alignment's params.
+/// What a run fixes before its first iteration: the method's bound target losses, the
+/// adversarial alignment's params and the self-training's.
 struct Run {
     target_losses: Vec<Box<dyn TargetLoss>>,
     adversarial: Option<AdversarialParams>,
+    self_training: Option<SelfTrainingRun>,
 }
 
 impl Run {
@@ -174,6 +181,7 @@ impl Run {
         Ok(Self {
             target_losses: config.target_losses()?,
             adversarial: config.adversarial()?,
+            self_training: config.self_training()?,
         })
     }
 }
@@ -217,6 +225,7 @@ fn init_state(
         model: model.fork(ad).train(),
         d_main: d_main.map(|d| d.fork(ad).train()),
         d_aux: d_aux.map(|d| d.fork(ad).train()),
+        teacher: None,
         opt_seg: sgd.init(),
         opt_d_main: discriminator_optimizer(run.adversarial.as_ref()),
         opt_d_aux: discriminator_optimizer(run.adversarial.as_ref()),
@@ -248,7 +257,12 @@ fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
     *a == b
 }
 
-fn restore(config: &TrainConfig, mut s: LoopState, ckpt: &Path) -> Result<LoopState, TrainError> {
+fn restore(
+    config: &TrainConfig,
+    mut s: LoopState,
+    ckpt: &Path,
+    ad: &Device,
+) -> Result<LoopState, TrainError> {
     let saved = checkpoint::read_state(ckpt)?;
     if !same_run(config, &saved.config) {
         return Err(TrainError::Checkpoint {
@@ -272,6 +286,11 @@ fn restore(config: &TrainConfig, mut s: LoopState, ckpt: &Path) -> Result<LoopSt
     if let Some(d) = s.d_aux.take() {
         s.d_aux = Some(load_record_into(d, &ckpt.join(files::D_AUX))?);
         s.opt_d_aux = load_optim(s.opt_d_aux, &ckpt.join(files::OPTIM_D_AUX))?;
+    }
+    let teacher_file = ckpt.join(files::TEACHER);
+    if teacher_file.is_file() {
+        let teacher = selftraining::new_teacher(&s.model, ad)?;
+        s.teacher = Some(load_record_into(teacher, &teacher_file)?);
     }
     let mut rng = ChaCha8Rng::from_seed(saved.rng_seed);
     rng.set_stream(saved.rng_stream);
@@ -316,6 +335,9 @@ fn write_checkpoint(config: &TrainConfig, s: &LoopState, dir: &Path) -> Result<(
     if let Some(d) = &s.d_aux {
         save_record(d.clone(), &partial.join(files::D_AUX))?;
         save_optim(&s.opt_d_aux, &partial.join(files::OPTIM_D_AUX))?;
+    }
+    if let Some(t) = &s.teacher {
+        save_record(t.valid(), &partial.join(files::TEACHER))?;
     }
     let state = CheckpointState {
         format: checkpoint::FORMAT,
@@ -458,7 +480,9 @@ fn step(
     // A target batch only when some target term has a weight: drawing one moves the batch RNG
     // and BatchNorm's statistics, so a method whose weights are all 0 must train as
     // `source_only` does.
-    let uses_target = adversarial || run.target_losses.iter().any(|l| l.is_active());
+    let uses_target = adversarial
+        || run.target_losses.iter().any(|l| l.is_active())
+        || run.self_training.is_some();
     let target = if uses_target {
         let t = data
             .target(iteration, &mut s.rng)
@@ -490,7 +514,13 @@ fn step(
     let (aux_s, main_s) = s.model.forward(images_tensor(&source.images, ad));
     let main_s = upsample(main_s, label_size);
     let labels = labels_tensor(&source.labels, ad);
-    let seg_main = masked_cross_entropy(main_s.clone(), labels.clone());
+    let mut seg_main = masked_cross_entropy(main_s.clone(), labels.clone());
+    let over_all = run.self_training.as_ref();
+    if over_all.is_some_and(|st| st.params.source_ce_over_all_pixels()) {
+        // DAFormer's mmseg loss: the mean over every pixel, ignored ones included.
+        let labelled = source.labels.data.iter().filter(|&&l| l != 255).count();
+        seg_main = seg_main.mul_scalar(labelled as f64 / source.labels.data.len() as f64);
+    }
     log_term(&mut log, "seg_main", &seg_main)?;
     let mut loss = add(None, schedule.lambda_seg_main, seg_main);
     let aux_s = if schedule.lambda_seg_aux > 0.0 || s.d_aux.is_some() {
@@ -515,7 +545,26 @@ fn step(
         accumulator.accumulate(&s.model, grads);
     }
 
-    // 2. Target: the method's objectives, then fooling the discriminators (label = source).
+    // 2a. Self-training: the teacher's pseudo-labels on ClassMix and, with MIC, masked images.
+    if let (Some(st), Some(target)) = (&run.self_training, &target) {
+        selftraining::check_batches(&source, target).map_err(batch_err("target"))?;
+        if s.teacher.is_none() {
+            // The student's parameters exist once the source pass has run.
+            s.teacher = Some(selftraining::new_teacher(&s.model, ad)?);
+        }
+        let teacher = s.teacher.as_ref().expect("set above");
+        let (model, rng) = (&s.model, &mut s.rng);
+        let mut emit = |term: WeightedTerm| -> Result<(), TrainError> {
+            log_term(&mut log, term.name, &term.value)?;
+            let loss = term.value.mul_scalar(term.weight);
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            accumulator.accumulate(model, grads);
+            Ok(())
+        };
+        selftraining::terms(st, (teacher, model), &source, target, rng, ad, &mut emit)?;
+    }
+
+    // 2b. Target: the method's objectives, then fooling the discriminators (label = source).
     let mut target_loss = None;
     // What the discriminators' own loss in step 3 reads for the target batch.
     let (mut trg_main, mut trg_aux) = (None, None);
@@ -590,6 +639,10 @@ fn step(
         .with_group(head_group.clone(), lr * schedule.head_lr_mult)
         .step();
     s.model = s.opt_seg.step(lrs, s.model, accumulator.grads());
+    if let (Some(st), Some(teacher)) = (&run.self_training, s.teacher.take()) {
+        let alpha = selftraining::ema_alpha(iteration, st.params.ema_alpha);
+        s.teacher = Some(selftraining::ema_update(teacher, &s.model, alpha));
+    }
 
     log.seconds = start.elapsed().as_secs_f64();
     Ok((s, log))

@@ -31,6 +31,7 @@ fn tiny_model() -> DeepLabV2 {
         blocks: [1, 1, 1, 1],
         width: 0.0625,
         classes: 3,
+        classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
     }
     .init(&flex)
     .unwrap()

@@ -53,6 +53,7 @@ fn compare_with_flex() {
         blocks: [1, 1, 1, 1],
         width: 0.0625,
         classes: 3,
+        classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
     };
     // One set of starting weights for both devices: drawn on flex, written once, read onto each.
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,280 @@
+//! The self-training pieces against an independent NumPy implementation
+//! (`tests/selftraining_reference.py`) on the same inputs and the same random draws: the
+//! pseudo-labels and their confidence weight, ClassMix for both class-choice variants, the colour
+//! jitter and the blur, MIC's block mask, the weighted cross-entropy and the EMA update. The
+//! interpreter comes from `DAG_TEST_PYTHON` (set by `scripts/test.sh`), else `python3`; it must
+//! have NumPy.
+
+use std::process::Command;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use dag_model::deeplab::CLASSIFIER_DILATIONS;
+use dag_model::DeepLabV2Config;
+use dag_train::selftraining::augment::{self, StrongAugment};
+use dag_train::selftraining::mixing::{self, ClassChoice};
+use dag_train::selftraining::{ema_alpha, ema_update, new_teacher, weighted_cross_entropy};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+fn uniforms(rng: &mut ChaCha8Rng, n: usize, low: f32, high: f32) -> Vec<f32> {
+    (0..n).map(|_| mixing::uniform_in(rng, low, high)).collect()
+}
+
+/// Label maps made of a few rectangles of classes 0..6 and some ignored pixels.
+fn blob_labels(rng: &mut ChaCha8Rng, n: usize, h: usize, w: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * h * w);
+    for _ in 0..n {
+        let mut map = vec![(rng.next_u32() % 7) as u8; h * w];
+        for _ in 0..4 {
+            let class = match rng.next_u32() % 8 {
+                7 => 255,
+                c => c as u8,
+            };
+            let (y0, x0) = ((rng.next_u32() as usize) % h, (rng.next_u32() as usize) % w);
+            for y in y0..h.min(y0 + 3) {
+                for x in x0..w.min(x0 + 4) {
+                    map[y * w + x] = class;
+                }
+            }
+        }
+        out.extend(map);
+    }
+    out
+}
+
+/// A normalised BGR image batch from random 8-bit colours.
+fn images(rng: &mut ChaCha8Rng, n: usize, h: usize, w: usize) -> Vec<f32> {
+    let mean = dag_data::MEAN_BGR;
+    let mut out = Vec::with_capacity(n * 3 * h * w);
+    for _ in 0..n {
+        for m in mean {
+            for _ in 0..h * w {
+                out.push((rng.next_u32() % 256) as f32 - m);
+            }
+        }
+    }
+    out
+}
+
+fn pseudo_case(rng: &mut ChaCha8Rng) -> Value {
+    let shape = [2, 5, 6, 7];
+    let logits = uniforms(rng, shape.iter().product(), -3.0, 3.0);
+    let p = mixing::pseudo_labels(&logits, shape);
+    let weight = mixing::confidence_weight(&p.confidence, 0.4);
+    json!({ "logits": logits, "shape": shape, "threshold": 0.4, "labels": p.labels,
+            "confidence": p.confidence, "weight": weight })
+}
+
+fn classmix_case(rng: &mut ChaCha8Rng, choice: ClassChoice) -> Value {
+    let (n, h, w) = (2, 8, 9);
+    let source_labels = blob_labels(rng, n, h, w);
+    let pseudo = blob_labels(rng, n, h, w);
+    let xs = images(rng, n, h, w);
+    let xt = images(rng, n, h, w);
+    let classes = mixing::draw_mix_classes(&source_labels, [n, h, w], choice, rng);
+    let mut target_weight = vec![0.4f32; n * h * w];
+    mixing::crop_weight_rows(&mut target_weight, [h, w], 1, 2);
+    let plane = h * w;
+    let (mut masks, mut mixed, mut labels, mut weights) = (vec![], vec![], vec![], vec![]);
+    for (i, picked) in classes.iter().enumerate() {
+        let px = i * plane..(i + 1) * plane;
+        let values = i * 3 * plane..(i + 1) * 3 * plane;
+        let m = mixing::class_mask(&source_labels[px.clone()], picked);
+        mixed.extend(mixing::mix_image(&m, &xs[values.clone()], &xt[values]));
+        labels.extend(mixing::mix_pixels(
+            &m,
+            &source_labels[px.clone()],
+            &pseudo[px.clone()],
+        ));
+        weights.extend(mixing::mix_pixels(
+            &m,
+            &vec![1.0f32; plane],
+            &target_weight[px],
+        ));
+        masks.extend(m);
+    }
+    json!({ "per_batch": choice == ClassChoice::PerBatch, "shape": [n, h, w],
+            "source_labels": source_labels, "pseudo": pseudo, "xs": xs, "xt": xt,
+            "classes": classes, "crop": [1, 2], "target_weight": 0.4,
+            "mask": masks, "mixed": mixed, "labels": labels, "weights": weights })
+}
+
+fn augment_case(rng: &mut ChaCha8Rng) -> Value {
+    let (h, w) = (40, 52);
+    let image = images(rng, 1, h, w);
+    let draw = augment::draw_jitter(0.25, rng);
+    let sigma = mixing::uniform_in(rng, augment::BLUR_SIGMA.0, augment::BLUR_SIGMA.1);
+    let mut jittered = image.clone();
+    augment::transform_image(&mut jittered, [h, w], Some(&draw), None);
+    let mut blurred = image.clone();
+    augment::transform_image(&mut blurred, [h, w], None, Some(sigma));
+    let mut both = image.clone();
+    augment::transform_image(&mut both, [h, w], Some(&draw), Some(sigma));
+    // The batch transform draws its switches, then per image the jitter and the sigma: replay
+    // them from a copy of the generator.
+    let mut batch = images(rng, 2, h, w);
+    let before = batch.clone();
+    let mut replay = rng.clone();
+    let aug = StrongAugment {
+        jitter_strength: 0.2,
+        jitter_p: 0.8,
+        blur_p: 0.5,
+    };
+    aug.apply(&mut batch, [2, 3, h, w], rng);
+    let jitter_on = mixing::uniform(&mut replay) < 0.8;
+    let blur_on = mixing::uniform(&mut replay) < 0.5;
+    let mut per_image = vec![];
+    for _ in 0..2 {
+        let d = jitter_on.then(|| augment::draw_jitter(0.2, &mut replay));
+        let s = blur_on.then(|| mixing::uniform_in(&mut replay, 0.15, 1.15));
+        per_image.push(json!({ "jitter": d.map(|d| jitter_json(&d)), "sigma": s }));
+    }
+    json!({ "shape": [h, w], "mean_bgr": dag_data::MEAN_BGR, "image": image,
+            "jitter": jitter_json(&draw), "sigma": sigma,
+            "jittered": jittered, "blurred": blurred, "both": both,
+            "batch_before": before, "batch_after": batch, "batch_draws": per_image })
+}
+
+fn jitter_json(d: &augment::JitterDraw) -> Value {
+    json!({ "brightness": d.brightness, "contrast": d.contrast, "saturation": d.saturation,
+            "hue": d.hue, "order": d.order })
+}
+
+fn mic_case(rng: &mut ChaCha8Rng) -> Value {
+    let (h, w, block, ratio) = (40, 52, 8, 0.7f32);
+    let grid = mixing::block_grid(h, w, block);
+    let mut replay = rng.clone();
+    let mask = mixing::block_mask(h, w, block, ratio, rng);
+    let draws = uniforms(&mut replay, grid[0] * grid[1], 0.0, 1.0);
+    json!({ "shape": [h, w], "block": block, "ratio": ratio, "draws": draws, "mask": mask })
+}
+
+fn cross_entropy_case(rng: &mut ChaCha8Rng) -> Value {
+    let shape = [2, 4, 5, 6];
+    let logits = uniforms(rng, shape.iter().product(), -2.0, 2.0);
+    let labels: Vec<u8> = (0..60)
+        .map(|_| match rng.next_u32() % 5 {
+            4 => 255,
+            c => c as u8,
+        })
+        .collect();
+    let weights: Vec<f32> = (0..60)
+        .map(|_| [1.0, 0.3, 0.0][(rng.next_u32() % 3) as usize])
+        .collect();
+    let device = Device::flex();
+    let t = Tensor::<4>::from_data(TensorData::new(logits.clone(), shape), &device);
+    let value: f32 = weighted_cross_entropy(t, &labels, &weights).into_scalar();
+    json!({ "logits": logits, "shape": shape, "labels": labels, "weights": weights,
+            "value": value })
+}
+
+/// Every float tensor of a module with its path, as flat lists.
+fn tensors(module: &impl Module) -> Value {
+    struct Collect {
+        path: Vec<String>,
+        out: serde_json::Map<String, Value>,
+    }
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let values: Vec<f32> = param
+                .val()
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap();
+            self.out.insert(self.path.join("."), json!(values));
+        }
+    }
+    let mut c = Collect {
+        path: vec![],
+        out: Default::default(),
+    };
+    module.visit(&mut c);
+    Value::Object(c.out)
+}
+
+fn ema_case() -> Value {
+    let ad = Device::flex().autodiff();
+    ad.seed(5);
+    let config = DeepLabV2Config {
+        blocks: [1, 1, 1, 1],
+        width: 0.0625,
+        classes: 3,
+        classifier_dilations: CLASSIFIER_DILATIONS.to_vec(),
+    };
+    let student = config.init(&ad).unwrap().train();
+    let x = Tensor::<4>::random([2, 3, 33, 33], burn::tensor::Distribution::Default, &ad);
+    let _ = student.forward(x.clone());
+    let teacher = new_teacher(&student, &ad).unwrap();
+    // The student moves on: its parameters change and a forward pass moves its BatchNorm
+    // statistics, which the teacher must not share.
+    struct Nudge(u64);
+    impl ModuleMapper for Nudge {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            self.0 += 1;
+            let k = self.0 as f64;
+            p.map(|t| t.clone().add_scalar(0.01 * k) + t.mul_scalar(0.1))
+        }
+    }
+    let student = student.map(&mut Nudge(0));
+    let _ = student.forward(x.mul_scalar(2.0));
+    let teacher_before = tensors(&teacher.valid());
+    let alpha = ema_alpha(9, 0.7);
+    let after = ema_update(teacher, &student, alpha);
+    json!({ "alpha": alpha, "alpha_0": ema_alpha(0, 0.99), "alpha_1": ema_alpha(1, 0.99),
+            "alpha_1000": ema_alpha(1000, 0.99), "teacher": teacher_before,
+            "student": tensors(&student.valid()), "after": tensors(&after.valid()) })
+}
+
+#[test]
+fn self_training_pieces_match_numpy() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2026);
+    let cases = json!({
+        "pseudo": pseudo_case(&mut rng),
+        "classmix_per_image": classmix_case(&mut rng, ClassChoice::PerImage),
+        "classmix_per_batch": classmix_case(&mut rng, ClassChoice::PerBatch),
+        "augment": augment_case(&mut rng),
+        "mic": mic_case(&mut rng),
+        "cross_entropy": cross_entropy_case(&mut rng),
+        "ema": ema_case(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cases.json");
+    std::fs::write(&file, serde_json::to_vec(&cases).unwrap()).unwrap();
+    let python = std::env::var("DAG_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/selftraining_reference.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{python}` (set DAG_TEST_PYTHON): {e}"));
+    assert!(
+        out.status.success(),
+        "the NumPy reference disagrees (or `{python}` lacks numpy; scripts/test.sh sets one \
+         up):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    for case in [
+        "pseudo",
+        "classmix",
+        "jitter",
+        "blur",
+        "batch",
+        "mic",
+        "cross_entropy",
+        "ema",
+    ] {
+        assert!(report.contains(&format!("ok {case}")), "{report}");
+    }
+}
