@@ -19,18 +19,38 @@ pub struct Schedule {
     /// denominator of the poly schedule lr * (1 - it / max_iters)^power
     #[param(default = 250_000, min = 1)]
     pub max_iters: usize,
-    /// SGD learning rate of the network
+    /// the network's optimiser: `sgd` (ADVENT, DACS: momentum, L2 weight decay) or `adamw`
+    /// (DAFormer and what followed: Adam with decoupled weight decay)
+    #[param(default = "sgd", one_of = ["sgd", "adamw"])]
+    pub optimizer: String,
+    /// learning rate of the network (DAFormer with AdamW: 6e-5)
     #[param(default = 2.5e-4, min = 0.0)]
     pub lr: f64,
-    /// SGD momentum (no dampening)
+    /// SGD momentum (no dampening); unused by `adamw`
     #[param(default = 0.9, min = 0.0)]
     pub momentum: f64,
-    /// SGD L2 weight decay
+    /// weight decay: L2 for `sgd`, decoupled for `adamw` (DAFormer: 0.01)
     #[param(default = 5e-4, min = 0.0)]
     pub weight_decay: f64,
-    /// exponent of the poly schedule
+    /// AdamW's beta1, below 1 (`adamw` only)
+    #[param(default = 0.9, min = 0.0, max = 1.0)]
+    pub adamw_beta1: f64,
+    /// AdamW's beta2, below 1 (`adamw` only)
+    #[param(default = 0.999, min = 0.0, max = 1.0)]
+    pub adamw_beta2: f64,
+    /// AdamW's epsilon (PyTorch's default; `adamw` only)
+    #[param(default = 1e-8, min = 0.0, min_exclusive)]
+    pub adamw_epsilon: f64,
+    /// exponent of the poly schedule (DAFormer: 1)
     #[param(default = 0.9, min = 0.0)]
     pub power: f64,
+    /// iterations of mmcv's linear warmup at the start: the poly rate times
+    /// 1 - (1 - it / warmup_iters) * (1 - warmup_ratio) (DAFormer: 1500; 0: none)
+    #[param(default = 0)]
+    pub warmup_iters: usize,
+    /// the share of the poly rate that the warmup starts from (DAFormer: 1e-6)
+    #[param(default = 1e-6, min = 0.0, max = 1.0)]
+    pub warmup_ratio: f64,
     /// learning-rate multiplier of the two classifier heads
     #[param(default = 10.0, min = 0.0)]
     pub head_lr_mult: f64,
@@ -89,14 +109,18 @@ impl TrainConfig {
         methods::method(&self.method)
     }
 
-    /// The poly learning rate `base * (1 - iteration / max_iters)^power` (0 past `max_iters`).
+    /// The learning rate of `iteration` for a base rate `base`: the poly schedule
+    /// `base * (1 - iteration / max_iters)^power` (0 past `max_iters`), scaled by the linear
+    /// warmup during the first `warmup_iters` iterations.
     pub fn poly_lr(&self, base: f64, iteration: usize) -> f64 {
-        poly_lr(
-            base,
-            iteration,
-            self.schedule.max_iters,
-            self.schedule.power,
-        )
+        let s = &self.schedule;
+        let lr = poly_lr(base, iteration, s.max_iters, s.power);
+        if iteration < s.warmup_iters {
+            let k = (1.0 - iteration as f64 / s.warmup_iters as f64) * (1.0 - s.warmup_ratio);
+            lr * (1.0 - k)
+        } else {
+            lr
+        }
     }
 
     /// The adversarial alignment's params, for the methods that have one.
@@ -154,6 +178,15 @@ impl TrainConfig {
         self.adversarial()?;
         self.target_losses()?;
         self.self_training()?;
+        let s = &self.schedule;
+        for (name, beta) in [
+            ("adamw_beta1", s.adamw_beta1),
+            ("adamw_beta2", s.adamw_beta2),
+        ] {
+            if beta >= 1.0 {
+                return Err(format!("{name} must be below 1, got {beta}"));
+            }
+        }
         if let Some(adv) = self.adversarial()? {
             for (name, beta) in [
                 ("adam_beta1", adv.adam_beta1),
@@ -190,4 +223,28 @@ fn check<'a>(
 pub fn poly_lr(base: f64, iteration: usize, max_iters: usize, power: f64) -> f64 {
     let frac = 1.0 - iteration as f64 / max_iters.max(1) as f64;
     base * frac.max(0.0).powf(power)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// mmcv's `poly` with `warmup='linear'`, as DAFormer's `poly10warm` schedule runs it.
+    #[test]
+    fn warmup_scales_the_poly_rate_linearly_from_the_ratio() {
+        let mut c = TrainConfig::default();
+        c.schedule.max_iters = 40_000;
+        c.schedule.power = 1.0;
+        c.schedule.warmup_iters = 1500;
+        c.schedule.warmup_ratio = 1e-6;
+        let base = 6e-5;
+        assert!((c.poly_lr(base, 0) - base * 1e-6).abs() < 1e-18);
+        let i = 750;
+        let regular = base * (1.0 - i as f64 / 40_000.0);
+        let k = (1.0 - i as f64 / 1500.0) * (1.0 - 1e-6);
+        assert!((c.poly_lr(base, i) - regular * (1.0 - k)).abs() < 1e-18);
+        assert_eq!(c.poly_lr(base, 1500), base * (1.0 - 1500.0 / 40_000.0));
+        c.schedule.warmup_iters = 0;
+        assert_eq!(c.poly_lr(base, 3), base * (1.0 - 3.0 / 40_000.0));
+    }
 }

@@ -8,7 +8,7 @@ use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrSchedu
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use dag_model::discriminator::MIN_INPUT_SIZE;
 use dag_model::{
@@ -212,21 +212,30 @@ fn init_state(
     } else {
         None
     };
-    let sgd = SgdConfig::new()
-        .with_momentum(Some(
-            MomentumConfig::new()
-                .with_momentum(config.schedule.momentum)
-                .with_dampening(0.0),
-        ))
-        .with_weight_decay(Some(WeightDecayConfig::new(
-            config.schedule.weight_decay as f32,
-        )));
+    let schedule = &config.schedule;
+    let opt_seg = if schedule.optimizer == "adamw" {
+        AdamWConfig::new()
+            .with_beta_1(schedule.adamw_beta1 as f32)
+            .with_beta_2(schedule.adamw_beta2 as f32)
+            .with_epsilon(schedule.adamw_epsilon as f32)
+            .with_weight_decay(schedule.weight_decay as f32)
+            .init()
+    } else {
+        SgdConfig::new()
+            .with_momentum(Some(
+                MomentumConfig::new()
+                    .with_momentum(schedule.momentum)
+                    .with_dampening(0.0),
+            ))
+            .with_weight_decay(Some(WeightDecayConfig::new(schedule.weight_decay as f32)))
+            .init()
+    };
     Ok(LoopState {
         model: model.fork(ad).train(),
         d_main: d_main.map(|d| d.fork(ad).train()),
         d_aux: d_aux.map(|d| d.fork(ad).train()),
         teacher: None,
-        opt_seg: sgd.init(),
+        opt_seg,
         opt_d_main: discriminator_optimizer(run.adversarial.as_ref()),
         opt_d_aux: discriminator_optimizer(run.adversarial.as_ref()),
         rng: ChaCha8Rng::seed_from_u64(config.seed),
@@ -287,10 +296,16 @@ fn restore(
         s.d_aux = Some(load_record_into(d, &ckpt.join(files::D_AUX))?);
         s.opt_d_aux = load_optim(s.opt_d_aux, &ckpt.join(files::OPTIM_D_AUX))?;
     }
-    let teacher_file = ckpt.join(files::TEACHER);
-    if teacher_file.is_file() {
+    if config
+        .self_training()
+        .map_err(TrainError::Config)?
+        .is_some()
+        && saved.next_iteration > 0
+    {
+        // Checksummed with the rest; absent only from a checkpoint of another method, which
+        // `same_run` refused above.
         let teacher = selftraining::new_teacher(&s.model, ad)?;
-        s.teacher = Some(load_record_into(teacher, &teacher_file)?);
+        s.teacher = Some(load_record_into(teacher, &ckpt.join(files::TEACHER))?);
     }
     let mut rng = ChaCha8Rng::from_seed(saved.rng_seed);
     rng.set_stream(saved.rng_stream);
@@ -479,10 +494,9 @@ fn step(
     }
     // A target batch only when some target term has a weight: drawing one moves the batch RNG
     // and BatchNorm's statistics, so a method whose weights are all 0 must train as
-    // `source_only` does.
-    let uses_target = adversarial
-        || run.target_losses.iter().any(|l| l.is_active())
-        || run.self_training.is_some();
+    // `source_only` does. The self-training methods always draw one: their teacher labels it.
+    let objectives_use_target = adversarial || run.target_losses.iter().any(|l| l.is_active());
+    let uses_target = objectives_use_target || run.self_training.is_some();
     let target = if uses_target {
         let t = data
             .target(iteration, &mut s.rng)
@@ -568,7 +582,10 @@ fn step(
     let mut target_loss = None;
     // What the discriminators' own loss in step 3 reads for the target batch.
     let (mut trg_main, mut trg_aux) = (None, None);
-    if let Some(target) = &target {
+    // The student sees the plain target batch only for these objectives: in self-training it
+    // sees only the source, mixed and masked batches, and a pass of its own would move its
+    // BatchNorm statistics.
+    if let Some(target) = target.as_ref().filter(|_| objectives_use_target) {
         let size = [target.shape[2], target.shape[3]];
         let (aux_t, main_t) = s.model.forward(images_tensor(target, ad));
         let main_t = upsample(main_t, size);
@@ -634,13 +651,13 @@ fn step(
         }
     }
 
-    // 4. Network update: SGD, heads at `head_lr_mult` times the backbone's rate.
+    // 4. Network update (SGD or AdamW), heads at `head_lr_mult` times the backbone's rate.
     let lrs: ModuleLearningRate = ModuleLrScheduler::new(lr)
         .with_group(head_group.clone(), lr * schedule.head_lr_mult)
         .step();
     s.model = s.opt_seg.step(lrs, s.model, accumulator.grads());
     if let (Some(st), Some(teacher)) = (&run.self_training, s.teacher.take()) {
-        let alpha = selftraining::ema_alpha(iteration, st.params.ema_alpha);
+        let alpha = st.params.ema_alpha_after(iteration);
         s.teacher = Some(selftraining::ema_update(teacher, &s.model, alpha));
     }
 

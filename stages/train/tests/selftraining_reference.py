@@ -225,6 +225,12 @@ def check_augment(c):
     expected = [strong(before[i], mean, dr["jitter"], dr["sigma"]) for i, dr in enumerate(c["batch_draws"])]
     close("batch augmentation", c["batch_after"], np.asarray(expected).ravel(), 3e-3)
     print("ok batch")
+    draws = c["mic_batch_draws"]
+    if len({json.dumps(d["jitter"]["order"]) for d in draws}) != 1 or len({d["sigma"] for d in draws}) != 1:
+        sys.exit("mic batch: one order and one sigma for the whole batch expected")
+    expected = [strong(before[i], mean, dr["jitter"], dr["sigma"]) for i, dr in enumerate(draws)]
+    close("mic batch augmentation", c["mic_batch_after"], np.asarray(expected).ravel(), 3e-3)
+    print("ok mic_batch")
 
 
 def main():

@@ -117,24 +117,42 @@ fn augment_case(rng: &mut ChaCha8Rng) -> Value {
     let mut batch = images(rng, 2, h, w);
     let before = batch.clone();
     let mut replay = rng.clone();
+    // Both switches on (probability 1), so that every draw is exercised.
     let aug = StrongAugment {
         jitter_strength: 0.2,
-        jitter_p: 0.8,
-        blur_p: 0.5,
+        jitter_p: 1.0,
+        blur_p: 1.0,
     };
     aug.apply(&mut batch, [2, 3, h, w], rng);
-    let jitter_on = mixing::uniform(&mut replay) < 0.8;
-    let blur_on = mixing::uniform(&mut replay) < 0.5;
+    assert!(mixing::uniform(&mut replay) < 1.0 && mixing::uniform(&mut replay) < 1.0);
     let mut per_image = vec![];
     for _ in 0..2 {
-        let d = jitter_on.then(|| augment::draw_jitter(0.2, &mut replay));
-        let s = blur_on.then(|| mixing::uniform_in(&mut replay, 0.15, 1.15));
-        per_image.push(json!({ "jitter": d.map(|d| jitter_json(&d)), "sigma": s }));
+        let d = augment::draw_jitter(0.2, &mut replay);
+        let s = mixing::uniform_in(&mut replay, 0.15, 1.15);
+        per_image.push(json!({ "jitter": jitter_json(&d), "sigma": s }));
     }
+    // MIC's single call on the batch: factors per image, one order and one sigma.
+    let mut mic_batch = before.clone();
+    let mut replay = rng.clone();
+    aug.apply_to_batch(&mut mic_batch, [2, 3, h, w], rng);
+    let _switches = (mixing::uniform(&mut replay), mixing::uniform(&mut replay));
+    let mut factors: Vec<_> = (0..2)
+        .map(|_| augment::draw_jitter_factors(0.2, &mut replay))
+        .collect();
+    let order = augment::draw_jitter_order(&mut replay);
+    let sigma_batch = mixing::uniform_in(&mut replay, 0.15, 1.15);
+    for f in &mut factors {
+        f.order = order;
+    }
+    let mic_draws: Vec<Value> = factors
+        .iter()
+        .map(|d| json!({ "jitter": jitter_json(d), "sigma": sigma_batch }))
+        .collect();
     json!({ "shape": [h, w], "mean_bgr": dag_data::MEAN_BGR, "image": image,
             "jitter": jitter_json(&draw), "sigma": sigma,
             "jittered": jittered, "blurred": blurred, "both": both,
-            "batch_before": before, "batch_after": batch, "batch_draws": per_image })
+            "batch_before": before, "batch_after": batch, "batch_draws": per_image,
+            "mic_batch_after": mic_batch, "mic_batch_draws": mic_draws })
 }
 
 fn jitter_json(d: &augment::JitterDraw) -> Value {

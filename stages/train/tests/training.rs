@@ -540,6 +540,84 @@ fn dacs_with_mic_resumes_bit_identically() {
     }
 }
 
+/// The teacher moves as the references move it: with DACS's timing it is the student itself
+/// after the first step (alpha_0 = 0); with DAFormer's the first update averages the initial
+/// weights and the student's half and half. BatchNorm statistics are never averaged. The run
+/// with DAFormer's timing also takes ClassMix per batch and the source CE over all pixels.
+#[test]
+fn the_teacher_follows_the_references_ema_timing() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let names: Vec<String> = named(&model_config().init(&Device::flex()).unwrap())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let is_param = |n: &str| !n.ends_with("running_mean") && !n.ends_with("running_var");
+    let dacs = run(
+        &config("dacs", 1),
+        tempfile::tempdir().unwrap().path(),
+        None,
+    )
+    .unwrap();
+    let teacher = dacs.teacher.unwrap();
+    assert_eq!(names.len(), teacher.len());
+    for ((name, t), s) in names.iter().zip(&teacher).zip(&dacs.weights) {
+        if is_param(name) {
+            assert_eq!(t.as_bytes(), s.as_bytes(), "{name}");
+        }
+    }
+    let daformer = config("dacs", 1)
+        .with_param("ema_timing", "daformer")
+        .with_param("class_mix", "per_batch")
+        .with_param("source_ce_over", "all");
+    let later = run(&daformer, tempfile::tempdir().unwrap().path(), None).unwrap();
+    assert!(later.log[0].term("mix").is_some_and(f64::is_finite));
+    let teacher = later.teacher.unwrap();
+    let moved = names
+        .iter()
+        .zip(&teacher)
+        .zip(&later.weights)
+        .filter(|((n, t), s)| is_param(n) && t.as_bytes() != s.as_bytes())
+        .count();
+    assert!(
+        moved > 0,
+        "with DAFormer's timing the teacher lags the student"
+    );
+}
+
+/// AdamW with a warmup (DAFormer's optimiser) trains, logs the warmed-up rate, and resumes bit
+/// for bit: its moments are part of the checkpoint.
+#[test]
+fn adamw_with_warmup_resumes_bit_identically() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = config("source_only", 6);
+    cfg.schedule.optimizer = "adamw".into();
+    cfg.schedule.lr = 1e-3;
+    cfg.schedule.weight_decay = 0.01;
+    cfg.schedule.warmup_iters = 4;
+    cfg.schedule.checkpoint_every = 2;
+    let full = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
+    assert!(full.log[0].lr < 1e-8, "{}", full.log[0].lr);
+    assert!(full.log[1].lr < full.log[2].lr && full.log[2].lr < full.log[4].lr);
+    let first = full.log[0].term("seg_main").unwrap();
+    let last = full.log[5].term("seg_main").unwrap();
+    assert!(last < first, "AdamW does not train: {first} -> {last}");
+    let sgd = run(
+        &config("source_only", 6),
+        tempfile::tempdir().unwrap().path(),
+        None,
+    )
+    .unwrap();
+    assert_ne!(sgd.log[5].term("seg_main"), full.log[5].term("seg_main"));
+
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        run(&cfg, dir.path(), Some(2)),
+        Err(TrainError::Cancelled { iteration: 3 })
+    ));
+    let resumed = run(&cfg, dir.path(), None).unwrap();
+    assert_bit_identical(&full.weights, &resumed.weights);
+}
+
 /// The error `train` stops with, for `config` on `data` from a fresh model on flex.
 fn train_error(config: &TrainConfig, data: &mut dyn Batches) -> TrainError {
     let device = Device::flex();

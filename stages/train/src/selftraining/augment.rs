@@ -2,9 +2,12 @@
 //! jitter and Gaussian blur, on host images in the training layout (BGR, minus
 //! [`dag_data::MEAN_BGR`]).
 //!
-//! As in the references (`DACS:utils/transformsgpu.py`, `DAFormer:dacs_transforms.py`), whether
-//! the batch is jittered and whether it is blurred are drawn once per batch; the jitter factors,
-//! their order and the blur's sigma are drawn per image. The jitter is kornia 0.5.8's
+//! As in the references (`DACS:utils/transformsgpu.py`, `DAFormer:dacs_transforms.py`,
+//! `MIC:masking_consistency_module.py`), whether the batch is jittered and whether it is blurred
+//! are drawn once per batch. ClassMix's transform runs once per mixed image, so the jitter
+//! factors, their order and the blur's sigma are drawn per image ([`StrongAugment::apply`]);
+//! MIC's runs once on the target batch, so only the factors are drawn per image and the order
+//! and the sigma once ([`StrongAugment::apply_to_batch`]). The jitter is kornia 0.5.8's
 //! `ColorJitter` (the version DAFormer pins): in `[0, 1]` (the mean added back, divided by 255),
 //! additive brightness, multiplicative contrast, saturation and hue in HSV, in a random order.
 //! Like DACS, it runs on the channels as stored (BGR), which mirrors the hue circle; the hue draw
@@ -106,19 +109,32 @@ pub fn blur_plane(plane: &mut [f32], [h, w]: [usize; 2], ky: &[f32], kx: &[f32])
 /// Draws one image's jitter in kornia's order: brightness, contrast, hue, saturation, then the
 /// order of the four operations.
 pub fn draw_jitter(strength: f32, rng: &mut dyn RngCore) -> JitterDraw {
+    let mut draw = draw_jitter_factors(strength, rng);
+    draw.order = draw_jitter_order(rng);
+    draw
+}
+
+/// The four factors of one image's jitter (brightness, contrast, hue, saturation), with the
+/// identity order.
+pub fn draw_jitter_factors(strength: f32, rng: &mut dyn RngCore) -> JitterDraw {
     let s = strength;
     let brightness = uniform_in(rng, (1.0 - s).max(0.0), (1.0 + s).min(2.0));
     let contrast = uniform_in(rng, (1.0 - s).max(0.0), 1.0 + s);
     let hue = uniform_in(rng, (-s).max(-0.5), s.min(0.5));
     let saturation = uniform_in(rng, (1.0 - s).max(0.0), 1.0 + s);
-    let picked = choose_distinct(rng, 4, 4);
     JitterDraw {
         brightness,
         contrast,
         saturation,
         hue,
-        order: [picked[0], picked[1], picked[2], picked[3]],
+        order: [0, 1, 2, 3],
     }
+}
+
+/// The order of the four jitter operations, a uniform permutation.
+pub fn draw_jitter_order(rng: &mut dyn RngCore) -> [usize; 4] {
+    let picked = choose_distinct(rng, 4, 4);
+    [picked[0], picked[1], picked[2], picked[3]]
 }
 
 /// kornia 0.5.8's `rgb_to_hsv`, with the hue as a fraction of the circle in `[0, 1)`.
@@ -233,6 +249,33 @@ impl StrongAugment {
             let jitter = jitter_on.then(|| draw_jitter(self.jitter_strength, rng));
             let sigma = blur_on.then(|| uniform_in(rng, BLUR_SIGMA.0, BLUR_SIGMA.1));
             transform_image(img, [h, w], jitter.as_ref(), sigma);
+        }
+    }
+
+    /// Draws and applies the augmentation to a batch `[n, 3, h, w]` in place as one call of the
+    /// reference transform: the batch's two switches, each image's jitter factors, then one
+    /// order and one sigma for the whole batch.
+    pub fn apply_to_batch(
+        &self,
+        images: &mut [f32],
+        [n, c, h, w]: [usize; 4],
+        rng: &mut dyn RngCore,
+    ) {
+        let jitter_on = uniform(rng) < self.jitter_p;
+        let blur_on = uniform(rng) < self.blur_p;
+        let mut draws: Vec<JitterDraw> = Vec::new();
+        if jitter_on {
+            draws = (0..n)
+                .map(|_| draw_jitter_factors(self.jitter_strength, rng))
+                .collect();
+            let order = draw_jitter_order(rng);
+            for d in &mut draws {
+                d.order = order;
+            }
+        }
+        let sigma = blur_on.then(|| uniform_in(rng, BLUR_SIGMA.0, BLUR_SIGMA.1));
+        for (i, img) in images.chunks_mut(c * h * w).take(n).enumerate() {
+            transform_image(img, [h, w], draws.get(i), sigma);
         }
     }
 }

@@ -5,12 +5,14 @@
 //! 1. the teacher (an exponential moving average of the student's parameters, BatchNorm on batch
 //!    statistics as the references run it) labels the un-augmented target batch; the target
 //!    pixels' weight is the share of pixels whose confidence reaches `pseudo_threshold`;
-//! 2. ClassMix pastes half of the classes of each source image onto a target image, with their
-//!    labels; colour jitter and Gaussian blur follow the mixing; the student's cross-entropy on
-//!    the mixed batch, weighted per pixel, is the `mix` term;
+//! 2. ClassMix pastes half of the classes of each source image (or of the source batch) onto a
+//!    target image, with their labels; colour jitter and Gaussian blur follow the mixing; the
+//!    student's cross-entropy on the mixed batch, weighted per pixel, is the `mix` term;
 //! 3. with MIC, the colour-augmented target batch with random blocks masked must give the
 //!    teacher's pseudo-labels of the unmasked images: the `mic` term;
 //! 4. after the optimiser step the teacher moves toward the student (`ema_update`).
+//!
+//! The student never runs on the plain target batch (it would move its BatchNorm statistics).
 //!
 //! The pieces that do not touch the network are host functions in [`mixing`] and [`augment`].
 
@@ -45,6 +47,11 @@ pub struct SelfTrainingParams {
     /// DAFormer and MIC 0.999)
     #[param(default = 0.99, min = 0.0, max = 1.0)]
     pub ema_alpha: f64,
+    /// when the teacher moves: `dacs` after step t with alpha_t (the teacher copies the student
+    /// after the first step), or `daformer` before step t >= 1 with alpha_t (DAFormer, HRDA and
+    /// MIC: the same update one step later, so the first average has alpha 0.5)
+    #[param(default = "dacs", one_of = ["dacs", "daformer"])]
+    pub ema_timing: String,
     /// teacher confidence at or above which a pixel counts as sure; every target pixel is
     /// weighted by the share of sure pixels in the batch
     #[param(default = 0.968, min = 0.0, max = 1.0)]
@@ -104,6 +111,16 @@ impl SelfTrainingParams {
             "per_batch" => ClassChoice::PerBatch,
             _ => ClassChoice::PerImage,
         }
+    }
+
+    /// The EMA decay of the update that follows step `iteration` (from 0).
+    pub fn ema_alpha_after(&self, iteration: usize) -> f64 {
+        let t = if self.ema_timing == "daformer" {
+            iteration + 1
+        } else {
+            iteration
+        };
+        ema_alpha(t, self.ema_alpha)
     }
 
     /// Whether the source cross-entropy averages over every pixel.
@@ -370,7 +387,9 @@ pub(crate) fn terms(
     // 3. MIC: the augmented target with blocks masked, against the unmasked pseudo-labels.
     if let Some(mic) = &run.mic {
         let mut masked = target.data.clone();
-        p.augment().apply(&mut masked, [n, c, h, w], rng);
+        // MIC transforms the target batch in one call: one jitter order and one sigma for the
+        // batch (ClassMix's transform runs once per mixed image).
+        p.augment().apply_to_batch(&mut masked, [n, c, h, w], rng);
         for img in 0..n {
             let keep = mixing::block_mask(h, w, mic.mic_block, mic.mic_ratio as f32, rng);
             let values = &mut masked[img * c * plane..(img + 1) * c * plane];
