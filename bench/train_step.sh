@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Times a DeepLabV2-small training step (CE and AdvEnt) on dag's flex backend, on dag's LibTorch
+# Times a DeepLabV2-small training step (CE, AdvEnt and DACS) on dag's flex backend, on dag's LibTorch
 # backend (`device: tch`) and on PyTorch CPU in the same run, and prints the dag/PyTorch ratios.
 # See BENCHMARKS.md, "Training step".
 #

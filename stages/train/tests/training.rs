@@ -584,6 +584,48 @@ fn the_teacher_follows_the_references_ema_timing() {
     );
 }
 
+/// The teacher predicts as the references' teacher does: BatchNorm on the batch's statistics
+/// (train mode), like its student in training, not on the running statistics that inference
+/// uses; and its passes leave the student's statistics alone.
+#[test]
+fn the_teacher_normalises_with_batch_statistics() {
+    use dag_train::selftraining::new_teacher;
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ad = Device::flex().autodiff();
+    ad.seed(3);
+    let student = model_config().init(&ad).unwrap().train();
+    let x = Tensor::<4>::random([2, 3, 33, 33], burn::tensor::Distribution::Default, &ad)
+        .mul_scalar(50.0);
+    let (_, trained) = student.forward(x.clone());
+    let teacher = new_teacher(&student, &ad).unwrap();
+    let before = named(&student.valid());
+    let (_, taught) = teacher.forward(x.clone());
+    assert_eq!(
+        named(&student.valid()),
+        before,
+        "the teacher moved the student's statistics"
+    );
+    let (_, inferred) = student.valid().forward(x.inner());
+    let values = |t: Tensor<4>| t.into_data().try_into_vec_as::<f32>().unwrap();
+    let (trained, taught, inferred) = (values(trained), values(taught), values(inferred));
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        max_diff(&trained, &taught) < 1e-5,
+        "{}",
+        max_diff(&trained, &taught)
+    );
+    assert!(
+        max_diff(&inferred, &taught) > 1e-3,
+        "{}",
+        max_diff(&inferred, &taught)
+    );
+}
+
 /// AdamW with a warmup (DAFormer's optimiser) trains, logs the warmed-up rate, and resumes bit
 /// for bit: its moments are part of the checkpoint.
 #[test]
