@@ -128,6 +128,41 @@ fn artifact_round_trip_rebuilds_the_same_model() {
     assert!(err.contains("model.json"), "{err}");
 }
 
+/// DACS's classifier sums two branches (dilations 6 and 12): the logits are the sum of those two
+/// convs alone, the option survives the artifact, and a `model.json` without the field (every
+/// model written before it) reads as ADVENT's four branches, which are not written out.
+#[test]
+fn the_two_branch_classifier_sums_its_two_convs_and_round_trips() {
+    let device = Device::flex();
+    let config = tiny(4).with_classifier_dilations(&[6, 12]);
+    let model = config.init(&device).unwrap();
+    assert_eq!(model.layer6.conv2d_list.len(), 2);
+    assert_eq!(model.layer6.conv2d_list[1].dilation, [12, 12]);
+    let features = Tensor::<4>::random(
+        [1, config.main_channels(), 9, 9],
+        Distribution::Default,
+        &device,
+    );
+    let head = &model.layer6;
+    let sum = head.conv2d_list[0].forward(features.clone())
+        + head.conv2d_list[1].forward(features.clone());
+    head.forward(features)
+        .into_data()
+        .assert_approx_eq::<f32>(&sum.into_data(), Tolerance::default());
+
+    let dir = tempfile::tempdir().unwrap();
+    save_model(model, &config, serde_json::json!({}), dir.path()).unwrap();
+    let (loaded, desc) = load_model(dir.path(), &device).unwrap();
+    assert_eq!(desc.config.classifier_dilations, vec![6, 12]);
+    assert_eq!(loaded.layer5.conv2d_list.len(), 2);
+
+    let advent = tiny(4);
+    let json = serde_json::to_value(&advent).unwrap();
+    assert!(json.get("classifier_dilations").is_none(), "{json}");
+    let read: DeepLabV2Config = serde_json::from_value(json).unwrap();
+    assert_eq!(read.classifier_dilations, vec![6, 12, 18, 24]);
+}
+
 #[test]
 fn predict_upsamples_with_aligned_corners() {
     let device = Device::flex();
