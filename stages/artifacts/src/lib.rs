@@ -24,6 +24,28 @@ pub mod score {
     pub const DIFFICULTY_FILE: &str = "difficulty.parquet";
 }
 
+/// The output of `class_stats`: the pixels of each class in each labelled image, for rare class
+/// sampling.
+pub mod class_stats {
+    /// The artifact type.
+    pub const TYPE: &str = "class_stats";
+    /// The table, one row per image and class present.
+    pub const FILE: &str = "class_stats.parquet";
+
+    /// Its columns.
+    pub mod column {
+        /// The image's path in its dataset.
+        pub const PATH: &str = "path";
+        /// The class id (255: ignored pixels).
+        pub const CLASS: &str = "class";
+        /// Pixels of the class in the preprocessed label.
+        pub const PIXELS: &str = "pixels";
+        /// The same count at the image's original resolution (the preprocessed count times
+        /// the ratio of the two areas), the scale the references' thresholds are given in.
+        pub const FULL_RESOLUTION_PIXELS: &str = "full_resolution_pixels";
+    }
+}
+
 /// The outputs of `split`.
 pub mod split {
     /// The table file of a split output (`easy` or `hard`).

@@ -3,6 +3,7 @@
 //! - [`formats`]: the on-disk layouts of Cityscapes, GTA5 and SYNTHIA-RAND-CITYSCAPES, list
 //!   files in IntraDA's line format, and pairing of images with labels.
 //! - [`protocol`]: the 19/16/13-class label protocols, class names and the Cityscapes palette.
+//! - [`rcs`]: DAFormer's rare class sampling over per-image class pixel counts.
 //! - [`pngio`]: PNG decoding that keeps palette indices and 16-bit channels, and label writers.
 //! - [`preprocess`]: decode, resize and map a dataset into memory-mapped shards.
 //! - [`shards`]: the reader of those shards for training ([`Dataset`], [`Sampler`], batches).
@@ -19,6 +20,7 @@ pub mod formats;
 pub mod pngio;
 pub mod preprocess;
 pub mod protocol;
+pub mod rcs;
 pub mod resize;
 pub mod shards;
 pub mod synth;
@@ -29,6 +31,7 @@ pub use error::DataError;
 pub use formats::{Format, SampleRef};
 pub use preprocess::{preprocess, PreprocessConfig, PreprocessReport};
 pub use protocol::Protocol;
+pub use rcs::RareClassSampler;
 pub use shards::{Batch, Dataset, Item, Sampler, MEAN_BGR};
 pub use synth::{generate, SynthConfig, SynthReport};
 pub use tables::{Column, Table};

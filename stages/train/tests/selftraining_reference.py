@@ -233,6 +233,29 @@ def check_augment(c):
     print("ok mic_batch")
 
 
+def check_rcs(c):
+    """DAFormer's uda_dataset.py: f_c = n_c / sum n over every image; P = softmax((1 - f) / T)
+    over the classes; an image is drawn for c among those with more than min_pixels of it."""
+    totals, holders = {}, {}
+    for i, image in enumerate(c["counts"]):
+        for cls, n in image:
+            if cls == 255:
+                continue
+            totals[cls] = totals.get(cls, 0.0) + n
+            if n > c["min_pixels"]:
+                holders.setdefault(cls, []).append(i)
+    classes = sorted(k for k in totals if k in holders)
+    freq = np.array([totals[k] for k in classes]) / sum(totals.values())
+    logits = (1 - freq) / c["temperature"]
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    same("rcs classes", c["classes"], classes)
+    close("rcs probabilities", c["probabilities"], p, 1e-12)
+    for k, imgs in zip(classes, c["images"]):
+        same(f"rcs images of class {k}", imgs, holders[k])
+    print("ok rcs")
+
+
 def main():
     cases = json.load(open(sys.argv[1]))
     check_pseudo(cases["pseudo"])
@@ -242,6 +265,7 @@ def main():
     check_mic(cases["mic"])
     check_cross_entropy(cases["cross_entropy"])
     check_ema(cases["ema"])
+    check_rcs(cases["rcs"])
 
 
 if __name__ == "__main__":

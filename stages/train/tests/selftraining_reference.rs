@@ -1,7 +1,8 @@
 //! The self-training pieces against an independent NumPy implementation
 //! (`tests/selftraining_reference.py`) on the same inputs and the same random draws: the
 //! pseudo-labels and their confidence weight, ClassMix for both class-choice variants, the colour
-//! jitter and the blur, MIC's block mask, the weighted cross-entropy and the EMA update. The
+//! jitter and the blur, MIC's block mask, the weighted cross-entropy, the EMA update and rare
+//! class sampling's class probabilities. The
 //! interpreter comes from `DAG_TEST_PYTHON` (set by `scripts/test.sh`), else `python3`; it must
 //! have NumPy.
 
@@ -252,6 +253,22 @@ fn ema_case() -> Value {
             "student": tensors(&student.valid()), "after": tensors(&after.valid()) })
 }
 
+fn rcs_case(rng: &mut ChaCha8Rng) -> Value {
+    let mut counts: Vec<Vec<(u8, f64)>> = Vec::new();
+    for _ in 0..12 {
+        let mut image = vec![(255u8, 100.0)];
+        for c in 0..6u8 {
+            if !rng.next_u32().is_multiple_of(3) {
+                image.push((c, f64::from(rng.next_u32() % 5000) * f64::from(c + 1)));
+            }
+        }
+        counts.push(image);
+    }
+    let rcs = dag_data::RareClassSampler::new(&counts, 0.5, 3000.0).unwrap();
+    json!({ "counts": counts, "temperature": 0.5, "min_pixels": 3000.0,
+            "classes": rcs.classes, "probabilities": rcs.probabilities, "images": rcs.images })
+}
+
 #[test]
 fn self_training_pieces_match_numpy() {
     let mut rng = ChaCha8Rng::seed_from_u64(2026);
@@ -263,6 +280,7 @@ fn self_training_pieces_match_numpy() {
         "mic": mic_case(&mut rng),
         "cross_entropy": cross_entropy_case(&mut rng),
         "ema": ema_case(),
+        "rcs": rcs_case(&mut rng),
     });
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cases.json");
@@ -292,6 +310,7 @@ fn self_training_pieces_match_numpy() {
         "mic",
         "cross_entropy",
         "ema",
+        "rcs",
     ] {
         assert!(report.contains(&format!("ok {case}")), "{report}");
     }
