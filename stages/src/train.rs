@@ -76,6 +76,10 @@ struct P {
     /// iteration, at a position drawn from the run's seed; default: the whole image
     #[param(min = 1)]
     crop: Option<[usize; 2]>,
+    /// probability that a training image (and its label) is mirrored left to right, drawn per
+    /// image after the crop (DAFormer: 0.5; ADVENT and DACS: 0)
+    #[param(default = 0.0, min = 0.0, max = 1.0)]
+    flip: f64,
     /// temperature T of rare class sampling (with a `class_stats` input): class c is drawn with
     /// P(c) = softmax((1 - f_c) / T), f_c its share of the labelled pixels (DAFormer: 0.01)
     #[param(default = 0.01, min = 0.0, min_exclusive)]
@@ -360,6 +364,7 @@ impl Stage for TrainStage {
         }
         .seeded(ctx.seed)
         .cropped(p.crop);
+        batches.flip = p.flip;
         if ctx.inputs.contains_key("class_stats") {
             batches.rcs = Some(rare_class_sampler(ctx, &p, &labelled)?);
         }
@@ -549,6 +554,8 @@ struct ShardBatches<'a> {
     seed: u64,
     /// `[width, height]` of the random crop, if any.
     crop: Option<[usize; 2]>,
+    /// Probability of a horizontal flip per image.
+    flip: f64,
     /// Rare class sampling of the labelled images, and the pixels of the drawn class a crop
     /// must hold.
     rcs: Option<(RareClassSampler, f64)>,
@@ -570,6 +577,7 @@ impl<'a> ShardBatches<'a> {
             batch,
             seed: 0,
             crop: None,
+            flip: 0.0,
             rcs: None,
             samplers: [None, None],
         }
@@ -659,6 +667,9 @@ impl Batches for ShardBatches<'_> {
                 None => random_crop(images, Some(labels), crop, rng)?,
             };
         }
+        if self.flip > 0.0 {
+            random_flip(&mut images, Some(&mut labels), self.flip, rng);
+        }
         Ok(SourceBatch { images, labels })
     }
 
@@ -679,9 +690,38 @@ impl Batches for ShardBatches<'_> {
             data: b.images,
             shape: b.shape,
         };
-        match self.crop {
-            Some(crop) => Ok(random_crop(images, None, crop, rng)?.0),
-            None => Ok(images),
+        let mut images = match self.crop {
+            Some(crop) => random_crop(images, None, crop, rng)?.0,
+            None => images,
+        };
+        if self.flip > 0.0 {
+            random_flip(&mut images, None, self.flip, rng);
+        }
+        Ok(images)
+    }
+}
+
+/// Mirrors each image of the batch (and its label map) left to right with probability `p`, one
+/// uniform draw per image from `rng`.
+fn random_flip(
+    images: &mut ImageBatch,
+    mut labels: Option<&mut LabelBatch>,
+    p: f64,
+    rng: &mut dyn RngCore,
+) {
+    let [n, c, h, w] = images.shape;
+    for img in 0..n {
+        let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        if u >= p {
+            continue;
+        }
+        for row in images.data[img * c * h * w..(img + 1) * c * h * w].chunks_mut(w) {
+            row.reverse();
+        }
+        if let Some(l) = labels.as_deref_mut() {
+            for row in l.data[img * h * w..(img + 1) * h * w].chunks_mut(w) {
+                row.reverse();
+            }
         }
     }
 }
@@ -905,6 +945,27 @@ fn keep_snapshots(ckpt_dir: &Path, model_dir: &Path) -> Result<(), StageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flip mirrors every row of the image's channels and of its label, and p = 1 flips all.
+    #[test]
+    fn flips_mirror_images_and_labels_together() {
+        use rand_chacha::rand_core::SeedableRng;
+        let mut images = ImageBatch {
+            data: (0..2 * 3 * 2 * 3).map(|v| v as f32).collect(),
+            shape: [2, 3, 2, 3],
+        };
+        let mut labels = LabelBatch {
+            data: (0..2 * 2 * 3).map(|v| v as u8).collect(),
+            shape: [2, 2, 3],
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        random_flip(&mut images, Some(&mut labels), 1.0, &mut rng);
+        assert_eq!(&images.data[..6], &[2.0, 1.0, 0.0, 5.0, 4.0, 3.0]);
+        assert_eq!(&labels.data[..6], &[2, 1, 0, 5, 4, 3]);
+        assert_eq!(&labels.data[6..], &[8, 7, 6, 11, 10, 9]);
+        random_flip(&mut images, Some(&mut labels), 0.0, &mut rng);
+        assert_eq!(&labels.data[..3], &[2, 1, 0]);
+    }
 
     fn adapt_params(given: &[(&str, Value)]) -> Params {
         let mut params: Params = Params(

@@ -29,7 +29,7 @@ stages:
   entropy:  { kind: score_entropy, inputs: { model: advent.model, target: target, difficulty: synth.target } }
   split:    { kind: split, inputs: { scores: entropy.scores }, params: { lambda: 0.67 } }
   stats:    { kind: class_stats, inputs: { data: source } }
-  dacs_mic: { kind: adapt, inputs: { source: source, target: target, init: src_only.model, class_stats: stats.class_stats }, params: { method: dacs+mic, iters: 8, max_iters: 8, lr: 0.01, batch_size: 2, lambda_seg_aux: 0, mic_block: 8, crop: [48, 24], rcs_min_pixels: 20, checkpoint_every: 2 } }
+  dacs_mic: { kind: adapt, inputs: { source: source, target: target, init: src_only.model, class_stats: stats.class_stats }, params: { method: dacs+mic, iters: 8, max_iters: 8, lr: 0.01, batch_size: 2, lambda_seg_aux: 0, mic_block: 8, crop: [48, 24], flip: 0.5, rcs_min_pixels: 20, checkpoint_every: 2 } }
   intrada:  { kind: self_train, inputs: { target: target, easy: split.easy, hard: split.hard, pseudo: entropy.pseudo_labels, init: advent.model }, params: { iters: 10, max_iters: 10, lr: 0.01, disc_ndf: 8, checkpoint_every: 2 } }
   eval_src:     { kind: evaluate, inputs: { model: src_only.model, data: val } }
   eval_advent:  { kind: evaluate, inputs: { model: advent.model, data: val }, params: { snapshots: all } }
