@@ -85,12 +85,13 @@ struct P {
     #[param(default = 0.01, min = 0.0, min_exclusive)]
     rcs_temperature: f64,
     /// rare class sampling draws an image for class c among those with more than this many
-    /// pixels of c at full resolution (DAFormer: 3000)
+    /// pixels of c at the original resolution (`class_stats`' full_resolution_pixels; DAFormer:
+    /// 3000)
     #[param(default = 3000.0, min = 0.0)]
     rcs_min_pixels: f64,
-    /// with a `crop`, rare class sampling redraws the crop (up to 10 times) until it holds more
-    /// than rcs_min_pixels * rcs_min_crop_ratio pixels of the class (DAFormer: 0.5 at 512
-    /// crops, HRDA: 2.0 at 1024)
+    /// with a `crop`, rare class sampling redraws the crop (up to 10 times after the first)
+    /// until it holds more than rcs_min_pixels * rcs_min_crop_ratio pixels of the class, in
+    /// the crop's own pixels (DAFormer: 0.5 at 512 crops, HRDA: 2.0 at 1024; 0: no redraws)
     #[param(default = 0.5, min = 0.0)]
     rcs_min_crop_ratio: f64,
 }
@@ -367,6 +368,13 @@ impl Stage for TrainStage {
         batches.flip = p.flip;
         if ctx.inputs.contains_key("class_stats") {
             batches.rcs = Some(rare_class_sampler(ctx, &p, &labelled)?);
+            if p.crop.is_none() {
+                tracing::warn!(
+                    stage = ctx.stage,
+                    "rare class sampling without a `crop` draws the images but cannot redraw \
+                     crops toward the class, as DAFormer's does"
+                );
+            }
         }
 
         let (model, model_config, init) = initial_model(ctx, &p, proto, &device)?;
@@ -557,8 +565,8 @@ struct ShardBatches<'a> {
     /// Probability of a horizontal flip per image.
     flip: f64,
     /// Rare class sampling of the labelled images, and the pixels of the drawn class a crop
-    /// must hold.
-    rcs: Option<(RareClassSampler, f64)>,
+    /// must hold (`None`: no redraws).
+    rcs: Option<(RareClassSampler, Option<f64>)>,
     samplers: [Option<(Sampler, usize)>; 2],
 }
 
@@ -624,9 +632,10 @@ impl Batches for ShardBatches<'_> {
         let idx: Vec<usize> = match &self.rcs {
             Some((rcs, _)) => (0..self.batch)
                 .map(|_| {
-                    let (class, k) = rcs.draw(rng);
+                    // The sampler's counts are indexed by dataset position.
+                    let (class, i) = rcs.draw(rng);
                     classes.push(class);
-                    self.labelled_indices[k]
+                    i
                 })
                 .collect(),
             None => {
@@ -732,7 +741,7 @@ fn rare_class_sampler(
     ctx: &StageContext<'_>,
     p: &P,
     labelled: &Dataset,
-) -> Result<(RareClassSampler, f64), StageError> {
+) -> Result<(RareClassSampler, Option<f64>), StageError> {
     use dag_artifacts::class_stats::{column, FILE};
     let art = ctx.input("class_stats")?;
     let file = art.path.join(FILE);
@@ -743,30 +752,48 @@ fn rare_class_sampler(
     let by_path: std::collections::HashMap<&str, usize> = (0..labelled.len())
         .filter_map(|i| labelled.get(i).map(|it| (it.path, i)))
         .collect();
+    let protocol_classes = labelled.classes();
     let mut counts: Vec<Vec<(u8, f64)>> = vec![Vec::new(); labelled.len()];
-    for ((path, &class), &n) in paths.iter().zip(classes).zip(&pixels) {
-        let i = by_path.get(path.as_str()).ok_or_else(|| {
-            StageError::new(format!(
-                "`{path}` of the class statistics is not an image of the `source` input"
-            ))
+    let bad = |message: String| {
+        StageError::new(message)
             .with_path(file.clone())
             .with_hint("give `class_stats` the same `preprocess` output as `source`")
+    };
+    for ((path, &class), &n) in paths.iter().zip(classes).zip(&pixels) {
+        let i = *by_path.get(path.as_str()).ok_or_else(|| {
+            bad(format!(
+                "`{path}` of the class statistics is not an image of the `source` input"
+            ))
         })?;
-        counts[*i].push((class.min(255) as u8, n));
+        if class != 255 && class >= protocol_classes {
+            return Err(bad(format!(
+                "`{path}` has pixels of class {class}, but the `source` input has \
+                 {protocol_classes} classes"
+            )));
+        }
+        if !(n.is_finite() && n >= 0.0) || counts[i].iter().any(|&(c, _)| u32::from(c) == class) {
+            return Err(bad(format!(
+                "`{path}`, class {class}: a duplicate row or a pixel count that is not a \
+                 non-negative number ({n})"
+            )));
+        }
+        counts[i].push((class as u8, n));
     }
     let rcs = RareClassSampler::new(&counts, p.rcs_temperature, p.rcs_min_pixels)
         .map_err(|e| StageError::new(e).with_path(file))?;
-    Ok((rcs, p.rcs_min_pixels * p.rcs_min_crop_ratio))
+    let least = (p.rcs_min_crop_ratio > 0.0).then_some(p.rcs_min_pixels * p.rcs_min_crop_ratio);
+    Ok((rcs, least))
 }
 
 /// [`random_crop`] for rare class sampling: each image's window is drawn again, up to ten
-/// times, until it holds more than `least` pixels of the class the image was drawn for.
+/// times after the first, until it holds more than `least` pixels of the class the image was
+/// drawn for.
 fn rare_class_crop(
     images: ImageBatch,
     labels: LabelBatch,
     crop: [usize; 2],
     classes: &[u8],
-    least: f64,
+    least: Option<f64>,
     rng: &mut dyn RngCore,
 ) -> Result<(ImageBatch, LabelBatch), BatchError> {
     let [n, c, h, w] = images.shape;
@@ -782,9 +809,10 @@ fn rare_class_crop(
             shape: [1, h, w],
         };
         let mut cropped = random_crop(one.clone(), Some(one_label.clone()), crop, rng)?;
-        for _ in 1..10 {
+        // DAFormer's loop: up to ten redraws after the first crop, none with a ratio of 0.
+        for _ in 0..10 {
             let held = cropped.1.data.iter().filter(|&&l| l == class).count();
-            if held as f64 > least {
+            if least.is_none_or(|least| held as f64 > least) {
                 break;
             }
             cropped = random_crop(one.clone(), Some(one_label.clone()), crop, rng)?;

@@ -40,8 +40,9 @@ pub mod class_stats {
         pub const CLASS: &str = "class";
         /// Pixels of the class in the preprocessed label.
         pub const PIXELS: &str = "pixels";
-        /// The same count at the image's original resolution (the preprocessed count times
-        /// the ratio of the two areas), the scale the references' thresholds are given in.
+        /// The count at the image's original resolution, the scale the references' thresholds
+        /// are given in: exact when `preprocess` kept the full-resolution labels, else the
+        /// preprocessed count times the ratio of the two areas.
         pub const FULL_RESOLUTION_PIXELS: &str = "full_resolution_pixels";
     }
 }

@@ -23,7 +23,9 @@ impl Stage for ClassStats {
 
     fn doc(&self) -> &'static str {
         "Counts the pixels of each class in each label of a preprocessed dataset and writes \
-         class_stats.parquet (path, class, pixels, full_resolution_pixels): the statistics of \
+         class_stats.parquet (path, class, pixels, full_resolution_pixels: exact when the \
+         dataset keeps its full-resolution labels, else scaled by the ratio of the areas): the \
+         statistics of \
          DAFormer's rare class sampling, which the training kinds read through their \
          `class_stats` input."
     }
@@ -58,17 +60,29 @@ impl Stage for ClassStats {
         ctx.progress.start("count", ds.len() as u64);
         for i in 0..ds.len() {
             let item = ds.get(i).expect("index below len");
-            let mut counts = [0u64; 256];
-            for &l in item.label {
-                counts[usize::from(l)] += 1;
-            }
+            let histogram = |labels: &[u8]| {
+                let mut counts = [0u64; 256];
+                for &l in labels {
+                    counts[usize::from(l)] += 1;
+                }
+                counts
+            };
+            let counts = histogram(item.label);
+            // Exact with `keep_full_labels`; otherwise the resized label's count scaled by the
+            // ratio of the areas.
+            let original = ds.full_label(i).map(|l| histogram(l.data));
             let (ow, oh) = ds.original_size(i).unwrap_or((w, h));
             let scale = f64::from(ow) * f64::from(oh) / area;
-            for (class, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
+            for class in 0..256 {
+                let n = counts[class];
+                let at_full = original.map_or(n as f64 * scale, |o| o[class] as f64);
+                if n == 0 && at_full == 0.0 {
+                    continue;
+                }
                 paths.push(item.path.to_string());
                 classes.push(class as u32);
                 pixels.push(n);
-                full.push(n as f64 * scale);
+                full.push(at_full);
             }
             ctx.progress.set_position(i as u64 + 1);
         }

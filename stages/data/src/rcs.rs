@@ -20,8 +20,9 @@ pub struct RareClassSampler {
 impl RareClassSampler {
     /// From per-image `(class, pixels)` counts at full resolution (the reference counts the
     /// original labels), the temperature `T` and the least pixels an image must hold of a class
-    /// to be drawn for it. Classes that no image holds enough of are never drawn; the ignore
-    /// label 255 never is.
+    /// to be drawn for it. The ignore label 255 is never drawn. A class that no image holds
+    /// enough of is left out and the others' probabilities renormalised (DAFormer asserts
+    /// instead; at its 3000 pixels every GTA5 class has images).
     pub fn new(
         counts: &[Vec<(u8, f64)>],
         temperature: f64,
@@ -49,6 +50,9 @@ impl RareClassSampler {
         let classes: Vec<u8> = (0..255u8)
             .filter(|&c| totals[usize::from(c)] > 0.0 && !images[usize::from(c)].is_empty())
             .collect();
+        if all == 0.0 {
+            return Err("the class statistics count no labelled pixel".into());
+        }
         if classes.is_empty() {
             return Err(format!(
                 "no image holds more than {min_pixels} pixels of any class; lower `rcs_min_pixels`"
