@@ -671,10 +671,12 @@ impl Batches for ShardBatches<'_> {
             shape: [b.shape[0], b.shape[2], b.shape[3]],
         };
         if let Some(crop) = self.crop {
-            (images, labels) = match &self.rcs {
-                Some((_, least)) => rare_class_crop(images, labels, crop, &classes, *least, rng)?,
-                None => random_crop(images, Some(labels), crop, rng)?,
-            };
+            let least = self.rcs.as_ref().and_then(|(_, least)| *least);
+            let wanted: Vec<Option<ClassInCrop>> = classes
+                .iter()
+                .map(|&class| least.map(|least| ClassInCrop { class, least }))
+                .collect();
+            (images, labels) = random_crop(images, Some(labels), crop, &wanted, rng)?;
         }
         if self.flip > 0.0 {
             random_flip(&mut images, Some(&mut labels), self.flip, rng);
@@ -700,7 +702,7 @@ impl Batches for ShardBatches<'_> {
             shape: b.shape,
         };
         let mut images = match self.crop {
-            Some(crop) => random_crop(images, None, crop, rng)?.0,
+            Some(crop) => random_crop(images, None, crop, &[], rng)?.0,
             None => images,
         };
         if self.flip > 0.0 {
@@ -785,60 +787,24 @@ fn rare_class_sampler(
     Ok((rcs, least))
 }
 
-/// [`random_crop`] for rare class sampling: each image's window is drawn again, up to ten
-/// times after the first, until it holds more than `least` pixels of the class the image was
-/// drawn for.
-fn rare_class_crop(
-    images: ImageBatch,
-    labels: LabelBatch,
-    crop: [usize; 2],
-    classes: &[u8],
-    least: Option<f64>,
-    rng: &mut dyn RngCore,
-) -> Result<(ImageBatch, LabelBatch), BatchError> {
-    let [n, c, h, w] = images.shape;
-    let (plane, [cw, ch]) = (h * w, crop);
-    let (mut out, mut out_labels) = (Vec::new(), Vec::new());
-    for (img, &class) in classes.iter().enumerate().take(n) {
-        let one = ImageBatch {
-            data: images.data[img * c * plane..(img + 1) * c * plane].to_vec(),
-            shape: [1, c, h, w],
-        };
-        let one_label = LabelBatch {
-            data: labels.data[img * plane..(img + 1) * plane].to_vec(),
-            shape: [1, h, w],
-        };
-        let mut cropped = random_crop(one.clone(), Some(one_label.clone()), crop, rng)?;
-        // DAFormer's loop: up to ten redraws after the first crop, none with a ratio of 0.
-        for _ in 0..10 {
-            let held = cropped.1.data.iter().filter(|&&l| l == class).count();
-            if least.is_none_or(|least| held as f64 > least) {
-                break;
-            }
-            cropped = random_crop(one.clone(), Some(one_label.clone()), crop, rng)?;
-        }
-        out.extend(cropped.0.data);
-        out_labels.extend(cropped.1.data);
-    }
-    Ok((
-        ImageBatch {
-            data: out,
-            shape: [n, c, ch, cw],
-        },
-        LabelBatch {
-            data: out_labels,
-            shape: [n, ch, cw],
-        },
-    ))
+/// What a crop of an image drawn by rare class sampling must hold: more than `least` pixels of
+/// `class`, else its window is drawn again, up to ten times after the first (DAFormer's
+/// `get_rare_class_sample`).
+#[derive(Clone, Copy)]
+struct ClassInCrop {
+    class: u8,
+    least: f64,
 }
 
 /// A `[width, height]` window of every image (and label map) of a batch, each at its own
 /// position drawn from `rng`: the offset of the window's left and top edge, uniform over the
-/// positions that fit.
+/// positions that fit. With `wanted[i]`, image `i`'s window is redrawn until it holds enough of
+/// the class ([`ClassInCrop`]).
 fn random_crop(
     images: ImageBatch,
     labels: Option<LabelBatch>,
     [cw, ch]: [usize; 2],
+    wanted: &[Option<ClassInCrop>],
     rng: &mut dyn RngCore,
 ) -> Result<(ImageBatch, LabelBatch), BatchError> {
     let [n, c, h, w] = images.shape;
@@ -861,8 +827,29 @@ fn random_crop(
     let mut out = Vec::with_capacity(n * c * ch * cw);
     let mut out_labels = Vec::with_capacity(n * ch * cw);
     for img in 0..n {
-        let x0 = (rng.next_u64() % (w - cw + 1) as u64) as usize;
-        let y0 = (rng.next_u64() % (h - ch + 1) as u64) as usize;
+        let mut draw = || {
+            let x0 = (rng.next_u64() % (w - cw + 1) as u64) as usize;
+            let y0 = (rng.next_u64() % (h - ch + 1) as u64) as usize;
+            (x0, y0)
+        };
+        let (mut x0, mut y0) = draw();
+        if let (Some(want), Some(l)) = (wanted.get(img).copied().flatten(), &labels) {
+            let map = &l.data[img * h * w..][..h * w];
+            let held = |x0: usize, y0: usize| {
+                (y0..y0 + ch)
+                    .map(|y| {
+                        let row = &map[y * w + x0..y * w + x0 + cw];
+                        row.iter().filter(|&&v| v == want.class).count()
+                    })
+                    .sum::<usize>()
+            };
+            for _ in 0..10 {
+                if held(x0, y0) as f64 > want.least {
+                    break;
+                }
+                (x0, y0) = draw();
+            }
+        }
         for channel in 0..c {
             let plane = &images.data[(img * c + channel) * h * w..][..h * w];
             for y in y0..y0 + ch {

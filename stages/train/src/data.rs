@@ -1,5 +1,6 @@
 //! What the training loop needs from the data layer: host-side batches, drawn per iteration.
 
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand_core::RngCore;
 
 /// Error a batch provider may return; the loop wraps it with the iteration.
@@ -55,6 +56,11 @@ pub trait Batches: Send {
 }
 
 impl ImageBatch {
+    /// The batch as a tensor on `device`.
+    pub fn tensor(&self, device: &Device) -> Tensor<4> {
+        Tensor::from_data(TensorData::new(self.data.clone(), self.shape), device)
+    }
+
     /// Checks that `data` has as many values as `shape` says and that there are 3 channels.
     pub fn check(&self) -> Result<(), String> {
         let n: usize = self.shape.iter().product();
@@ -76,6 +82,12 @@ impl ImageBatch {
 }
 
 impl LabelBatch {
+    /// The labels as an integer tensor on `device`.
+    pub fn tensor(&self, device: &Device) -> Tensor<3, Int> {
+        let data: Vec<i64> = self.data.iter().map(|&l| i64::from(l)).collect();
+        Tensor::from_data(TensorData::new(data, self.shape), device)
+    }
+
     /// Checks the length, and that every label is a class below `classes` or 255.
     pub fn check(&self, classes: usize) -> Result<(), String> {
         let n: usize = self.shape.iter().product();

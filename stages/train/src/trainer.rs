@@ -9,7 +9,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use dag_model::discriminator::MIN_INPUT_SIZE;
 use dag_model::{
     load_record_into, save_record, save_weights, upsample_differentiable as upsample, DeepLabV2,
@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{self, files, CheckpointState};
 use crate::config::TrainConfig;
-use crate::data::{Batches, ImageBatch, LabelBatch};
+use crate::data::Batches;
 use crate::losses::{bce_with_logits, masked_cross_entropy, self_information};
 use crate::objectives::adversarial::AdversarialParams;
 use crate::objectives::TargetLoss;
@@ -384,15 +384,6 @@ fn save_optim(opt: &ModuleOptimizer, path: &Path) -> Result<(), TrainError> {
     })
 }
 
-fn images_tensor(batch: &ImageBatch, device: &Device) -> Tensor<4> {
-    Tensor::from_data(TensorData::new(batch.data.clone(), batch.shape), device)
-}
-
-fn labels_tensor(batch: &LabelBatch, device: &Device) -> Tensor<3, Int> {
-    let data: Vec<i64> = batch.data.iter().map(|&l| i64::from(l)).collect();
-    Tensor::from_data(TensorData::new(data, batch.shape), device)
-}
-
 /// Appends the host value of a scalar loss to the log's terms, refused when not finite.
 fn log_term(log: &mut IterationLog, term: &str, loss: &Tensor<1>) -> Result<(), TrainError> {
     let v = f64::from(loss.clone().into_scalar::<f32>());
@@ -525,12 +516,12 @@ fn step(
 
     // 1. Supervised segmentation on the labelled batch, logits upsampled to the label size.
     let label_size = [source.labels.shape[1], source.labels.shape[2]];
-    let (aux_s, main_s) = s.model.forward(images_tensor(&source.images, ad));
+    let (aux_s, main_s) = s.model.forward(source.images.tensor(ad));
     let main_s = upsample(main_s, label_size);
-    let labels = labels_tensor(&source.labels, ad);
+    let labels = source.labels.tensor(ad);
     let mut seg_main = masked_cross_entropy(main_s.clone(), labels.clone());
-    let over_all = run.self_training.as_ref();
-    if over_all.is_some_and(|st| st.params.source_ce_over_all_pixels()) {
+    let st = run.self_training.as_ref();
+    if st.is_some_and(|st| st.params.source_ce_over_all_pixels()) {
         // DAFormer's mmseg loss: the mean over every pixel, ignored ones included.
         let labelled = source.labels.data.iter().filter(|&&l| l != 255).count();
         seg_main = seg_main.mul_scalar(labelled as f64 / source.labels.data.len() as f64);
@@ -587,7 +578,7 @@ fn step(
     // BatchNorm statistics.
     if let Some(target) = target.as_ref().filter(|_| objectives_use_target) {
         let size = [target.shape[2], target.shape[3]];
-        let (aux_t, main_t) = s.model.forward(images_tensor(target, ad));
+        let (aux_t, main_t) = s.model.forward(target.tensor(ad));
         let main_t = upsample(main_t, size);
         let aux_t = upsample(aux_t, size);
         for objective in &run.target_losses {

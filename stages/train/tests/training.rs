@@ -465,6 +465,20 @@ fn trainings_at_once_draw_their_weights_as_if_alone() {
     }
 }
 
+/// `config` cancelled after iteration 2 (the last checkpoint written before it), then run again
+/// in the same checkpoint directory: the resumed run.
+fn interrupted_then_resumed(config: &TrainConfig) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    match run(config, dir.path(), Some(2)) {
+        Err(TrainError::Cancelled { iteration: 3 }) => {}
+        other => panic!(
+            "expected a cancellation, got {:?}",
+            other.map(|r| r.log.len())
+        ),
+    }
+    run(config, dir.path(), None).unwrap()
+}
+
 #[test]
 fn resume_after_interruption_is_bit_identical() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -524,15 +538,7 @@ fn dacs_with_mic_resumes_bit_identically() {
         "the teacher averages over the steps, so it lags the student"
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    match run(&cfg, dir.path(), Some(2)) {
-        Err(TrainError::Cancelled { iteration: 3 }) => {}
-        other => panic!(
-            "expected a cancellation, got {:?}",
-            other.map(|r| r.log.len())
-        ),
-    }
-    let resumed = run(&cfg, dir.path(), None).unwrap();
+    let resumed = interrupted_then_resumed(&cfg);
     assert_bit_identical(&full.weights, &resumed.weights);
     assert_bit_identical(teacher, resumed.teacher.as_ref().unwrap());
     for (a, b) in full.log.iter().zip(&resumed.log) {
@@ -651,12 +657,7 @@ fn adamw_with_warmup_resumes_bit_identically() {
     .unwrap();
     assert_ne!(sgd.log[5].term("seg_main"), full.log[5].term("seg_main"));
 
-    let dir = tempfile::tempdir().unwrap();
-    assert!(matches!(
-        run(&cfg, dir.path(), Some(2)),
-        Err(TrainError::Cancelled { iteration: 3 })
-    ));
-    let resumed = run(&cfg, dir.path(), None).unwrap();
+    let resumed = interrupted_then_resumed(&cfg);
     assert_bit_identical(&full.weights, &resumed.weights);
 }
 

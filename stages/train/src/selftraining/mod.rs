@@ -17,13 +17,13 @@
 //! The pieces that do not touch the network are host functions in [`mixing`] and [`augment`].
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use dag_api::ParamSet;
 use dag_model::{upsample, upsample_differentiable, DeepLabV2};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ImageBatch, SourceBatch};
+use crate::data::{ImageBatch, LabelBatch, SourceBatch};
 use crate::losses::masked_cross_entropy;
 
 pub mod augment;
@@ -245,15 +245,6 @@ pub fn new_teacher(
     Ok(student.independent_copy(device)?.no_grad())
 }
 
-fn images_tensor(data: Vec<f32>, shape: [usize; 4], device: &Device) -> Tensor<4> {
-    Tensor::from_data(TensorData::new(data, shape), device)
-}
-
-fn labels_tensor(labels: &[u8], shape: [usize; 3], device: &Device) -> Tensor<3, Int> {
-    let data: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
-    Tensor::from_data(TensorData::new(data, shape), device)
-}
-
 /// `sum_p weight_p CE_p / (N H W)` of `logits` `[N, C, H, W]` against `labels` `[N, H, W]`
 /// (row-major, 255 ignored) with per-pixel `weights`: the references' per-pixel
 /// weighted cross-entropy averaged over every pixel, ignored ones included. Computed as one
@@ -277,7 +268,11 @@ pub fn weighted_cross_entropy(logits: Tensor<4>, labels: &[u8], weights: &[f32])
         if count == 0 {
             continue;
         }
-        let ce = masked_cross_entropy(logits.clone(), labels_tensor(&group, [n, h, w], device))
+        let group = LabelBatch {
+            data: group,
+            shape: [n, h, w],
+        };
+        let ce = masked_cross_entropy(logits.clone(), group.tensor(device))
             .mul_scalar(f64::from(wt) * count as f64 / total);
         sum = Some(match sum {
             Some(s) => s + ce,
@@ -286,6 +281,10 @@ pub fn weighted_cross_entropy(logits: Tensor<4>, labels: &[u8], weights: &[f32])
     }
     // No pixel with a weight: a zero that still belongs to the graph.
     sum.unwrap_or_else(|| logits.sum().mul_scalar(0.0))
+}
+
+fn batch(data: Vec<f32>, shape: [usize; 4]) -> ImageBatch {
+    ImageBatch { data, shape }
 }
 
 /// The student's main logits of `images`, upsampled to their size.
@@ -333,8 +332,7 @@ pub(crate) fn terms(
     let plane = h * w;
 
     // 1. Pseudo-labels of the un-augmented target batch.
-    let (_, teacher_main) =
-        teacher.forward(images_tensor(target.data.clone(), target.shape, device));
+    let (_, teacher_main) = teacher.forward(target.tensor(device));
     let teacher_logits = upsample(teacher_main, [h, w]);
     let classes = teacher_logits.dims()[1];
     let logits: Vec<f32> = teacher_logits
@@ -374,7 +372,7 @@ pub(crate) fn terms(
     }
     p.augment().apply(&mut mixed, [n, c, h, w], rng);
     let value = weighted_cross_entropy(
-        student_logits(student, images_tensor(mixed, [n, c, h, w], device)),
+        student_logits(student, batch(mixed, [n, c, h, w]).tensor(device)),
         &mixed_labels,
         &mixed_weight,
     );
@@ -403,7 +401,7 @@ pub(crate) fn terms(
             }
         }
         let value = weighted_cross_entropy(
-            student_logits(student, images_tensor(masked, [n, c, h, w], device)),
+            student_logits(student, batch(masked, [n, c, h, w]).tensor(device)),
             &pseudo,
             &target_weight,
         );
