@@ -378,6 +378,19 @@ impl Stage for TrainStage {
         }
 
         let (model, model_config, init) = initial_model(ctx, &p, proto, &device)?;
+        if config.schedule.lambda_fd > 0.0 && p.imagenet.is_none() {
+            tracing::warn!(
+                stage = ctx.stage,
+                "the feature distance pulls toward the starting network's features, which are \
+                 ImageNet's only when the stage starts from `imagenet` weights (as DAFormer); \
+                 here it starts from {}",
+                if ctx.inputs.contains_key("init") {
+                    "its `init` model"
+                } else {
+                    "scratch"
+                }
+            );
+        }
         let ckpt_dir = ctx.scratch.join("checkpoints");
         ctx.progress.start("train", config.schedule.iters as u64);
         let mut report = |log: &IterationLog| {

@@ -404,6 +404,18 @@ impl DeepLabV2 {
         let (l3, l4) = self.backbone.forward(images);
         (self.layer5.forward(l3), self.layer6.forward(l4))
     }
+
+    /// [`DeepLabV2::forward`] plus the backbone's last feature map (`layer4`, the input of the
+    /// main classifier): `(aux, main, features)`.
+    pub fn forward_with_features(&self, images: Tensor<4>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let (l3, l4) = self.backbone.forward(images);
+        (self.layer5.forward(l3), self.layer6.forward(l4.clone()), l4)
+    }
+
+    /// The backbone's last feature map alone (`layer4`).
+    pub fn features(&self, images: Tensor<4>) -> Tensor<4> {
+        self.backbone.forward(images).1
+    }
 }
 
 /// Spatial size of both heads' logits for an input of `[h, w]`: the stem conv (7x7/2, pad 3),

@@ -63,6 +63,10 @@ pub(crate) struct CheckpointState {
     pub rng_stream: u64,
     pub rng_word_pos: String,
     pub log: Vec<IterationLog>,
+    /// TUFL's adaptive thresholds as the bits of their f64 values (JSON numbers would not
+    /// round-trip them exactly); empty for the other methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tufl_thresholds: Vec<u64>,
 }
 
 /// Format 2 adds [`CHECKSUMS`]; format 3 names the method and its params in the config and the
@@ -77,8 +81,10 @@ pub(crate) mod files {
     pub const OPTIM_D_MAIN: &str = "optim_d_main.bpk";
     pub const D_AUX: &str = "d_aux.bpk";
     pub const OPTIM_D_AUX: &str = "optim_d_aux.bpk";
-    /// The mean teacher of the self-training methods.
+    /// The teacher of the self-training methods.
     pub const TEACHER: &str = "teacher.bpk";
+    /// The frozen starting network of the feature distance.
+    pub const FD_REFERENCE: &str = "fd_reference.bpk";
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {

@@ -60,6 +60,21 @@ pub struct Schedule {
     /// weight of the aux head's cross-entropy (0 disables it)
     #[param(default = 0.1, min = 0.0)]
     pub lambda_seg_aux: f64,
+    /// weight of DAFormer's feature distance on the source batch: the L2 distance between the
+    /// backbone's last features and those of the starting network, frozen (DAFormer's
+    /// ImageNet feature distance when the stage starts from `imagenet` weights), on the
+    /// feature cells of `fd_classes` (DAFormer: 0.005; 0 disables it)
+    #[param(default = 0.0, min = 0.0)]
+    pub lambda_fd: f64,
+    /// the classes whose feature cells the feature distance counts; default DAFormer's
+    /// Cityscapes things: traffic light, sign, person, rider, car, truck, bus, train,
+    /// motorcycle, bicycle ([6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
+    #[param(min = 0)]
+    pub fd_classes: Option<Vec<usize>>,
+    /// a feature cell counts for the feature distance when this share of its pixels holds its
+    /// majority label (DAFormer: 0.75)
+    #[param(default = 0.75, min = 0.0, max = 1.0)]
+    pub fd_min_ratio: f64,
     /// write a resumable checkpoint every this many iterations (0: never)
     #[param(default = 2000)]
     pub checkpoint_every: usize,
@@ -136,20 +151,41 @@ impl TrainConfig {
     pub(crate) fn self_training(
         &self,
     ) -> Result<Option<crate::selftraining::SelfTrainingRun>, String> {
+        use crate::selftraining::Teacher;
         let Some(st) = self.method()?.self_training else {
             return Ok(None);
         };
-        Ok(Some(crate::selftraining::SelfTrainingRun {
-            params: parse_params(&self.method_params)?,
+        let given = &self.method_params;
+        let run = crate::selftraining::SelfTrainingRun {
+            teacher: st.teacher,
+            ema: match st.teacher {
+                Some(Teacher::Ema) => Some(parse_params(given)?),
+                _ => None,
+            },
+            class_mix: match st.teacher {
+                Some(_) => Some(parse_params(given)?),
+                None => None,
+            },
+            augment: parse_params(given)?,
+            pixels: parse_params(given)?,
             mic: if st.mic {
-                Some(parse_params(&self.method_params)?)
+                Some(parse_params(given)?)
             } else {
                 None
             },
-        }))
+            tufl: if st.tufl {
+                Some(parse_params(given)?)
+            } else {
+                None
+            },
+        };
+        run.pixels.check()?;
+        if let Some(t) = &run.tufl {
+            t.check()?;
+        }
+        Ok(Some(run))
     }
 
-    /// The method's target objectives with their params bound.
     pub fn target_losses(&self) -> Result<Vec<Box<dyn TargetLoss>>, String> {
         self.method()?
             .target
@@ -207,7 +243,8 @@ fn check<'a>(
     given: impl Iterator<Item = (&'a String, &'a Value)>,
 ) -> Result<(), String> {
     let method_specs = methods::param_specs();
-    for (name, value) in given {
+    // An unset optional param serialises as null.
+    for (name, value) in given.filter(|(_, v)| !v.is_null()) {
         let spec = specs
             .iter()
             .chain(&method_specs)

@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod feature_distance;
 pub mod losses;
 pub mod methods;
 pub mod objectives;

@@ -11,7 +11,11 @@ use dag_api::{Map, ParamSet, ParamSpec, ParamType, Value};
 use crate::objectives::adversarial::AdversarialParams;
 use crate::objectives::minent::MinEnt;
 use crate::objectives::{Objective, Registered};
-use crate::selftraining::{MicParams, SelfTraining, SelfTrainingParams};
+use crate::selftraining::tufl::TuflParams;
+use crate::selftraining::{
+    ClassMixParams, MicParams, PixelLossParams, SelfTraining, StrongAugmentParams, Teacher,
+    TeacherParams,
+};
 
 /// A method: the objectives it adds to supervised segmentation on the labelled batch.
 pub struct Method {
@@ -25,8 +29,8 @@ pub struct Method {
     /// Whether ADVENT's two discriminators align the target predictions with the labelled
     /// ones (terms `adv_main`, `adv_aux`, `d_main`, `d_aux`, after the target objectives').
     pub adversarial: bool,
-    /// Mean-teacher self-training with ClassMix (terms `mix` and, with MIC, `mic`; see
-    /// [`crate::selftraining`]).
+    /// Self-training: TUFL's two-view focal term (`focal`), ClassMix on a teacher's
+    /// pseudo-labels (`mix`) and MIC's masked images (`mic`); see [`crate::selftraining`].
     pub self_training: Option<SelfTraining>,
 }
 
@@ -73,14 +77,46 @@ pub static METHODS: &[Method] = &[
               WACV 2021)",
         target: &[],
         adversarial: false,
-        self_training: Some(SelfTraining { mic: false }),
+        self_training: Some(SelfTraining {
+            teacher: Some(Teacher::Ema),
+            mic: false,
+            tufl: false,
+        }),
     },
     Method {
         name: "dacs+mic",
         doc: "DACS plus MIC's masked-image consistency (Hoyer et al., CVPR 2023)",
         target: &[],
         adversarial: false,
-        self_training: Some(SelfTraining { mic: true }),
+        self_training: Some(SelfTraining {
+            teacher: Some(Teacher::Ema),
+            mic: true,
+            tufl: false,
+        }),
+    },
+    Method {
+        name: "tufl",
+        doc: "TUFL's stage one: a threshold-adaptive unsupervised focal loss between two views \
+              of the target (Yan et al., T-ITS 2023)",
+        target: &[],
+        adversarial: false,
+        self_training: Some(SelfTraining {
+            teacher: None,
+            mic: false,
+            tufl: true,
+        }),
+    },
+    Method {
+        name: "tufl+cim",
+        doc: "TUFL's stage two: its focal loss plus ClassMix on the pseudo-labels of the frozen \
+              starting model (cross-domain image mixing)",
+        target: &[],
+        adversarial: false,
+        self_training: Some(SelfTraining {
+            teacher: Some(Teacher::Frozen),
+            mic: false,
+            tufl: true,
+        }),
     },
 ];
 
@@ -144,8 +180,12 @@ pub fn param_specs() -> Vec<ParamSpec> {
     objectives
         .flat_map(|o| o.param_specs())
         .chain(AdversarialParams::param_specs())
-        .chain(SelfTrainingParams::param_specs())
+        .chain(TeacherParams::param_specs())
+        .chain(ClassMixParams::param_specs())
+        .chain(StrongAugmentParams::param_specs())
+        .chain(PixelLossParams::param_specs())
         .chain(MicParams::param_specs())
+        .chain(TuflParams::param_specs())
         .collect()
 }
 
@@ -162,10 +202,21 @@ impl Method {
             names.extend(AdversarialParams::param_specs().iter().map(|s| s.name));
         }
         if let Some(st) = self.self_training {
-            names.extend(SelfTrainingParams::param_specs().iter().map(|s| s.name));
-            if st.mic {
-                names.extend(MicParams::param_specs().iter().map(|s| s.name));
+            let mut specs = StrongAugmentParams::param_specs();
+            specs.extend(PixelLossParams::param_specs());
+            if let Some(teacher) = st.teacher {
+                specs.extend(ClassMixParams::param_specs());
+                if teacher == Teacher::Ema {
+                    specs.extend(TeacherParams::param_specs());
+                }
             }
+            if st.mic {
+                specs.extend(MicParams::param_specs());
+            }
+            if st.tufl {
+                specs.extend(TuflParams::param_specs());
+            }
+            names.extend(specs.iter().map(|s| s.name));
         }
         names
     }

@@ -24,7 +24,7 @@ use crate::data::Batches;
 use crate::losses::{bce_with_logits, masked_cross_entropy, self_information};
 use crate::objectives::adversarial::AdversarialParams;
 use crate::objectives::TargetLoss;
-use crate::selftraining::{self, SelfTrainingRun, WeightedTerm};
+use crate::selftraining::{self, Networks, SelfTrainingRun, SelfTrainingState, WeightedTerm};
 use crate::{IterationLog, TrainError};
 
 /// Domain label of source (and IntraDA easy) predictions for the discriminators.
@@ -59,6 +59,10 @@ struct LoopState {
     d_aux: Option<Discriminator>,
     /// Created from the student in the first iteration, once its parameters are initialised.
     teacher: Option<DeepLabV2>,
+    /// TUFL's thresholds.
+    self_training: SelfTrainingState,
+    /// The starting network, frozen, for the feature distance (`lambda_fd`).
+    fd_reference: Option<DeepLabV2>,
     opt_seg: ModuleOptimizer,
     opt_d_main: ModuleOptimizer,
     opt_d_aux: ModuleOptimizer,
@@ -105,12 +109,18 @@ pub fn train(
     let mut device_rng = Some(DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner()));
     ad.seed(config.seed);
     let classes = model.layer6.conv2d_list[0].weight.lazy_shape()[0];
-    let mut state = init_state(config, &run, model, classes, &ad)?;
+    if let Some(st) = &run.self_training {
+        st.pixels
+            .check_classes(classes)
+            .map_err(TrainError::Config)?;
+    }
+    check_fd_classes(config, classes).map_err(TrainError::Config)?;
+    let mut state = init_state(config, &run, model, classes, (&ad, device))?;
     std::fs::create_dir_all(checkpoint_dir).map_err(checkpoint::io_err(checkpoint_dir))?;
     for ckpt in checkpoint::candidates(checkpoint_dir) {
         match checkpoint::verify(&ckpt) {
             Ok(()) => {
-                state = restore(config, state, &ckpt, &ad)?;
+                state = restore(config, &run, state, &ckpt, (&ad, device))?;
                 break;
             }
             Err(e) => {
@@ -138,7 +148,7 @@ pub fn train(
                 data,
                 iteration,
                 classes,
-                &ad,
+                (&ad, device),
                 &head_group,
             )
         };
@@ -191,7 +201,7 @@ fn init_state(
     run: &Run,
     model: DeepLabV2,
     classes: usize,
-    ad: &Device,
+    (ad, device): (&Device, &Device),
 ) -> Result<LoopState, TrainError> {
     let (lambda_main, lambda_aux, ndf) = match &run.adversarial {
         Some(a) => (a.lambda_adv_main, a.lambda_adv_aux, a.disc_ndf),
@@ -230,11 +240,35 @@ fn init_state(
             .with_weight_decay(Some(WeightDecayConfig::new(schedule.weight_decay as f32)))
             .init()
     };
+    let model = model.fork(ad).train();
+    // A frozen teacher is the starting network, copied before any pass moves its BatchNorm
+    // statistics; an EMA teacher follows the student from its first step.
+    let teacher = match run.self_training.as_ref().and_then(|st| st.teacher) {
+        Some(kind @ selftraining::Teacher::Frozen) => {
+            // Lazily initialised parameters take their values here, in the student itself, so
+            // that the copy holds the same ones.
+            materialize(&model);
+            Some(selftraining::new_teacher(kind, &model, ad, device)?)
+        }
+        _ => None,
+    };
+    let fd_reference = if schedule.lambda_fd > 0.0 {
+        materialize(&model);
+        Some(model.valid().independent_copy(device)?)
+    } else {
+        None
+    };
     Ok(LoopState {
-        model: model.fork(ad).train(),
+        model,
+        fd_reference,
         d_main: d_main.map(|d| d.fork(ad).train()),
         d_aux: d_aux.map(|d| d.fork(ad).train()),
-        teacher: None,
+        teacher,
+        self_training: run
+            .self_training
+            .as_ref()
+            .map(|st| SelfTrainingState::new(st, classes))
+            .unwrap_or_default(),
         opt_seg,
         opt_d_main: discriminator_optimizer(run.adversarial.as_ref()),
         opt_d_aux: discriminator_optimizer(run.adversarial.as_ref()),
@@ -242,6 +276,40 @@ fn init_state(
         next_iteration: 0,
         log: Vec::new(),
     })
+}
+
+/// With the feature distance on, its classes must be classes of the network.
+fn check_fd_classes(config: &TrainConfig, classes: usize) -> Result<(), String> {
+    let s = &config.schedule;
+    if s.lambda_fd == 0.0 {
+        return Ok(());
+    }
+    let given = s.fd_classes.is_some();
+    let fd_classes = s
+        .fd_classes
+        .clone()
+        .unwrap_or_else(|| crate::feature_distance::THING_CLASSES.to_vec());
+    match fd_classes.iter().find(|&&c| c >= classes) {
+        Some(bad) if given => Err(format!(
+            "fd_classes holds class {bad} but the network has {classes} classes"
+        )),
+        Some(_) => Err(format!(
+            "the default fd_classes are DAFormer's things of Cityscapes' 19 classes, but the \
+             network has {classes}; give `fd_classes` for this label set"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Initialises every lazily initialised parameter of `module` in place.
+fn materialize<M: Module>(module: &M) {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
 }
 
 /// Adam for a discriminator, in place on flex (the same update and state as Burn's `Adam`; see
@@ -268,9 +336,10 @@ fn same_run(a: &TrainConfig, b: &TrainConfig) -> bool {
 
 fn restore(
     config: &TrainConfig,
+    run: &Run,
     mut s: LoopState,
     ckpt: &Path,
-    ad: &Device,
+    (ad, device): (&Device, &Device),
 ) -> Result<LoopState, TrainError> {
     let saved = checkpoint::read_state(ckpt)?;
     if !same_run(config, &saved.config) {
@@ -296,16 +365,36 @@ fn restore(
         s.d_aux = Some(load_record_into(d, &ckpt.join(files::D_AUX))?);
         s.opt_d_aux = load_optim(s.opt_d_aux, &ckpt.join(files::OPTIM_D_AUX))?;
     }
-    if config
-        .self_training()
-        .map_err(TrainError::Config)?
-        .is_some()
-        && saved.next_iteration > 0
-    {
+    let teacher_kind = run.self_training.as_ref().and_then(|st| st.teacher);
+    if let Some(kind) = teacher_kind.filter(|_| saved.next_iteration > 0) {
         // Checksummed with the rest; absent only from a checkpoint of another method, which
         // `same_run` refused above.
-        let teacher = selftraining::new_teacher(&s.model, ad)?;
+        let teacher = selftraining::new_teacher(kind, &s.model, ad, device)?;
         s.teacher = Some(load_record_into(teacher, &ckpt.join(files::TEACHER))?);
+    }
+    if let Some(reference) = s.fd_reference.take() {
+        s.fd_reference = Some(load_record_into(
+            reference,
+            &ckpt.join(files::FD_REFERENCE),
+        )?);
+    }
+    if !s.self_training.thresholds.is_empty() {
+        if saved.tufl_thresholds.len() != s.self_training.thresholds.len() {
+            return Err(TrainError::Checkpoint {
+                path: ckpt.join(checkpoint::STATE_FILE),
+                message: format!(
+                    "holds {} TUFL thresholds for {} classes; delete the checkpoint directory \
+                     to start over",
+                    saved.tufl_thresholds.len(),
+                    s.self_training.thresholds.len()
+                ),
+            });
+        }
+        s.self_training.thresholds = saved
+            .tufl_thresholds
+            .iter()
+            .map(|&b| f64::from_bits(b))
+            .collect();
     }
     let mut rng = ChaCha8Rng::from_seed(saved.rng_seed);
     rng.set_stream(saved.rng_stream);
@@ -354,6 +443,9 @@ fn write_checkpoint(config: &TrainConfig, s: &LoopState, dir: &Path) -> Result<(
     if let Some(t) = &s.teacher {
         save_record(t.valid(), &partial.join(files::TEACHER))?;
     }
+    if let Some(r) = &s.fd_reference {
+        save_record(r.clone(), &partial.join(files::FD_REFERENCE))?;
+    }
     let state = CheckpointState {
         format: checkpoint::FORMAT,
         next_iteration: s.next_iteration,
@@ -362,6 +454,12 @@ fn write_checkpoint(config: &TrainConfig, s: &LoopState, dir: &Path) -> Result<(
         rng_stream: s.rng.get_stream(),
         rng_word_pos: s.rng.get_word_pos().to_string(),
         log: s.log.clone(),
+        tufl_thresholds: s
+            .self_training
+            .thresholds
+            .iter()
+            .map(|t| t.to_bits())
+            .collect(),
     };
     checkpoint::publish(dir, &state)
 }
@@ -452,7 +550,7 @@ fn step(
     data: &mut dyn Batches,
     iteration: usize,
     classes: usize,
-    ad: &Device,
+    (ad, device): (&Device, &Device),
     head_group: &ParamGroup,
 ) -> Result<(LoopState, IterationLog), TrainError> {
     let start = Instant::now();
@@ -516,16 +614,41 @@ fn step(
 
     // 1. Supervised segmentation on the labelled batch, logits upsampled to the label size.
     let label_size = [source.labels.shape[1], source.labels.shape[2]];
-    let (aux_s, main_s) = s.model.forward(source.images.tensor(ad));
+    let (aux_s, main_s, features_s) = if s.fd_reference.is_some() {
+        let (aux, main, features) = s.model.forward_with_features(source.images.tensor(ad));
+        (aux, main, Some(features))
+    } else {
+        let (aux, main) = s.model.forward(source.images.tensor(ad));
+        (aux, main, None)
+    };
     let main_s = upsample(main_s, label_size);
     let labels = source.labels.tensor(ad);
-    let mut seg_main = masked_cross_entropy(main_s.clone(), labels.clone());
-    let st = run.self_training.as_ref();
-    if st.is_some_and(|st| st.params.source_ce_over_all_pixels()) {
+    let pixels = run.self_training.as_ref().map(|st| &st.pixels);
+    let class_weights = pixels.and_then(|p| p.class_weights());
+    let over_all = pixels.is_some_and(|p| p.source_ce_over_all_pixels());
+    let labelled = source.labels.data.iter().filter(|&&l| l != 255).count();
+    let seg_main = if let Some(cw) = &class_weights {
+        // TUFL's weighted cross-entropy: sum_p w_{y_p} CE_p over the chosen denominator.
+        let denominator = if over_all {
+            source.labels.data.len()
+        } else {
+            labelled
+        };
+        let data = &source.labels.data;
+        selftraining::class_weighted_cross_entropy(
+            main_s.clone(),
+            data,
+            None,
+            cw,
+            denominator as f64,
+        )
+    } else if over_all {
         // DAFormer's mmseg loss: the mean over every pixel, ignored ones included.
-        let labelled = source.labels.data.iter().filter(|&&l| l != 255).count();
-        seg_main = seg_main.mul_scalar(labelled as f64 / source.labels.data.len() as f64);
-    }
+        masked_cross_entropy(main_s.clone(), labels.clone())
+            .mul_scalar(labelled as f64 / source.labels.data.len() as f64)
+    } else {
+        masked_cross_entropy(main_s.clone(), labels.clone())
+    };
     log_term(&mut log, "seg_main", &seg_main)?;
     let mut loss = add(None, schedule.lambda_seg_main, seg_main);
     let aux_s = if schedule.lambda_seg_aux > 0.0 || s.d_aux.is_some() {
@@ -537,6 +660,28 @@ fn step(
         let seg_aux = masked_cross_entropy(aux_s.clone().expect("aux logits"), labels);
         log_term(&mut log, "seg_aux", &seg_aux)?;
         loss = add(loss, schedule.lambda_seg_aux, seg_aux);
+    }
+    // DAFormer's feature distance to the frozen starting network, on the source's thing cells.
+    if let (Some(reference), Some(features)) = (&s.fd_reference, features_s) {
+        let [n, _, fh, fw] = features.dims();
+        let fd_classes = schedule
+            .fd_classes
+            .clone()
+            .unwrap_or_else(|| crate::feature_distance::THING_CLASSES.to_vec());
+        let mask = crate::feature_distance::cell_mask(
+            &source.labels.data,
+            source.labels.shape,
+            [fh, fw],
+            classes,
+            &fd_classes,
+            schedule.fd_min_ratio,
+        );
+        let reference = reference.features(source.images.tensor(device)).autodiff();
+        debug_assert_eq!(n, source.labels.shape[0]);
+        if let Some(fd) = crate::feature_distance::feature_distance(features, reference, &mask) {
+            log_term(&mut log, "fd", &fd)?;
+            loss = add(loss, schedule.lambda_fd, fd);
+        }
     }
     // The discriminators see the source predictions without a path back into the network.
     let src_maps = adversarial.then(|| {
@@ -553,11 +698,18 @@ fn step(
     // 2a. Self-training: the teacher's pseudo-labels on ClassMix and, with MIC, masked images.
     if let (Some(st), Some(target)) = (&run.self_training, &target) {
         selftraining::check_batches(&source, target).map_err(batch_err("target"))?;
-        if s.teacher.is_none() {
+        if let (None, Some(kind)) = (&s.teacher, st.teacher) {
             // The student's parameters exist once the source pass has run.
-            s.teacher = Some(selftraining::new_teacher(&s.model, ad)?);
+            s.teacher = Some(selftraining::new_teacher(kind, &s.model, ad, device)?);
         }
-        let teacher = s.teacher.as_ref().expect("set above");
+        let teacher_device = match st.teacher {
+            Some(selftraining::Teacher::Frozen) => device,
+            _ => ad,
+        };
+        let nets = Networks {
+            student: &s.model,
+            teacher: s.teacher.as_ref().map(|t| (t, teacher_device)),
+        };
         let (model, rng) = (&s.model, &mut s.rng);
         let mut emit = |term: WeightedTerm| -> Result<(), TrainError> {
             log_term(&mut log, term.name, &term.value)?;
@@ -566,7 +718,8 @@ fn step(
             accumulator.accumulate(model, grads);
             Ok(())
         };
-        selftraining::terms(st, (teacher, model), &source, target, rng, ad, &mut emit)?;
+        let st_state = &mut s.self_training;
+        selftraining::terms(st, st_state, nets, &source, target, rng, ad, &mut emit)?;
     }
 
     // 2b. Target: the method's objectives, then fooling the discriminators (label = source).
@@ -647,9 +800,12 @@ fn step(
         .with_group(head_group.clone(), lr * schedule.head_lr_mult)
         .step();
     s.model = s.opt_seg.step(lrs, s.model, accumulator.grads());
-    if let (Some(st), Some(teacher)) = (&run.self_training, s.teacher.take()) {
-        let alpha = st.params.ema_alpha_after(iteration);
-        s.teacher = Some(selftraining::ema_update(teacher, &s.model, alpha));
+    // Only an EMA teacher moves; a frozen one stays as it is.
+    if let Some(ema) = run.self_training.as_ref().and_then(|st| st.ema.as_ref()) {
+        if let Some(teacher) = s.teacher.take() {
+            let alpha = ema.ema_alpha_after(iteration);
+            s.teacher = Some(selftraining::ema_update(teacher, &s.model, alpha));
+        }
     }
 
     log.seconds = start.elapsed().as_secs_f64();

@@ -256,6 +256,181 @@ def check_rcs(c):
     print("ok rcs")
 
 
+def softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def warp(x, affines):
+    """torch.nn.functional.grid_sample(x, affine_grid(A, x.shape), padding_mode="zeros") with
+    align_corners=False, as TUFL's perform_affine_tf (bilinear)."""
+    n, k, h, w = x.shape
+    out = np.zeros_like(x)
+    gx, gy = np.meshgrid((2 * np.arange(w) + 1) / w - 1, (2 * np.arange(h) + 1) / h - 1)
+    for i in range(n):
+        a = np.asarray(affines[i], dtype=np.float64)
+        sx = a[0] * gx + a[1] * gy + a[2]
+        sy = a[3] * gx + a[4] * gy + a[5]
+        ix = ((sx + 1) * w - 1) / 2
+        iy = ((sy + 1) * h - 1) / 2
+        x0, y0 = np.floor(ix), np.floor(iy)
+        tx, ty = ix - x0, iy - y0
+        for dx, dy, wt in [(0, 0, (1 - tx) * (1 - ty)), (1, 0, tx * (1 - ty)),
+                           (0, 1, (1 - tx) * ty), (1, 1, tx * ty)]:
+            cx, cy = x0 + dx, y0 + dy
+            inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+            cxi = np.clip(cx, 0, w - 1).astype(int)
+            cyi = np.clip(cy, 0, h - 1).astype(int)
+            out[i] += np.where(inside, wt, 0.0)[None] * x[i][:, cyi, cxi]
+    return out
+
+
+def check_affine_draws(affines):
+    # random_affine: [[cos(a) s, -sin(a + sh) s, 0], [sin(a) s, cos(a + sh) s, 0]], top row
+    # negated on a flip; rotation within 30 degrees, shear within 5, scale in [0.8, 1.2].
+    for a in affines:
+        a = np.asarray(a, dtype=np.float64)
+        flip = np.sign(a[0])
+        scale = math.hypot(a[0], a[3])
+        angle = math.degrees(math.atan2(a[3], abs(a[0])))
+        both = math.degrees(math.atan2(-a[1] * flip, a[4]))
+        if not (0.8 - 1e-6 <= scale <= 1.2 + 1e-6 and abs(angle) <= 30 + 1e-4
+                and abs(both - angle) <= 5 + 1e-4 and a[2] == 0 and a[5] == 0
+                and abs(math.hypot(a[1], a[4]) - scale) < 1e-5):
+            sys.exit(f"affine draw outside TUFL's ranges: {a}")
+
+
+def tufl_loss(weak, strong, pbar, labels, kept, cw, form):
+    """TUFL's AdaptUnsupFocalLoss (form 'adaptive', focal_type 1) or UnsupFocalLoss ('fixed',
+    focal_type 2) on pre-warp weak logits, with the pseudo-labels and the kept pixels fixed."""
+    p = softmax(weak)
+    q = softmax(strong)
+    k = p.shape[1]
+    one_hot = np.eye(k)[labels].transpose(0, 3, 1, 2)
+    q_y = (q * one_hot).sum(axis=1, keepdims=True)
+    if form == "adaptive":
+        diff = 1.0 - q_y
+    else:
+        diff = (pbar * one_hot).sum(axis=1, keepdims=True) - q_y
+    kl = pbar * (np.log(pbar + 1e-30) - np.abs(diff) ** 2 * np.log(q + 1e-30))
+    ent = -p * np.log(p + 1e-30)
+    loss = ((kl + ent) * np.asarray(cw)[None, :, None, None]).sum(axis=1)
+    return np.maximum(loss, 1e-8)[kept].mean()
+
+
+def check_tufl(c):
+    n, k, h, w = c["shape"]
+    affines = c["affines"]
+    check_affine_draws(affines)
+    image = np.asarray(c["image"], dtype=np.float64).reshape(n, 3, h, w)
+    close("warped image", c["warped_image"], warp(image, affines).ravel(), 1e-2)
+    weak = np.asarray(c["weak"], dtype=np.float64).reshape(n, k, h, w)
+    strong = np.asarray(c["strong"], dtype=np.float64).reshape(n, k, h, w)
+    warped = warp(weak, affines)
+    close("warped logits", c["warped"], warped.ravel(), 1e-4)
+    print("ok warp")
+
+    pbar = softmax(warped)
+    labels = np.asarray(c["labels"]).reshape(n, h, w)
+    conf = np.asarray(c["confidence"], dtype=np.float32)
+    same("weak labels", labels.ravel(), pbar.argmax(axis=1).ravel())
+    close("weak confidence", conf, pbar.max(axis=1).ravel(), 1e-5)
+    # AdaptUnsupFocalLoss.ias_thresh, then the EMA with beta 0.9 and the cap at 0.999.
+    theta = np.asarray(c["thresholds_before"], dtype=np.float64)
+    quantile = theta.copy()
+    flat_labels = labels.ravel()
+    for cls in range(k):
+        picked = conf[flat_labels == cls]
+        if len(picked):
+            ext = np.concatenate([picked, np.asarray([theta[cls]], dtype=np.float32)])
+            ext = -np.sort(-ext)
+            quantile[cls] = ext[int(len(ext) * 0.8 * theta[cls] ** 8.0)]
+    theta = 0.9 * theta + (1 - 0.9) * quantile
+    theta[theta >= 1] = 0.999
+    close("adaptive thresholds", c["thresholds_after"], theta, 1e-12)
+    print("ok thresholds")
+
+    for form in ["adaptive", "fixed"]:
+        f = c["focal"][form]
+        if form == "adaptive":
+            kept = conf.astype(np.float64) > theta[flat_labels]
+        else:
+            kept = conf > np.float32(0.5)
+        same(f"kept pixels ({form})", f["kept"], kept)
+        kept = kept.reshape(n, h, w)
+        fn = lambda wk, st: tufl_loss(warp(wk, affines), st, pbar, labels, kept, c["class_weights"], form)
+        close(f"focal loss ({form})", f["value"], fn(weak, strong), 1e-5 * max(1.0, abs(f["value"])))
+        eps = 1e-6
+        for name, base in [("weak", weak), ("strong", strong)]:
+            grad = np.zeros(base.size)
+            for i in range(base.size):
+                plus, minus = base.copy().ravel(), base.copy().ravel()
+                plus[i] += eps
+                minus[i] -= eps
+                plus, minus = plus.reshape(base.shape), minus.reshape(base.shape)
+                if name == "weak":
+                    grad[i] = (fn(plus, strong) - fn(minus, strong)) / (2 * eps)
+                else:
+                    grad[i] = (fn(weak, plus) - fn(weak, minus)) / (2 * eps)
+            scale = max(np.abs(grad).max(), 1e-3)
+            close(f"focal gradient to the {name} logits ({form})", f[f"grad_{name}"], grad, 1e-3 * scale)
+        print(f"ok focal {form}")
+
+    y = np.asarray(c["ce_labels"]).reshape(n, h, w)
+    pw = np.asarray(c["ce_weights"]).reshape(n, h, w)
+    logp = np.log(softmax(strong))
+    valid = y != 255
+    picked = np.take_along_axis(logp, np.where(valid, y, 0)[:, None], axis=1)[:, 0]
+    cw = np.asarray(c["class_weights"])[np.where(valid, y, 0)]
+    # CrossEntropyLoss(weight=class_weight, reduction='none') * pixel weight, mean over all pixels
+    ce = np.where(valid, -picked * cw, 0.0)
+    close("class-weighted cross-entropy", c["ce_value"], np.mean(pw * ce), 1e-5)
+    print("ok class_weighted_cross_entropy")
+
+
+def downscale_label_ratio(labels, side, rows, cols, classes, min_ratio):
+    """DAFormer's mmseg/utils/utils.py downscale_label_ratio: one-hot with 255 as a class of
+    its own, average pooling over side x side windows, arg-max; 255 where the majority is
+    ignored or covers less than min_ratio of the window."""
+    n = labels.shape[0]
+    sub = np.where(labels == 255, classes, labels)[:, : rows * side, : cols * side]
+    one_hot = np.eye(classes + 1, dtype=np.float32)[sub]
+    pooled = one_hot.reshape(n, rows, side, cols, side, classes + 1).mean(axis=(2, 4))
+    ratio, out = pooled.max(axis=-1), pooled.argmax(axis=-1)
+    out[out == classes] = 255
+    out[ratio < np.float32(min_ratio)] = 255
+    return out
+
+
+def check_fd(cases):
+    if not any(c["value"] is not None for c in cases):
+        sys.exit("feature distance: no case keeps a cell; change the case")
+    for c in cases:
+        n, h, w = c["label_shape"]
+        _, k, fh, fw = c["shape"]
+        labels = np.asarray(c["labels"]).reshape(n, h, w)
+        side = -(-w // fw)  # DAFormer's w // fw where they divide (see feature_distance.rs)
+        if w % fw == 0:
+            assert side == w // fw
+        rows, cols = min(h // side, fh), min(w // side, fw)
+        small = downscale_label_ratio(labels, side, rows, cols, c["classes"], c["min_ratio"])
+        mask = np.zeros((n, fh, fw), dtype=bool)
+        mask[:, :rows, :cols] = np.isin(small, c["fd_classes"])
+        same("feature distance mask", c["mask"], mask.ravel())
+        f = np.asarray(c["features"], dtype=np.float64).reshape(n, k, fh, fw)
+        r = np.asarray(c["reference"], dtype=np.float64).reshape(n, k, fh, fw)
+        dist = np.sqrt(((f - r) ** 2).sum(axis=1))
+        if not mask.any():
+            if c["value"] is not None:
+                sys.exit("feature distance: a value without any cell")
+            continue
+        # masked_feat_dist: torch.norm(f1 - f2, dim=1)[mask].mean()
+        close("feature distance", c["value"], dist[mask].mean(), 1e-5)
+        grad = np.where(mask[:, None], (f - r) / dist[:, None], 0.0) / mask.sum()
+        close("feature distance gradient", c["grad"], grad.ravel(), 1e-5)
+    print("ok feature_distance")
+
+
 def main():
     cases = json.load(open(sys.argv[1]))
     check_pseudo(cases["pseudo"])
@@ -266,6 +441,8 @@ def main():
     check_cross_entropy(cases["cross_entropy"])
     check_ema(cases["ema"])
     check_rcs(cases["rcs"])
+    check_tufl(cases["tufl"])
+    check_fd(cases["fd"])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ use dag_model::deeplab::CLASSIFIER_DILATIONS;
 use dag_model::DeepLabV2Config;
 use dag_train::selftraining::augment::{self, StrongAugment};
 use dag_train::selftraining::mixing::{self, ClassChoice};
-use dag_train::selftraining::{ema_alpha, ema_update, new_teacher, weighted_cross_entropy};
+use dag_train::selftraining::tufl::{self, TuflParams};
+use dag_train::selftraining::{
+    class_weighted_cross_entropy, ema_alpha, ema_update, new_teacher, weighted_cross_entropy,
+    Teacher,
+};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
@@ -189,6 +193,142 @@ fn cross_entropy_case(rng: &mut ChaCha8Rng) -> Value {
             "value": value })
 }
 
+fn host(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// TUFL: the affine draws and the warp of images and logits, the threshold update, the kept
+/// pixels, and the focal loss with both focal weights, its value and its gradients with respect
+/// to both views' logits; plus the class-weighted cross-entropy.
+fn tufl_case(rng: &mut ChaCha8Rng) -> Value {
+    let params = TuflParams::default();
+    let (n, c, h, w) = (2, 4, 6, 7);
+    let affines: Vec<tufl::Affine> = (0..n).map(|_| tufl::draw_affine(&params, rng)).collect();
+    let plan = tufl::WarpPlan::new(&affines, [h, w]);
+    let image = uniforms(rng, n * 3 * h * w, -100.0, 100.0);
+    let warped_image = plan.apply_host(&image, 3);
+    let weak = uniforms(rng, n * c * h * w, -4.0, 4.0);
+    let strong = uniforms(rng, n * c * h * w, -4.0, 4.0);
+    let class_weights = [1.0f32, 2.5, 0.5, 3.0];
+    let thresholds_before = vec![0.5, 0.8, 0.95, 0.3];
+    let ad = Device::flex().autodiff();
+    let mut focal = serde_json::Map::new();
+    let mut thresholds_after = thresholds_before.clone();
+    let mut weak_labels_out = None;
+    let mut warped_out = None;
+    for form in ["adaptive", "fixed"] {
+        let weak_t =
+            Tensor::<4>::from_data(TensorData::new(weak.clone(), [n, c, h, w]), &ad).require_grad();
+        let strong_t = Tensor::<4>::from_data(TensorData::new(strong.clone(), [n, c, h, w]), &ad)
+            .require_grad();
+        let warped = plan.apply(weak_t.clone());
+        let warped_host = host(warped.clone().detach());
+        let labels = mixing::pseudo_labels(&warped_host, [n, c, h, w]);
+        let (kept, weight) = if form == "adaptive" {
+            tufl::update_thresholds(&mut thresholds_after, &labels, 0.8, 8.0, 0.9);
+            let kept = tufl::kept_pixels(&labels, &thresholds_after);
+            (kept, tufl::FocalWeight::OneMinusStrong)
+        } else {
+            (
+                tufl::kept_pixels(&labels, &[0.5]),
+                tufl::FocalWeight::WeakMinusStrong,
+            )
+        };
+        let value = tufl::focal_loss(
+            warped,
+            strong_t.clone(),
+            &labels,
+            &kept,
+            Some(&class_weights),
+            2.0,
+            weight,
+        )
+        .expect("some pixels are kept");
+        let grads = value.backward();
+        let grad_weak = host(weak_t.grad(&grads).unwrap());
+        let grad_strong = host(strong_t.grad(&grads).unwrap());
+        let value: f32 = value.into_scalar();
+        focal.insert(
+            form.into(),
+            json!({ "kept": kept, "value": value, "grad_weak": grad_weak,
+                    "grad_strong": grad_strong }),
+        );
+        weak_labels_out = Some(labels);
+        warped_out = Some(warped_host);
+    }
+    let labels = weak_labels_out.unwrap();
+    let ce_labels: Vec<u8> = (0..n * h * w)
+        .map(|_| match rng.next_u32() % 5 {
+            4 => 255,
+            c => c as u8,
+        })
+        .collect();
+    let pixel_weights: Vec<f32> = (0..n * h * w)
+        .map(|_| [1.0, 0.3, 0.0][(rng.next_u32() % 3) as usize])
+        .collect();
+    let t = Tensor::<4>::from_data(
+        TensorData::new(strong.clone(), [n, c, h, w]),
+        &Device::flex(),
+    );
+    let ce: f32 = class_weighted_cross_entropy(
+        t,
+        &ce_labels,
+        Some(&pixel_weights),
+        &class_weights,
+        (n * h * w) as f64,
+    )
+    .into_scalar();
+    json!({
+        "shape": [n, c, h, w], "affines": affines, "image": image, "warped_image": warped_image,
+        "weak": weak, "strong": strong, "warped": warped_out.unwrap(),
+        "labels": labels.labels, "confidence": labels.confidence,
+        "thresholds_before": thresholds_before, "thresholds_after": thresholds_after,
+        "class_weights": class_weights, "focal": focal,
+        "ce_labels": ce_labels, "ce_weights": pixel_weights, "ce_value": ce,
+    })
+}
+
+/// DAFormer's feature distance: the cell mask from the labels (feature sizes that divide the
+/// label size, and ADVENT's ceil-mode size that does not), the loss and its gradient.
+fn fd_case(rng: &mut ChaCha8Rng) -> Value {
+    let mut out = Vec::new();
+    for (n, h, w, fh, fw) in [(2, 16, 24, 2, 3), (1, 20, 20, 3, 3)] {
+        let labels = blob_labels(rng, n, h, w);
+        let channels = 5;
+        let fd_classes = [1usize, 3, 5];
+        let mask = dag_train::feature_distance::cell_mask(
+            &labels,
+            [n, h, w],
+            [fh, fw],
+            7,
+            &fd_classes,
+            0.5,
+        );
+        let features = uniforms(rng, n * channels * fh * fw, -1.0, 1.0);
+        let reference = uniforms(rng, n * channels * fh * fw, -1.0, 1.0);
+        let ad = Device::flex().autodiff();
+        let shape = [n, channels, fh, fw];
+        let f =
+            Tensor::<4>::from_data(TensorData::new(features.clone(), shape), &ad).require_grad();
+        let r = Tensor::<4>::from_data(TensorData::new(reference.clone(), shape), &ad);
+        let (value, grad) = match dag_train::feature_distance::feature_distance(f.clone(), r, &mask)
+        {
+            Some(v) => {
+                let grads = v.backward();
+                let grad = host(f.grad(&grads).unwrap());
+                (Some(v.into_scalar::<f32>()), grad)
+            }
+            None => (None, Vec::new()),
+        };
+        out.push(
+            json!({ "labels": labels, "label_shape": [n, h, w], "shape": shape,
+            "classes": 7, "fd_classes": fd_classes, "min_ratio": 0.5, "mask": mask,
+            "features": features, "reference": reference, "value": value, "grad": grad }),
+        );
+    }
+    Value::Array(out)
+}
+
 /// Every float tensor of a module with its path, as flat lists.
 fn tensors(module: &impl Module) -> Value {
     struct Collect {
@@ -232,7 +372,7 @@ fn ema_case() -> Value {
     let student = config.init(&ad).unwrap().train();
     let x = Tensor::<4>::random([2, 3, 33, 33], burn::tensor::Distribution::Default, &ad);
     let _ = student.forward(x.clone());
-    let teacher = new_teacher(&student, &ad).unwrap();
+    let teacher = new_teacher(Teacher::Ema, &student, &ad, &Device::flex()).unwrap();
     // The student moves on: its parameters change and a forward pass moves its BatchNorm
     // statistics, which the teacher must not share.
     struct Nudge(u64);
@@ -281,6 +421,8 @@ fn self_training_pieces_match_numpy() {
         "cross_entropy": cross_entropy_case(&mut rng),
         "ema": ema_case(),
         "rcs": rcs_case(&mut rng),
+        "tufl": tufl_case(&mut rng),
+        "fd": fd_case(&mut rng),
     });
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cases.json");
@@ -311,6 +453,12 @@ fn self_training_pieces_match_numpy() {
         "cross_entropy",
         "ema",
         "rcs",
+        "warp",
+        "thresholds",
+        "focal adaptive",
+        "focal fixed",
+        "class_weighted_cross_entropy",
+        "feature_distance",
     ] {
         assert!(report.contains(&format!("ok {case}")), "{report}");
     }

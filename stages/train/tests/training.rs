@@ -546,6 +546,114 @@ fn dacs_with_mic_resumes_bit_identically() {
     }
 }
 
+/// The feature distance pulls the student's features toward its frozen starting network: after a
+/// few steps they are closer with a large weight than with a negligible one. It resumes
+/// bit-identically (the reference is in the checkpoint) and refuses DAFormer's default classes
+/// on a network with fewer classes.
+#[test]
+fn feature_distance_pulls_toward_the_start_and_resumes() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let with_weight = |lambda: f64| {
+        let mut cfg = config("source_only", 6);
+        cfg.schedule.lambda_fd = lambda;
+        cfg.schedule.fd_classes = Some(vec![0, 1]);
+        cfg.schedule.checkpoint_every = 2;
+        cfg
+    };
+    let last_fd = |cfg: &TrainConfig| {
+        let out = run(cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
+        assert!(out
+            .log
+            .iter()
+            .all(|l| l.term("fd").is_some_and(f64::is_finite)));
+        out.log[5].term("fd").unwrap()
+    };
+    let (pulled, free) = (last_fd(&with_weight(1.0)), last_fd(&with_weight(1e-9)));
+    assert!(pulled < free, "fd {pulled} with weight 1, {free} with 1e-9");
+
+    let cfg = with_weight(1.0);
+    let full = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
+    let resumed = interrupted_then_resumed(&cfg);
+    assert_bit_identical(&full.weights, &resumed.weights);
+    for (a, b) in full.log.iter().zip(&resumed.log) {
+        assert_eq!(a.terms, b.terms);
+    }
+    let mut defaults = cfg.clone();
+    defaults.schedule.fd_classes = None;
+    let err = run(&defaults, tempfile::tempdir().unwrap().path(), None)
+        .err()
+        .expect("DAFormer's classes on three classes");
+    assert!(err.to_string().contains("fd_classes"), "{err}");
+}
+
+/// TUFL's stage one logs its focal term on the iterations where some pixel passes its class's
+/// threshold, and a run cancelled after a checkpoint resumes, thresholds included, to the
+/// uninterrupted run's weights and log, bit for bit.
+#[test]
+fn tufl_resumes_bit_identically() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = config("tufl", 6)
+        .with_param("tufl_theta0", 0.4)
+        .with_param("class_weights", serde_json::json!([1.0, 2.0, 0.5]))
+        .with_param("source_ce_over", "all");
+    cfg.schedule.checkpoint_every = 2;
+    let full = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
+    let with_focal = full
+        .log
+        .iter()
+        .filter(|l| l.term("focal").is_some())
+        .count();
+    assert!(with_focal >= 3, "{:?}", full.log);
+    assert!(full.teacher.is_none(), "stage one has no teacher");
+    let resumed = interrupted_then_resumed(&cfg);
+    assert_bit_identical(&full.weights, &resumed.weights);
+    for (a, b) in full.log.iter().zip(&resumed.log) {
+        assert_eq!(a.terms, b.terms);
+    }
+}
+
+/// TUFL's stage two labels ClassMix with the starting network, frozen: its teacher is the same
+/// after one iteration as after four, while the student moves; it logs the focal and mixed terms.
+#[test]
+fn tufl_cim_keeps_the_starting_network_as_its_teacher() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = |iters| {
+        config("tufl+cim", iters)
+            .with_param("tufl_theta0", 0.4)
+            .with_param("lambda_mix", 0.5)
+    };
+    let short = run(&cfg(1), tempfile::tempdir().unwrap().path(), None).unwrap();
+    let long = run(&cfg(4), tempfile::tempdir().unwrap().path(), None).unwrap();
+    assert_bit_identical(
+        short.teacher.as_ref().unwrap(),
+        long.teacher.as_ref().unwrap(),
+    );
+    assert_ne!(
+        long.teacher.as_ref().unwrap()[0].as_bytes(),
+        long.weights[0].as_bytes(),
+        "the student trains"
+    );
+    assert!(long
+        .log
+        .iter()
+        .all(|l| l.term("mix").is_some_and(f64::is_finite)));
+    assert!(long.log.iter().any(|l| l.term("focal").is_some()));
+    // At learning rate 0 the student keeps its starting parameters: the teacher's.
+    let mut still = cfg(2);
+    still.schedule.lr = 0.0;
+    let still = run(&still, tempfile::tempdir().unwrap().path(), None).unwrap();
+    let names: Vec<String> = named(&model_config().init(&Device::flex()).unwrap())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let teacher = still.teacher.unwrap();
+    for ((name, t), s) in names.iter().zip(&teacher).zip(&still.weights) {
+        if !name.ends_with("running_mean") && !name.ends_with("running_var") {
+            assert_eq!(t.as_bytes(), s.as_bytes(), "{name}");
+        }
+    }
+}
+
 /// The teacher moves as the references move it: with DACS's timing it is the student itself
 /// after the first step (alpha_0 = 0); with DAFormer's the first update averages the initial
 /// weights and the student's half and half. BatchNorm statistics are never averaged. The run
@@ -595,7 +703,7 @@ fn the_teacher_follows_the_references_ema_timing() {
 /// uses; and its passes leave the student's statistics alone.
 #[test]
 fn the_teacher_normalises_with_batch_statistics() {
-    use dag_train::selftraining::new_teacher;
+    use dag_train::selftraining::{new_teacher, Teacher};
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let ad = Device::flex().autodiff();
     ad.seed(3);
@@ -603,7 +711,7 @@ fn the_teacher_normalises_with_batch_statistics() {
     let x = Tensor::<4>::random([2, 3, 33, 33], burn::tensor::Distribution::Default, &ad)
         .mul_scalar(50.0);
     let (_, trained) = student.forward(x.clone());
-    let teacher = new_teacher(&student, &ad).unwrap();
+    let teacher = new_teacher(Teacher::Ema, &student, &ad, &Device::flex()).unwrap();
     let before = named(&student.valid());
     let (_, taught) = teacher.forward(x.clone());
     assert_eq!(

@@ -1,48 +1,75 @@
-//! Mean-teacher self-training with ClassMix: DACS (Tranheden et al., WACV 2021) and MIC's masked
-//! image consistency on top of it (Hoyer et al., CVPR 2023), as switches of one loop.
+//! Self-training on the target batch as switches of one loop: DACS's mean teacher with ClassMix
+//! (Tranheden et al., WACV 2021), MIC's masked image consistency on top of it (Hoyer et al.,
+//! CVPR 2023), and TUFL's two-view focal loss with its cross-domain mixing (Yan et al., T-ITS
+//! 2023).
 //!
 //! Each iteration, after the supervised term on the source batch:
-//! 1. the teacher (an exponential moving average of the student's parameters, BatchNorm on batch
-//!    statistics as the references run it) labels the un-augmented target batch; the target
-//!    pixels' weight is the share of pixels whose confidence reaches `pseudo_threshold`;
+//! 0. with TUFL, the student's prediction of the target batch teaches its prediction of a
+//!    strongly augmented and warped copy, on the pixels above their class's adaptive threshold:
+//!    the `focal` term ([`tufl`]);
+//! 1. the teacher labels the un-augmented target batch: an exponential moving average of the
+//!    student's parameters, BatchNorm on batch statistics as the references run it (DACS, MIC),
+//!    or the starting network frozen (TUFL's CIM); the target pixels' weight is the share of
+//!    pixels whose confidence reaches `pseudo_threshold`;
 //! 2. ClassMix pastes half of the classes of each source image (or of the source batch) onto a
 //!    target image, with their labels; colour jitter and Gaussian blur follow the mixing; the
 //!    student's cross-entropy on the mixed batch, weighted per pixel, is the `mix` term;
 //! 3. with MIC, the colour-augmented target batch with random blocks masked must give the
 //!    teacher's pseudo-labels of the unmasked images: the `mic` term;
-//! 4. after the optimiser step the teacher moves toward the student (`ema_update`).
+//! 4. after the optimiser step an EMA teacher moves toward the student (`ema_update`).
 //!
-//! The student never runs on the plain target batch (it would move its BatchNorm statistics).
+//! Without TUFL the student never runs on the plain target batch (it would move its BatchNorm
+//! statistics); TUFL's weak view is that batch, as in its reference.
 //!
-//! The pieces that do not touch the network are host functions in [`mixing`] and [`augment`].
+//! The pieces that do not touch the network are host functions in [`mixing`], [`augment`] and
+//! [`tufl`].
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use dag_api::ParamSet;
 use dag_model::{upsample, upsample_differentiable, DeepLabV2};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{ImageBatch, LabelBatch, SourceBatch};
-use crate::losses::masked_cross_entropy;
+use crate::losses::{masked_cross_entropy, IGNORE_LABEL};
 
 pub mod augment;
 pub mod mixing;
+pub mod tufl;
 
 use augment::StrongAugment;
 use mixing::{ClassChoice, PseudoLabels};
+use tufl::TuflParams;
+
+const IGNORE: u8 = IGNORE_LABEL as u8;
 
 /// The switches of a self-training method row (`crate::methods::METHODS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SelfTraining {
-    /// Whether MIC's masked-image term is added.
+    /// Where ClassMix's pseudo-labels come from; `None`: no ClassMix (and no MIC).
+    pub teacher: Option<Teacher>,
+    /// Whether MIC's masked-image term is added (needs a teacher).
     pub mic: bool,
+    /// Whether TUFL's two-view focal term is added.
+    pub tufl: bool,
 }
 
-/// The params of the mean teacher and ClassMix, shared by every self-training method. Defaults
-/// are DACS's (`configs/configUDA.json`).
+/// The network that labels the target batch for ClassMix and MIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Teacher {
+    /// An exponential moving average of the student's parameters, normalising with batch
+    /// statistics (DACS, DAFormer, MIC).
+    Ema,
+    /// The starting network, frozen and normalising with its running statistics (TUFL's CIM:
+    /// the stage-one model as `pseudo_net`, in eval mode).
+    Frozen,
+}
+
+/// The params of the mean teacher. Defaults are DACS's (`configs/configUDA.json`).
 #[derive(Debug, Clone, PartialEq, ParamSet, Serialize, Deserialize)]
-pub struct SelfTrainingParams {
+pub struct TeacherParams {
     /// largest EMA decay of the teacher: alpha_t = min(1 - 1/(t+1), ema_alpha) (DACS 0.99,
     /// DAFormer and MIC 0.999)
     #[param(default = 0.99, min = 0.0, max = 1.0)]
@@ -52,19 +79,38 @@ pub struct SelfTrainingParams {
     /// MIC: the same update one step later, so the first average has alpha 0.5)
     #[param(default = "dacs", one_of = ["dacs", "daformer"])]
     pub ema_timing: String,
+}
+
+/// The params of ClassMix on the teacher's pseudo-labels. Defaults are DACS's.
+#[derive(Debug, Clone, PartialEq, ParamSet, Serialize, Deserialize)]
+pub struct ClassMixParams {
     /// teacher confidence at or above which a pixel counts as sure; every target pixel is
     /// weighted by the share of sure pixels in the batch
     #[param(default = 0.968, min = 0.0, max = 1.0)]
     pub pseudo_threshold: f64,
-    /// where ClassMix draws the pasted classes from: each source image's own (`per_image`, DACS)
-    /// or the whole source batch's (`per_batch`, DAFormer, HRDA and MIC)
+    /// where ClassMix draws the pasted classes from: each source image's own (`per_image`, DACS
+    /// and TUFL) or the whole source batch's (`per_batch`, DAFormer, HRDA and MIC)
     #[param(default = "per_image", one_of = ["per_image", "per_batch"])]
     pub class_mix: String,
-    /// weight of the cross-entropy on the mixed batch
+    /// weight of the cross-entropy on the mixed batch (TUFL's `mixed_weight`: 0.5)
     #[param(default = 1.0, min = 0.0)]
     pub lambda_mix: f64,
-    /// strength s of the colour jitter after mixing: brightness, contrast and saturation factors
-    /// in [1-s, 1+s], hue shift in [-s, s] (DACS 0.25, DAFormer 0.2)
+    /// pseudo-label rows never trusted at the top of each target image (DAFormer at 512x512
+    /// crops: 15)
+    #[param(default = 0)]
+    pub pl_crop_top: usize,
+    /// pseudo-label rows never trusted at the bottom of each target image (DAFormer at 512x512
+    /// crops: 120, the ego vehicle)
+    #[param(default = 0)]
+    pub pl_crop_bottom: usize,
+}
+
+/// The strong augmentation of mixed images, MIC's target images and TUFL's strong view.
+/// Defaults are DACS's.
+#[derive(Debug, Clone, PartialEq, ParamSet, Serialize, Deserialize)]
+pub struct StrongAugmentParams {
+    /// strength s of the colour jitter of the strong augmentation: brightness, contrast and
+    /// saturation factors in [1-s, 1+s], hue shift in [-s, s] (DACS 0.25, DAFormer 0.2)
     #[param(default = 0.25, min = 0.0, max = 0.5)]
     pub jitter_strength: f64,
     /// probability that a batch is colour-jittered (0.8 in DACS and DAFormer; DAFormer's
@@ -75,18 +121,93 @@ pub struct SelfTrainingParams {
     /// tenth of the image side; 0.5 in DACS and DAFormer)
     #[param(default = 0.5, min = 0.0, max = 1.0)]
     pub blur_p: f64,
-    /// pseudo-label rows never trusted at the top of each target image (DAFormer at 512x512
-    /// crops: 15)
-    #[param(default = 0)]
-    pub pl_crop_top: usize,
-    /// pseudo-label rows never trusted at the bottom of each target image (DAFormer at 512x512
-    /// crops: 120, the ego vehicle)
-    #[param(default = 0)]
-    pub pl_crop_bottom: usize,
+}
+
+/// How the self-training methods weigh the pixels of their cross-entropies.
+#[derive(Debug, Clone, PartialEq, ParamSet, Serialize, Deserialize)]
+pub struct PixelLossParams {
     /// denominator of the source cross-entropy: the labelled pixels (`valid`, DACS) or every
-    /// pixel, ignored ones included (`all`, DAFormer's mmseg loss)
+    /// pixel, ignored ones included (`all`, DAFormer's mmseg loss and TUFL's)
     #[param(default = "valid", one_of = ["valid", "all"])]
     pub source_ce_over: String,
+    /// one weight per class on every pixel of the source, mixed and masked cross-entropies and
+    /// on each class's channel of TUFL's loss (TUFL's `class_weight`, always on in its code);
+    /// unset: all 1
+    pub class_weights: Option<Vec<f64>>,
+}
+
+impl TeacherParams {
+    /// The EMA decay of the update that follows step `iteration` (from 0).
+    pub fn ema_alpha_after(&self, iteration: usize) -> f64 {
+        let t = if self.ema_timing == "daformer" {
+            iteration + 1
+        } else {
+            iteration
+        };
+        ema_alpha(t, self.ema_alpha)
+    }
+}
+
+impl ClassMixParams {
+    /// The ClassMix variant.
+    pub fn class_choice(&self) -> ClassChoice {
+        match self.class_mix.as_str() {
+            "per_batch" => ClassChoice::PerBatch,
+            _ => ClassChoice::PerImage,
+        }
+    }
+}
+
+impl StrongAugmentParams {
+    fn augment(&self) -> StrongAugment {
+        StrongAugment {
+            jitter_strength: self.jitter_strength as f32,
+            jitter_p: self.jitter_p as f32,
+            blur_p: self.blur_p as f32,
+        }
+    }
+}
+
+impl PixelLossParams {
+    /// Whether the source cross-entropy averages over every pixel.
+    pub fn source_ce_over_all_pixels(&self) -> bool {
+        self.source_ce_over == "all"
+    }
+
+    /// The class weights as the losses read them.
+    pub fn class_weights(&self) -> Option<Vec<f32>> {
+        self.class_weights
+            .as_ref()
+            .map(|w| w.iter().map(|&v| v as f32).collect())
+    }
+
+    /// Checks the weights: finite and not negative (their number is checked against the
+    /// network's classes by [`PixelLossParams::check_classes`]).
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(bad) = self
+            .class_weights
+            .iter()
+            .flatten()
+            .find(|v| !v.is_finite() || **v < 0.0)
+        {
+            return Err(format!(
+                "class_weights must be finite and not negative, got {bad}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that there is one weight per class of the network.
+    pub fn check_classes(&self, classes: usize) -> Result<(), String> {
+        match &self.class_weights {
+            Some(w) if w.len() != classes => Err(format!(
+                "class_weights has {} values but the network has {classes} classes; give one \
+                 weight per class, in class order",
+                w.len()
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// MIC's masked-image consistency. Defaults are MIC's at 512x512 crops (`experiments.py`; 64 at
@@ -104,44 +225,18 @@ pub struct MicParams {
     pub lambda_mic: f64,
 }
 
-impl SelfTrainingParams {
-    /// The ClassMix variant.
-    pub fn class_choice(&self) -> ClassChoice {
-        match self.class_mix.as_str() {
-            "per_batch" => ClassChoice::PerBatch,
-            _ => ClassChoice::PerImage,
-        }
-    }
-
-    /// The EMA decay of the update that follows step `iteration` (from 0).
-    pub fn ema_alpha_after(&self, iteration: usize) -> f64 {
-        let t = if self.ema_timing == "daformer" {
-            iteration + 1
-        } else {
-            iteration
-        };
-        ema_alpha(t, self.ema_alpha)
-    }
-
-    /// Whether the source cross-entropy averages over every pixel.
-    pub fn source_ce_over_all_pixels(&self) -> bool {
-        self.source_ce_over == "all"
-    }
-
-    fn augment(&self) -> StrongAugment {
-        StrongAugment {
-            jitter_strength: self.jitter_strength as f32,
-            jitter_p: self.jitter_p as f32,
-            blur_p: self.blur_p as f32,
-        }
-    }
-}
-
 /// A self-training method with its params bound.
 #[derive(Debug, Clone)]
 pub(crate) struct SelfTrainingRun {
-    pub params: SelfTrainingParams,
+    pub teacher: Option<Teacher>,
+    /// With an EMA teacher.
+    pub ema: Option<TeacherParams>,
+    /// With any teacher.
+    pub class_mix: Option<ClassMixParams>,
+    pub augment: StrongAugmentParams,
+    pub pixels: PixelLossParams,
     pub mic: Option<MicParams>,
+    pub tufl: Option<TuflParams>,
 }
 
 /// One weighted loss term, handed to the loop as soon as it is computed so that its graph can
@@ -236,13 +331,76 @@ pub fn ema_update(teacher: DeepLabV2, student: &DeepLabV2, alpha: f64) -> DeepLa
     })
 }
 
-/// The teacher of a student: its parameters, its own BatchNorm statistics, no gradients. It
-/// stays on the training device so that its BatchNorm layers normalise with batch statistics.
+/// The teacher of a student: its parameters, its own BatchNorm statistics, no gradients.
+/// An EMA teacher stays on the training (autodiff) device so that its BatchNorm layers
+/// normalise with batch statistics, as the references run it; a frozen one goes to the plain
+/// `device` and normalises with its running statistics, as TUFL's `pseudo_net.eval()`.
 pub fn new_teacher(
+    kind: Teacher,
     student: &DeepLabV2,
+    training_device: &Device,
     device: &Device,
 ) -> Result<DeepLabV2, dag_model::ModelError> {
-    Ok(student.independent_copy(device)?.no_grad())
+    Ok(match kind {
+        Teacher::Ema => student.independent_copy(training_device)?.no_grad(),
+        Teacher::Frozen => student.valid().independent_copy(device)?,
+    })
+}
+
+/// `sum_p w_p CE_p / denominator` of `logits` `[N, C, H, W]` against `labels` `[N, H, W]`
+/// (row-major, 255 ignored) with `w_p` the pixel's weight times its class's weight: TUFL's
+/// `CrossEntropyLoss(weight=class_weight, reduction='none')` times a pixel weight, averaged as
+/// the caller says. A generic log-softmax and gather, as the class weights rule out the fused
+/// kernel of [`masked_cross_entropy`].
+pub fn class_weighted_cross_entropy(
+    logits: Tensor<4>,
+    labels: &[u8],
+    pixel_weights: Option<&[f32]>,
+    class_weights: &[f32],
+    denominator: f64,
+) -> Tensor<1> {
+    let [n, _, h, w] = logits.dims();
+    let device = logits.device();
+    let mut index = Vec::with_capacity(labels.len());
+    let mut weight = Vec::with_capacity(labels.len());
+    for (px, &label) in labels.iter().enumerate() {
+        let class_weight = class_weights.get(usize::from(label)).copied();
+        match class_weight {
+            Some(cw) if label != IGNORE => {
+                index.push(i64::from(label));
+                weight.push(cw * pixel_weights.map_or(1.0, |p| p[px]));
+            }
+            _ => {
+                index.push(0);
+                weight.push(0.0);
+            }
+        }
+    }
+    let index: Tensor<4, Int> = Tensor::from_data(TensorData::new(index, [n, 1, h, w]), &device);
+    let weight: Tensor<4> = Tensor::from_data(TensorData::new(weight, [n, 1, h, w]), &device);
+    let picked = log_softmax(logits, 1).gather(1, index);
+    (picked * weight)
+        .sum()
+        .neg()
+        .div_scalar(denominator.max(1.0))
+}
+
+/// The per-pixel weighted cross-entropy of the mixed and masked batches, averaged over every
+/// pixel: [`weighted_cross_entropy`], or with class weights
+/// [`class_weighted_cross_entropy`].
+fn pixel_cross_entropy(
+    logits: Tensor<4>,
+    labels: &[u8],
+    weights: &[f32],
+    class_weights: Option<&[f32]>,
+) -> Tensor<1> {
+    match class_weights {
+        Some(cw) => {
+            let total = labels.len() as f64;
+            class_weighted_cross_entropy(logits, labels, Some(weights), cw, total)
+        }
+        None => weighted_cross_entropy(logits, labels, weights),
+    }
 }
 
 /// `sum_p weight_p CE_p / (N H W)` of `logits` `[N, C, H, W]` against `labels` `[N, H, W]`
@@ -315,35 +473,111 @@ pub(crate) fn check_batches(source: &SourceBatch, target: &ImageBatch) -> Result
     Ok(())
 }
 
-/// The self-training terms of one iteration (`mix`, then `mic`), each handed to `emit` as soon
-/// as it is computed. Random draws come from `rng` in a fixed order: the ClassMix classes, the
-/// mixed batch's augmentation, then MIC's augmentation and block masks.
+/// The state of a self-training run that is not a network: TUFL's per-class thresholds.
+/// Checkpointed with the run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct SelfTrainingState {
+    /// TUFL's adaptive thresholds, one per class (empty without them).
+    pub thresholds: Vec<f64>,
+}
+
+impl SelfTrainingState {
+    /// The state at iteration 0.
+    pub fn new(run: &SelfTrainingRun, classes: usize) -> Self {
+        let thresholds = match &run.tufl {
+            Some(t) if t.adaptive() => vec![t.tufl_theta0; classes],
+            _ => Vec::new(),
+        };
+        Self { thresholds }
+    }
+}
+
+/// The networks a self-training iteration runs.
+pub(crate) struct Networks<'a> {
+    /// The student, on the training device.
+    pub student: &'a DeepLabV2,
+    /// The teacher, for the methods with one, and the device its inputs go to.
+    pub teacher: Option<(&'a DeepLabV2, &'a Device)>,
+}
+
+/// The self-training terms of one iteration (`focal`, `mix`, then `mic`), each handed to `emit`
+/// as soon as it is computed. Random draws come from `rng` in a fixed order: TUFL's strong view
+/// (its colour transform, then one affine map per image), the ClassMix classes, the mixed
+/// batch's augmentation, then MIC's augmentation and block masks.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn terms(
     run: &SelfTrainingRun,
-    (teacher, student): (&DeepLabV2, &DeepLabV2),
+    state: &mut SelfTrainingState,
+    nets: Networks<'_>,
     source: &SourceBatch,
     target: &ImageBatch,
     rng: &mut dyn RngCore,
     device: &Device,
     emit: &mut dyn FnMut(WeightedTerm) -> Result<(), crate::TrainError>,
 ) -> Result<(), crate::TrainError> {
-    let p = &run.params;
+    let student = nets.student;
+    let class_weights = run.pixels.class_weights();
+    let class_weights = class_weights.as_deref();
     let [n, c, h, w] = target.shape;
     let plane = h * w;
 
+    // 0. TUFL: the weak view teaches the strong one, pixels selected by their class threshold.
+    if let Some(tufl) = &run.tufl {
+        let mut strong = target.data.clone();
+        run.augment.augment().apply(&mut strong, [n, c, h, w], rng);
+        let affines: Vec<tufl::Affine> = (0..n).map(|_| tufl::draw_affine(tufl, rng)).collect();
+        let plan = tufl::WarpPlan::new(&affines, [h, w]);
+        let strong = plan.apply_host(&strong, c);
+        let weak_logits = plan.apply(student_logits(student, target.tensor(device)));
+        let strong_logits = student_logits(student, batch(strong, [n, c, h, w]).tensor(device));
+        let classes = weak_logits.dims()[1];
+        let weak_labels =
+            mixing::pseudo_labels(&host_values(weak_logits.clone()), [n, classes, h, w]);
+        let (kept, form) = if tufl.adaptive() {
+            tufl::update_thresholds(
+                &mut state.thresholds,
+                &weak_labels,
+                tufl.tufl_b,
+                tufl.tufl_d,
+                tufl.tufl_beta,
+            );
+            let kept = tufl::kept_pixels(&weak_labels, &state.thresholds);
+            (kept, tufl::FocalWeight::OneMinusStrong)
+        } else {
+            let kept = tufl::kept_pixels(&weak_labels, &[tufl.tufl_theta0]);
+            (kept, tufl::FocalWeight::WeakMinusStrong)
+        };
+        let value = tufl::focal_loss(
+            weak_logits,
+            strong_logits,
+            &weak_labels,
+            &kept,
+            class_weights,
+            tufl.tufl_gamma,
+            form,
+        );
+        // No pixel above its threshold: the reference's loss is NaN and it drops the term.
+        if let Some(value) = value {
+            emit(WeightedTerm {
+                name: "focal",
+                weight: tufl.lambda_focal,
+                value,
+            })?;
+        }
+    }
+
+    let (Some((teacher, teacher_device)), Some(p)) = (nets.teacher, &run.class_mix) else {
+        return Ok(());
+    };
+
     // 1. Pseudo-labels of the un-augmented target batch.
-    let (_, teacher_main) = teacher.forward(target.tensor(device));
+    let (_, teacher_main) = teacher.forward(target.tensor(teacher_device));
     let teacher_logits = upsample(teacher_main, [h, w]);
     let classes = teacher_logits.dims()[1];
-    let logits: Vec<f32> = teacher_logits
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("f32 logits");
     let PseudoLabels {
         labels: pseudo,
         confidence,
-    } = mixing::pseudo_labels(&logits, [n, classes, h, w]);
+    } = mixing::pseudo_labels(&host_values(teacher_logits), [n, classes, h, w]);
     let quality = mixing::confidence_weight(&confidence, p.pseudo_threshold as f32);
     let mut target_weight = vec![quality; n * plane];
     mixing::crop_weight_rows(&mut target_weight, [h, w], p.pl_crop_top, p.pl_crop_bottom);
@@ -370,11 +604,12 @@ pub(crate) fn terms(
         let ones = vec![1.0f32; plane];
         mixed_weight.extend(mixing::mix_pixels(&mask, &ones, &target_weight[px]));
     }
-    p.augment().apply(&mut mixed, [n, c, h, w], rng);
-    let value = weighted_cross_entropy(
+    run.augment.augment().apply(&mut mixed, [n, c, h, w], rng);
+    let value = pixel_cross_entropy(
         student_logits(student, batch(mixed, [n, c, h, w]).tensor(device)),
         &mixed_labels,
         &mixed_weight,
+        class_weights,
     );
     emit(WeightedTerm {
         name: "mix",
@@ -387,7 +622,9 @@ pub(crate) fn terms(
         let mut masked = target.data.clone();
         // MIC transforms the target batch in one call: one jitter order and one sigma for the
         // batch (ClassMix's transform runs once per mixed image).
-        p.augment().apply_to_batch(&mut masked, [n, c, h, w], rng);
+        run.augment
+            .augment()
+            .apply_to_batch(&mut masked, [n, c, h, w], rng);
         for img in 0..n {
             let keep = mixing::block_mask(h, w, mic.mic_block, mic.mic_ratio as f32, rng);
             let values = &mut masked[img * c * plane..(img + 1) * c * plane];
@@ -400,10 +637,11 @@ pub(crate) fn terms(
                 }
             }
         }
-        let value = weighted_cross_entropy(
+        let value = pixel_cross_entropy(
             student_logits(student, batch(masked, [n, c, h, w]).tensor(device)),
             &pseudo,
             &target_weight,
+            class_weights,
         );
         emit(WeightedTerm {
             name: "mic",
@@ -412,4 +650,14 @@ pub(crate) fn terms(
         })?;
     }
     Ok(())
+}
+
+/// The values of `logits` on the host, without gradients.
+fn host_values(logits: Tensor<4>) -> Vec<f32> {
+    logits
+        .detach()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 logits")
 }
