@@ -76,6 +76,11 @@ struct P {
     /// iteration, at a position drawn from the run's seed; default: the whole image
     #[param(min = 1)]
     crop: Option<[usize; 2]>,
+    /// with a `crop`, mmseg's `cat_max_ratio`: a labelled image's crop is redrawn (up to 10
+    /// times, the last draw kept) while one class covers this share or more of its labelled
+    /// pixels or it holds a single class (DAFormer: 0.75 on GTA5 and SYNTHIA; 1: off)
+    #[param(default = 1.0, min = 0.0, max = 1.0, min_exclusive)]
+    crop_cat_max_ratio: f64,
     /// probability that a training image (and its label) is mirrored left to right, drawn per
     /// image after the crop (DAFormer: 0.5; ADVENT and DACS: 0)
     #[param(default = 0.0, min = 0.0, max = 1.0)]
@@ -300,7 +305,22 @@ impl Stage for TrainStage {
             }
             refuse_unused_method_params(params, method)?;
         }
+        if p.crop.is_none() && p.crop_cat_max_ratio < 1.0 {
+            return Err(
+                "`crop_cat_max_ratio` redraws crops, but the stage has no `crop`; set `crop` \
+                 or remove `crop_cat_max_ratio`"
+                    .into(),
+            );
+        }
         let s = &cfg.schedule;
+        let unset = Schedule::default();
+        if s.lambda_fd == 0.0 && (s.fd_classes.is_some() || s.fd_min_ratio != unset.fd_min_ratio) {
+            return Err(
+                "`fd_classes` and `fd_min_ratio` shape the feature distance, which is off \
+                 (`lambda_fd: 0`); set `lambda_fd` (DAFormer: 0.005) or remove them"
+                    .into(),
+            );
+        }
         if s.iters > s.max_iters {
             return Err(format!(
                 "iters ({}) is larger than max_iters ({}): the poly schedule would reach 0",
@@ -364,7 +384,7 @@ impl Stage for TrainStage {
             }
         }
         .seeded(ctx.seed)
-        .cropped(p.crop);
+        .cropped(p.crop, p.crop_cat_max_ratio);
         batches.flip = p.flip;
         if ctx.inputs.contains_key("class_stats") {
             batches.rcs = Some(rare_class_sampler(ctx, &p, &labelled)?);
@@ -575,6 +595,8 @@ struct ShardBatches<'a> {
     seed: u64,
     /// `[width, height]` of the random crop, if any.
     crop: Option<[usize; 2]>,
+    /// mmseg's `cat_max_ratio` of the labelled crops (1: off).
+    cat_max_ratio: f64,
     /// Probability of a horizontal flip per image.
     flip: f64,
     /// Rare class sampling of the labelled images, and the pixels of the drawn class a crop
@@ -598,6 +620,7 @@ impl<'a> ShardBatches<'a> {
             batch,
             seed: 0,
             crop: None,
+            cat_max_ratio: 1.0,
             flip: 0.0,
             rcs: None,
             samplers: [None, None],
@@ -614,8 +637,9 @@ impl<'a> ShardBatches<'a> {
         self
     }
 
-    fn cropped(mut self, crop: Option<[usize; 2]>) -> Self {
+    fn cropped(mut self, crop: Option<[usize; 2]>, cat_max_ratio: f64) -> Self {
         self.crop = crop;
+        self.cat_max_ratio = cat_max_ratio;
         self
     }
 
@@ -689,7 +713,9 @@ impl Batches for ShardBatches<'_> {
                 .iter()
                 .map(|&class| least.map(|least| ClassInCrop { class, least }))
                 .collect();
-            (images, labels) = random_crop(images, Some(labels), crop, &wanted, rng)?;
+            let cat_max_ratio = self.cat_max_ratio;
+            (images, labels) =
+                random_crop(images, Some(labels), crop, &wanted, cat_max_ratio, rng)?;
         }
         if self.flip > 0.0 {
             random_flip(&mut images, Some(&mut labels), self.flip, rng);
@@ -715,7 +741,7 @@ impl Batches for ShardBatches<'_> {
             shape: b.shape,
         };
         let mut images = match self.crop {
-            Some(crop) => random_crop(images, None, crop, &[], rng)?.0,
+            Some(crop) => random_crop(images, None, crop, &[], 1.0, rng)?.0,
             None => images,
         };
         if self.flip > 0.0 {
@@ -811,13 +837,15 @@ struct ClassInCrop {
 
 /// A `[width, height]` window of every image (and label map) of a batch, each at its own
 /// position drawn from `rng`: the offset of the window's left and top edge, uniform over the
-/// positions that fit. With `wanted[i]`, image `i`'s window is redrawn until it holds enough of
-/// the class ([`ClassInCrop`]).
+/// positions that fit, redrawn as mmseg's `cat_max_ratio` asks ([`draw_window`]). With
+/// `wanted[i]`, image `i`'s window is redrawn until it holds enough of the class
+/// ([`ClassInCrop`]).
 fn random_crop(
     images: ImageBatch,
     labels: Option<LabelBatch>,
     [cw, ch]: [usize; 2],
     wanted: &[Option<ClassInCrop>],
+    cat_max_ratio: f64,
     rng: &mut dyn RngCore,
 ) -> Result<(ImageBatch, LabelBatch), BatchError> {
     let [n, c, h, w] = images.shape;
@@ -840,11 +868,8 @@ fn random_crop(
     let mut out = Vec::with_capacity(n * c * ch * cw);
     let mut out_labels = Vec::with_capacity(n * ch * cw);
     for img in 0..n {
-        let mut draw = || {
-            let x0 = (rng.next_u64() % (w - cw + 1) as u64) as usize;
-            let y0 = (rng.next_u64() % (h - ch + 1) as u64) as usize;
-            (x0, y0)
-        };
+        let label_map = labels.as_ref().map(|l| &l.data[img * h * w..][..h * w]);
+        let mut draw = || draw_window(rng, [w, h], [cw, ch], label_map, cat_max_ratio);
         let (mut x0, mut y0) = draw();
         if let (Some(want), Some(l)) = (wanted.get(img).copied().flatten(), &labels) {
             let map = &l.data[img * h * w..][..h * w];
@@ -886,6 +911,47 @@ fn random_crop(
             shape: [n, ch, cw],
         },
     ))
+}
+
+/// The top-left corner of a `[cw, ch]` window of a `[w, h]` image, uniform over the positions
+/// that fit; with a label map and `cat_max_ratio < 1`, mmseg's `RandomCrop`: redrawn up to ten
+/// times while the window holds fewer than two labelled classes or its most frequent one covers
+/// `cat_max_ratio` or more of its labelled pixels, the last draw kept unchecked.
+fn draw_window(
+    rng: &mut dyn RngCore,
+    [w, h]: [usize; 2],
+    [cw, ch]: [usize; 2],
+    labels: Option<&[u8]>,
+    cat_max_ratio: f64,
+) -> (usize, usize) {
+    let mut draw = || {
+        let x0 = (rng.next_u64() % (w - cw + 1) as u64) as usize;
+        let y0 = (rng.next_u64() % (h - ch + 1) as u64) as usize;
+        (x0, y0)
+    };
+    let mut window = draw();
+    let Some(map) = labels.filter(|_| cat_max_ratio < 1.0) else {
+        return window;
+    };
+    let mut counts = [0usize; 256];
+    for _ in 0..10 {
+        counts.fill(0);
+        let (x0, y0) = window;
+        for y in y0..y0 + ch {
+            for &l in &map[y * w + x0..y * w + x0 + cw] {
+                counts[usize::from(l)] += 1;
+            }
+        }
+        let labelled = &counts[..255];
+        let total: usize = labelled.iter().sum();
+        let present = labelled.iter().filter(|&&c| c > 0).count();
+        let largest = labelled.iter().copied().max().unwrap_or(0);
+        if present > 1 && (largest as f64 / total as f64) < cat_max_ratio {
+            break;
+        }
+        window = draw();
+    }
+    window
 }
 
 /// Mean of each loss term over the last 50 iterations (or fewer), for `model.json` and metrics.
@@ -993,6 +1059,45 @@ mod tests {
         assert_eq!(&labels.data[6..], &[8, 7, 6, 11, 10, 9]);
         random_flip(&mut images, Some(&mut labels), 0.0, &mut rng);
         assert_eq!(&labels.data[..3], &[2, 1, 0]);
+    }
+
+    /// mmseg's cat_max_ratio: a window where one class covers 75% or more of the labelled
+    /// pixels is redrawn, checked at most ten times, the eleventh draw kept unchecked.
+    #[test]
+    fn crops_redraw_windows_of_one_class_as_mmseg() {
+        use rand_chacha::rand_core::SeedableRng;
+        // 100x4 labels: class 0 left of column 60, class 1 from there; ignored pixels in row 0.
+        let mut map: Vec<u8> = (0..4 * 100).map(|i| u8::from(i % 100 >= 60)).collect();
+        map[..100].fill(255);
+        let passes = |x0: usize| {
+            let ones = (x0..x0 + 50).filter(|&x| x >= 60).count();
+            (ones.max(50 - ones) as f64 / 50.0) < 0.75
+        };
+        let plain =
+            |rng: &mut rand_chacha::ChaCha8Rng| draw_window(rng, [100, 4], [50, 4], None, 0.75);
+        let mut redrawn = 0;
+        for seed in 0..40 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut replay = rng.clone();
+            let got = draw_window(&mut rng, [100, 4], [50, 4], Some(&map), 0.75);
+            let mut want = plain(&mut replay);
+            redrawn += usize::from(!passes(want.0));
+            for _ in 0..10 {
+                if passes(want.0) {
+                    break;
+                }
+                want = plain(&mut replay);
+            }
+            assert_eq!(got, want, "seed {seed}");
+        }
+        assert!(redrawn > 0, "no window needed a redraw");
+        // A map of one class never passes: the eleventh draw.
+        let single = vec![3u8; 400];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut replay = rng.clone();
+        let got = draw_window(&mut rng, [100, 4], [50, 4], Some(&single), 0.75);
+        let want = (0..11).map(|_| plain(&mut replay)).last().unwrap();
+        assert_eq!(got, want);
     }
 
     fn adapt_params(given: &[(&str, Value)]) -> Params {

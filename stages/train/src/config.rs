@@ -186,6 +186,7 @@ impl TrainConfig {
         Ok(Some(run))
     }
 
+    /// The method's target objectives with their params bound.
     pub fn target_losses(&self) -> Result<Vec<Box<dyn TargetLoss>>, String> {
         self.method()?
             .target

@@ -583,7 +583,8 @@ fn step(
     }
     // A target batch only when some target term has a weight: drawing one moves the batch RNG
     // and BatchNorm's statistics, so a method whose weights are all 0 must train as
-    // `source_only` does. The self-training methods always draw one: their teacher labels it.
+    // `source_only` does. The self-training methods always draw one: their teacher labels it,
+    // or TUFL's two views are made of it.
     let objectives_use_target = adversarial || run.target_losses.iter().any(|l| l.is_active());
     let uses_target = objectives_use_target || run.self_training.is_some();
     let target = if uses_target {
@@ -627,28 +628,35 @@ fn step(
     let class_weights = pixels.and_then(|p| p.class_weights());
     let over_all = pixels.is_some_and(|p| p.source_ce_over_all_pixels());
     let labelled = source.labels.data.iter().filter(|&&l| l != 255).count();
-    let seg_main = if let Some(cw) = &class_weights {
-        // TUFL's weighted cross-entropy: sum_p w_{y_p} CE_p over the chosen denominator.
-        let denominator = if over_all {
-            source.labels.data.len()
-        } else {
-            labelled
-        };
-        let data = &source.labels.data;
-        selftraining::class_weighted_cross_entropy(
-            main_s.clone(),
-            data,
-            None,
-            cw,
-            denominator as f64,
-        )
-    } else if over_all {
+    let source_ce = |logits: Tensor<4>| match &class_weights {
+        // sum_p w_{y_p} CE_p over every pixel (TUFL's `reduction='none'` then mean), or over the
+        // labelled pixels' weights (PyTorch's weighted mean).
+        Some(cw) => {
+            let denominator = if over_all {
+                source.labels.data.len() as f64
+            } else {
+                source
+                    .labels
+                    .data
+                    .iter()
+                    .filter_map(|&l| cw.get(usize::from(l)))
+                    .map(|&w| f64::from(w))
+                    .sum()
+            };
+            selftraining::class_weighted_cross_entropy(
+                logits,
+                &source.labels.data,
+                None,
+                cw,
+                denominator,
+            )
+        }
         // DAFormer's mmseg loss: the mean over every pixel, ignored ones included.
-        masked_cross_entropy(main_s.clone(), labels.clone())
-            .mul_scalar(labelled as f64 / source.labels.data.len() as f64)
-    } else {
-        masked_cross_entropy(main_s.clone(), labels.clone())
+        None if over_all => masked_cross_entropy(logits, labels.clone())
+            .mul_scalar(labelled as f64 / source.labels.data.len() as f64),
+        None => masked_cross_entropy(logits, labels.clone()),
     };
+    let seg_main = source_ce(main_s.clone());
     log_term(&mut log, "seg_main", &seg_main)?;
     let mut loss = add(None, schedule.lambda_seg_main, seg_main);
     let aux_s = if schedule.lambda_seg_aux > 0.0 || s.d_aux.is_some() {
@@ -657,7 +665,7 @@ fn step(
         None
     };
     if schedule.lambda_seg_aux > 0.0 {
-        let seg_aux = masked_cross_entropy(aux_s.clone().expect("aux logits"), labels);
+        let seg_aux = source_ce(aux_s.clone().expect("aux logits"));
         log_term(&mut log, "seg_aux", &seg_aux)?;
         loss = add(loss, schedule.lambda_seg_aux, seg_aux);
     }
@@ -726,9 +734,9 @@ fn step(
     let mut target_loss = None;
     // What the discriminators' own loss in step 3 reads for the target batch.
     let (mut trg_main, mut trg_aux) = (None, None);
-    // The student sees the plain target batch only for these objectives: in self-training it
-    // sees only the source, mixed and masked batches, and a pass of its own would move its
-    // BatchNorm statistics.
+    // The student sees the plain target batch here only for these objectives: self-training
+    // runs it on the batches its terms need (mixed, masked, TUFL's two views), and another pass
+    // would move its BatchNorm statistics.
     if let Some(target) = target.as_ref().filter(|_| objectives_use_target) {
         let size = [target.shape[2], target.shape[3]];
         let (aux_t, main_t) = s.model.forward(target.tensor(ad));

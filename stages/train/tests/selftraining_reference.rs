@@ -230,7 +230,7 @@ fn tufl_case(rng: &mut ChaCha8Rng) -> Value {
             (kept, tufl::FocalWeight::OneMinusStrong)
         } else {
             (
-                tufl::kept_pixels(&labels, &[0.5]),
+                tufl::kept_above(&labels, 0.5),
                 tufl::FocalWeight::WeakMinusStrong,
             )
         };

@@ -148,8 +148,18 @@ fn run(
     dir: &std::path::Path,
     cancel_after: Option<usize>,
 ) -> Result<Run, TrainError> {
+    let model = model_config().init(&Device::flex()).unwrap();
+    run_with(config, dir, cancel_after, model)
+}
+
+/// [`run`] from a given model.
+fn run_with(
+    config: &TrainConfig,
+    dir: &std::path::Path,
+    cancel_after: Option<usize>,
+    model: dag_model::DeepLabV2,
+) -> Result<Run, TrainError> {
     let device = Device::flex();
-    let model = model_config().init(&device).unwrap();
     let cancel = AtomicBool::new(false);
     let mut progress = |r: &IterationLog| {
         if Some(r.iteration) == cancel_after {
@@ -467,6 +477,32 @@ fn trainings_at_once_draw_their_weights_as_if_alone() {
 
 /// `config` cancelled after iteration 2 (the last checkpoint written before it), then run again
 /// in the same checkpoint directory: the resumed run.
+/// A network whose parameters are all drawn now, from `seed`, rather than lazily inside
+/// `train`, with its tensors.
+fn drawn_model(seed: u64) -> (dag_model::DeepLabV2, Vec<TensorData>) {
+    let device = Device::flex();
+    device.seed(seed);
+    let model = model_config().init(&device).unwrap();
+    // Reading a lazily initialised parameter draws it, in place.
+    let tensors = weights(&model);
+    (model, tensors)
+}
+
+/// A run from `drawn_model(11)` cancelled after iteration 2, resumed from its checkpoint with
+/// another starting network (`drawn_model(12)`): what the loop keeps of the start (a frozen
+/// teacher, the feature distance's reference) must come from the checkpoint.
+fn resumed_with_other_weights(config: &TrainConfig) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    match run_with(config, dir.path(), Some(2), drawn_model(11).0) {
+        Err(TrainError::Cancelled { iteration: 3 }) => {}
+        other => panic!(
+            "expected a cancellation, got {:?}",
+            other.map(|r| r.log.len())
+        ),
+    }
+    run_with(config, dir.path(), None, drawn_model(12).0).unwrap()
+}
+
 fn interrupted_then_resumed(config: &TrainConfig) -> Run {
     let dir = tempfile::tempdir().unwrap();
     match run(config, dir.path(), Some(2)) {
@@ -548,8 +584,9 @@ fn dacs_with_mic_resumes_bit_identically() {
 
 /// The feature distance pulls the student's features toward its frozen starting network: after a
 /// few steps they are closer with a large weight than with a negligible one. It resumes
-/// bit-identically (the reference is in the checkpoint) and refuses DAFormer's default classes
-/// on a network with fewer classes.
+/// bit-identically, the reference taken from the checkpoint even when the resumed run is handed
+/// another starting network, and refuses DAFormer's default classes on a network with fewer
+/// classes.
 #[test]
 fn feature_distance_pulls_toward_the_start_and_resumes() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -572,8 +609,14 @@ fn feature_distance_pulls_toward_the_start_and_resumes() {
     assert!(pulled < free, "fd {pulled} with weight 1, {free} with 1e-9");
 
     let cfg = with_weight(1.0);
-    let full = run(&cfg, tempfile::tempdir().unwrap().path(), None).unwrap();
-    let resumed = interrupted_then_resumed(&cfg);
+    let full = run_with(
+        &cfg,
+        tempfile::tempdir().unwrap().path(),
+        None,
+        drawn_model(11).0,
+    )
+    .unwrap();
+    let resumed = resumed_with_other_weights(&cfg);
     assert_bit_identical(&full.weights, &resumed.weights);
     for (a, b) in full.log.iter().zip(&resumed.log) {
         assert_eq!(a.terms, b.terms);
@@ -612,46 +655,34 @@ fn tufl_resumes_bit_identically() {
     }
 }
 
-/// TUFL's stage two labels ClassMix with the starting network, frozen: its teacher is the same
-/// after one iteration as after four, while the student moves; it logs the focal and mixed terms.
+/// TUFL's stage two labels ClassMix with the starting network, frozen: after training, its
+/// teacher is the starting network bit for bit, BatchNorm statistics included, while the student
+/// moved; it logs the focal and mixed terms; and a resumed run takes the teacher from its
+/// checkpoint even when handed another starting network.
 #[test]
 fn tufl_cim_keeps_the_starting_network_as_its_teacher() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let cfg = |iters| {
-        config("tufl+cim", iters)
-            .with_param("tufl_theta0", 0.4)
-            .with_param("lambda_mix", 0.5)
-    };
-    let short = run(&cfg(1), tempfile::tempdir().unwrap().path(), None).unwrap();
-    let long = run(&cfg(4), tempfile::tempdir().unwrap().path(), None).unwrap();
-    assert_bit_identical(
-        short.teacher.as_ref().unwrap(),
-        long.teacher.as_ref().unwrap(),
-    );
+    let mut cfg = config("tufl+cim", 4)
+        .with_param("tufl_theta0", 0.4)
+        .with_param("lambda_mix", 0.5);
+    cfg.schedule.checkpoint_every = 2;
+    let (model, initial) = drawn_model(11);
+    let full = run_with(&cfg, tempfile::tempdir().unwrap().path(), None, model).unwrap();
+    assert_bit_identical(full.teacher.as_ref().unwrap(), &initial);
     assert_ne!(
-        long.teacher.as_ref().unwrap()[0].as_bytes(),
-        long.weights[0].as_bytes(),
+        full.weights[0].as_bytes(),
+        initial[0].as_bytes(),
         "the student trains"
     );
-    assert!(long
+    assert!(full
         .log
         .iter()
         .all(|l| l.term("mix").is_some_and(f64::is_finite)));
-    assert!(long.log.iter().any(|l| l.term("focal").is_some()));
-    // At learning rate 0 the student keeps its starting parameters: the teacher's.
-    let mut still = cfg(2);
-    still.schedule.lr = 0.0;
-    let still = run(&still, tempfile::tempdir().unwrap().path(), None).unwrap();
-    let names: Vec<String> = named(&model_config().init(&Device::flex()).unwrap())
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    let teacher = still.teacher.unwrap();
-    for ((name, t), s) in names.iter().zip(&teacher).zip(&still.weights) {
-        if !name.ends_with("running_mean") && !name.ends_with("running_var") {
-            assert_eq!(t.as_bytes(), s.as_bytes(), "{name}");
-        }
-    }
+    assert!(full.log.iter().any(|l| l.term("focal").is_some()));
+
+    let resumed = resumed_with_other_weights(&cfg);
+    assert_bit_identical(&full.weights, &resumed.weights);
+    assert_bit_identical(&initial, resumed.teacher.as_ref().unwrap());
 }
 
 /// The teacher moves as the references move it: with DACS's timing it is the student itself

@@ -126,8 +126,9 @@ pub struct StrongAugmentParams {
 /// How the self-training methods weigh the pixels of their cross-entropies.
 #[derive(Debug, Clone, PartialEq, ParamSet, Serialize, Deserialize)]
 pub struct PixelLossParams {
-    /// denominator of the source cross-entropy: the labelled pixels (`valid`, DACS) or every
-    /// pixel, ignored ones included (`all`, DAFormer's mmseg loss and TUFL's)
+    /// denominator of the source cross-entropy: the labelled pixels (`valid`, DACS; with
+    /// `class_weights`, their summed weights, PyTorch's weighted mean) or every pixel, ignored
+    /// ones included (`all`, DAFormer's mmseg loss and TUFL's)
     #[param(default = "valid", one_of = ["valid", "all"])]
     pub source_ce_over: String,
     /// one weight per class on every pixel of the source, mixed and masked cross-entropies and
@@ -528,9 +529,14 @@ pub(crate) fn terms(
         let affines: Vec<tufl::Affine> = (0..n).map(|_| tufl::draw_affine(tufl, rng)).collect();
         let plan = tufl::WarpPlan::new(&affines, [h, w]);
         let strong = plan.apply_host(&strong, c);
-        let weak_logits = plan.apply(student_logits(student, target.tensor(device)));
-        let strong_logits = student_logits(student, batch(strong, [n, c, h, w]).tensor(device));
-        let classes = weak_logits.dims()[1];
+        // Both views in one pass, as the reference's single forward: they share BatchNorm's
+        // batch statistics.
+        let mut views = target.data.clone();
+        views.extend(strong);
+        let logits = student_logits(student, batch(views, [2 * n, c, h, w]).tensor(device));
+        let classes = logits.dims()[1];
+        let weak_logits = plan.apply(logits.clone().slice([0..n, 0..classes, 0..h, 0..w]));
+        let strong_logits = logits.slice([n..2 * n, 0..classes, 0..h, 0..w]);
         let weak_labels =
             mixing::pseudo_labels(&host_values(weak_logits.clone()), [n, classes, h, w]);
         let (kept, form) = if tufl.adaptive() {
@@ -544,7 +550,7 @@ pub(crate) fn terms(
             let kept = tufl::kept_pixels(&weak_labels, &state.thresholds);
             (kept, tufl::FocalWeight::OneMinusStrong)
         } else {
-            let kept = tufl::kept_pixels(&weak_labels, &[tufl.tufl_theta0]);
+            let kept = tufl::kept_above(&weak_labels, tufl.tufl_theta0 as f32);
             (kept, tufl::FocalWeight::WeakMinusStrong)
         };
         let value = tufl::focal_loss(

@@ -10,13 +10,13 @@
 //!
 //! with `p` the weak softmax, `pbar` it without gradient, `q` the strong softmax and the focal
 //! weight `f = |1 - q_y|^gamma` (`y = argmax pbar`; `|pbar_y - q_y|^gamma` with the fixed
-//! threshold), neither detached. A pixel counts when `max pbar` exceeds the threshold of its
+//! threshold), with gradients through `q_y`. A pixel counts when `max pbar` exceeds the threshold of its
 //! class, which moves every iteration toward a confidence quantile of the pixels predicted as
 //! that class ([`update_thresholds`]); the term is the mean of `max(l, 1e-8)` over the counted
 //! pixels, and is left out when none counts (the reference's NaN, which it drops).
 //!
 //! The pieces that do not touch the network ([`draw_affine`], [`WarpPlan`],
-//! [`update_thresholds`], [`kept_pixels`]) are host functions checked against NumPy
+//! [`update_thresholds`], [`kept_pixels`], [`kept_above`]) are host functions checked against NumPy
 //! (tests/selftraining_reference.py); [`focal_loss`] is checked against the same formula there.
 
 use burn::tensor::activation::softmax;
@@ -40,8 +40,9 @@ pub struct TuflParams {
     /// TUFL's starting (or fixed) confidence threshold
     #[param(default = 0.8, min = 0.0, max = 1.0)]
     pub tufl_theta0: f64,
-    /// exponent gamma of TUFL's focal weight
-    #[param(default = 2.0, min = 0.0)]
+    /// exponent gamma of TUFL's focal weight (at least 1: below, |x|^gamma has no derivative
+    /// where the two views agree)
+    #[param(default = 2.0, min = 1.0)]
     pub tufl_gamma: f64,
     /// EMA factor beta of TUFL's adaptive thresholds: theta <- beta theta + (1 - beta) quantile
     #[param(default = 0.9, min = 0.0, max = 1.0)]
@@ -255,21 +256,20 @@ pub fn update_thresholds(theta: &mut [f64], weak: &PseudoLabels, b: f64, d: f64,
     }
 }
 
-/// Which pixels TUFL's loss counts: those whose weak confidence exceeds the threshold of their
-/// weak class (`thresholds` per class, or one for all).
+/// Which pixels the adaptive loss counts: those whose weak confidence exceeds the threshold of
+/// their weak class (compared in f64, as the reference's float64 thresholds).
 pub fn kept_pixels(weak: &PseudoLabels, thresholds: &[f64]) -> Vec<bool> {
     weak.labels
         .iter()
         .zip(&weak.confidence)
-        .map(|(&label, &conf)| {
-            let theta = if thresholds.len() == 1 {
-                thresholds[0]
-            } else {
-                thresholds[usize::from(label)]
-            };
-            f64::from(conf) > theta
-        })
+        .map(|(&label, &conf)| f64::from(conf) > thresholds[usize::from(label)])
         .collect()
+}
+
+/// Which pixels the fixed-threshold loss counts: those whose weak confidence exceeds `theta`
+/// (compared in f32, as the reference's float32 threshold).
+pub fn kept_above(weak: &PseudoLabels, theta: f32) -> Vec<bool> {
+    weak.confidence.iter().map(|&conf| conf > theta).collect()
 }
 
 /// The form of TUFL's focal weight.
@@ -304,19 +304,12 @@ pub fn focal_loss(
     }
     let [n, c, h, w] = weak.dims();
     let device = weak.device();
-    let plane = h * w;
     let p = softmax(weak, 1);
     let q = softmax(strong, 1);
     let p_bar = p.clone().detach();
-    let mut one_hot = vec![0f32; n * c * plane];
-    for img in 0..n {
-        for px in 0..plane {
-            let label = usize::from(weak_labels.labels[img * plane + px]);
-            one_hot[(img * c + label) * plane + px] = 1.0;
-        }
-    }
-    let one_hot: Tensor<4> = Tensor::from_data(TensorData::new(one_hot, [n, c, h, w]), &device);
-    let q_y = (q.clone() * one_hot).sum_dim(1);
+    let labels: Vec<i64> = weak_labels.labels.iter().map(|&l| i64::from(l)).collect();
+    let labels: Tensor<4, Int> = Tensor::from_data(TensorData::new(labels, [n, 1, h, w]), &device);
+    let q_y = q.clone().gather(1, labels);
     let difference = match form {
         FocalWeight::OneMinusStrong => q_y.neg().add_scalar(1.0),
         FocalWeight::WeakMinusStrong => {
