@@ -17,7 +17,7 @@ use dag_model::{DeepLabV2, DeepLabV2Config};
 use dag_train::rand_core::RngCore;
 use dag_train::{
     BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, Schedule, SourceBatch,
-    TrainConfig, TrainError,
+    TrainConfig, TrainError, Window,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -602,6 +602,8 @@ struct ShardBatches<'a> {
     /// Rare class sampling of the labelled images, and the pixels of the drawn class a crop
     /// must hold (`None`: no redraws).
     rcs: Option<(RareClassSampler, Option<f64>)>,
+    /// Where the images of the last target batch came from.
+    target_windows: Vec<Window>,
     samplers: [Option<(Sampler, usize)>; 2],
 }
 
@@ -623,6 +625,7 @@ impl<'a> ShardBatches<'a> {
             cat_max_ratio: 1.0,
             flip: 0.0,
             rcs: None,
+            target_windows: Vec::new(),
             samplers: [None, None],
         }
     }
@@ -714,7 +717,7 @@ impl Batches for ShardBatches<'_> {
                 .map(|&class| least.map(|least| ClassInCrop { class, least }))
                 .collect();
             let cat_max_ratio = self.cat_max_ratio;
-            (images, labels) =
+            (images, labels, _) =
                 random_crop(images, Some(labels), crop, &wanted, cat_max_ratio, rng)?;
         }
         if self.flip > 0.0 {
@@ -740,31 +743,52 @@ impl Batches for ShardBatches<'_> {
             data: b.images,
             shape: b.shape,
         };
-        let mut images = match self.crop {
-            Some(crop) => random_crop(images, None, crop, &[], 1.0, rng)?.0,
-            None => images,
+        let [n, _, h, w] = images.shape;
+        let (mut images, offsets) = match self.crop {
+            Some(crop) => {
+                let (images, _, offsets) = random_crop(images, None, crop, &[], 1.0, rng)?;
+                (images, offsets)
+            }
+            None => (images, vec![[0, 0]; n]),
         };
-        if self.flip > 0.0 {
-            random_flip(&mut images, None, self.flip, rng);
-        }
+        let flipped = if self.flip > 0.0 {
+            random_flip(&mut images, None, self.flip, rng)
+        } else {
+            vec![false; n]
+        };
+        self.target_windows = offsets
+            .into_iter()
+            .zip(flipped)
+            .map(|(offset, flipped)| Window {
+                size: [w, h],
+                offset,
+                flipped,
+            })
+            .collect();
         Ok(images)
+    }
+
+    fn target_windows(&self) -> Option<Vec<Window>> {
+        Some(self.target_windows.clone())
     }
 }
 
 /// Mirrors each image of the batch (and its label map) left to right with probability `p`, one
-/// uniform draw per image from `rng`.
+/// uniform draw per image from `rng`; returns which were mirrored.
 fn random_flip(
     images: &mut ImageBatch,
     mut labels: Option<&mut LabelBatch>,
     p: f64,
     rng: &mut dyn RngCore,
-) {
+) -> Vec<bool> {
     let [n, c, h, w] = images.shape;
-    for img in 0..n {
+    let mut flipped = vec![false; n];
+    for (img, flipped) in flipped.iter_mut().enumerate() {
         let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         if u >= p {
             continue;
         }
+        *flipped = true;
         for row in images.data[img * c * h * w..(img + 1) * c * h * w].chunks_mut(w) {
             row.reverse();
         }
@@ -774,6 +798,7 @@ fn random_flip(
             }
         }
     }
+    flipped
 }
 
 /// Rare class sampling over the `class_stats` input, whose rows are matched to `labelled`'s
@@ -839,7 +864,7 @@ struct ClassInCrop {
 /// position drawn from `rng`: the offset of the window's left and top edge, uniform over the
 /// positions that fit, redrawn as mmseg's `cat_max_ratio` asks ([`draw_window`]). With
 /// `wanted[i]`, image `i`'s window is redrawn until it holds enough of the class
-/// ([`ClassInCrop`]).
+/// ([`ClassInCrop`]). Returns the crops and each window's `[x, y]` offset.
 fn random_crop(
     images: ImageBatch,
     labels: Option<LabelBatch>,
@@ -847,7 +872,7 @@ fn random_crop(
     wanted: &[Option<ClassInCrop>],
     cat_max_ratio: f64,
     rng: &mut dyn RngCore,
-) -> Result<(ImageBatch, LabelBatch), BatchError> {
+) -> Result<(ImageBatch, LabelBatch, Vec<[usize; 2]>), BatchError> {
     let [n, c, h, w] = images.shape;
     if cw > w || ch > h {
         return Err(format!(
@@ -867,6 +892,7 @@ fn random_crop(
     }
     let mut out = Vec::with_capacity(n * c * ch * cw);
     let mut out_labels = Vec::with_capacity(n * ch * cw);
+    let mut offsets = Vec::with_capacity(n);
     for img in 0..n {
         let label_map = labels.as_ref().map(|l| &l.data[img * h * w..][..h * w]);
         let mut draw = || draw_window(rng, [w, h], [cw, ch], label_map, cat_max_ratio);
@@ -888,6 +914,7 @@ fn random_crop(
                 (x0, y0) = draw();
             }
         }
+        offsets.push([x0, y0]);
         for channel in 0..c {
             let plane = &images.data[(img * c + channel) * h * w..][..h * w];
             for y in y0..y0 + ch {
@@ -910,6 +937,7 @@ fn random_crop(
             data: out_labels,
             shape: [n, ch, cw],
         },
+        offsets,
     ))
 }
 
@@ -1098,6 +1126,32 @@ mod tests {
         let got = draw_window(&mut rng, [100, 4], [50, 4], Some(&single), 0.75);
         let want = (0..11).map(|_| plain(&mut replay)).last().unwrap();
         assert_eq!(got, want);
+    }
+
+    /// The offsets `random_crop` reports are those of the windows it cut, and `random_flip`
+    /// reports the images it mirrored: what the pseudo-label margins are placed by.
+    #[test]
+    fn crops_and_flips_report_their_windows() {
+        use rand_chacha::rand_core::SeedableRng;
+        let (n, h, w) = (3, 5, 7);
+        let images = ImageBatch {
+            data: (0..n * 3 * h * w).map(|v| v as f32).collect(),
+            shape: [n, 3, h, w],
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (mut crops, _, offsets) =
+            random_crop(images, None, [4, 2], &[], 1.0, &mut rng).unwrap();
+        for (img, [x0, y0]) in offsets.iter().enumerate() {
+            let first = crops.data[img * 3 * 2 * 4];
+            assert_eq!(first as usize, img * 3 * h * w + y0 * w + x0);
+        }
+        let before = crops.data.clone();
+        let flipped = random_flip(&mut crops, None, 0.5, &mut rng);
+        for (img, &f) in flipped.iter().enumerate() {
+            let at = img * 3 * 2 * 4;
+            let expect = if f { before[at + 3] } else { before[at] };
+            assert_eq!(crops.data[at], expect);
+        }
     }
 
     fn adapt_params(given: &[(&str, Value)]) -> Params {

@@ -180,6 +180,9 @@ impl TrainConfig {
             },
         };
         run.pixels.check()?;
+        if let Some(p) = &run.class_mix {
+            p.check()?;
+        }
         if let Some(t) = &run.tufl {
             t.check()?;
         }

@@ -36,6 +36,19 @@ pub struct SourceBatch {
     pub labels: LabelBatch,
 }
 
+/// Where an image of a batch came from: a window of an image of `size` (`[width, height]`, as
+/// stored), its top-left corner at `offset` (`[x, y]`), mirrored left to right after the crop when
+/// `flipped`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// `[width, height]` of the image the window was cut from.
+    pub size: [usize; 2],
+    /// `[x, y]` of the window's top-left corner in that image.
+    pub offset: [usize; 2],
+    /// Whether the window was mirrored after the crop.
+    pub flipped: bool,
+}
+
 /// Supplies the batches of each iteration. The loop calls [`Batches::source`] every iteration
 /// and [`Batches::target`] every iteration of a method that uses target data, always in that
 /// order, with the iteration index and the loop's RNG.
@@ -53,6 +66,12 @@ pub trait Batches: Send {
     /// The unlabelled target images of `iteration`.
     fn target(&mut self, iteration: usize, rng: &mut dyn RngCore)
         -> Result<ImageBatch, BatchError>;
+    /// Where each image of the batch that [`Batches::target`] returned last came from, for the
+    /// pseudo-label margins (`pl_margins`), which are set on the whole image before the crop
+    /// and the flip; `None` when the provider does not say.
+    fn target_windows(&self) -> Option<Vec<Window>> {
+        None
+    }
 }
 
 impl ImageBatch {

@@ -592,14 +592,14 @@ fn step(
             .target(iteration, &mut s.rng)
             .map_err(|e| batch_err("target")(e.to_string()))?;
         t.check().map_err(batch_err("target"))?;
-        Some(t)
+        Some((t, data.target_windows()))
     } else {
         None
     };
     if adversarial {
         let [_, height, width] = source.labels.shape;
         check_discriminator_input(height, width).map_err(batch_err("source"))?;
-        if let Some(t) = &target {
+        if let Some((t, _)) = &target {
             check_discriminator_input(t.shape[2], t.shape[3]).map_err(batch_err("target"))?;
         }
     }
@@ -704,7 +704,7 @@ fn step(
     }
 
     // 2a. Self-training: the teacher's pseudo-labels on ClassMix and, with MIC, masked images.
-    if let (Some(st), Some(target)) = (&run.self_training, &target) {
+    if let (Some(st), Some((target, windows))) = (&run.self_training, &target) {
         selftraining::check_batches(&source, target).map_err(batch_err("target"))?;
         if let (None, Some(kind)) = (&s.teacher, st.teacher) {
             // The student's parameters exist once the source pass has run.
@@ -727,6 +727,7 @@ fn step(
             Ok(())
         };
         let st_state = &mut s.self_training;
+        let target = (target, windows.as_deref());
         selftraining::terms(st, st_state, nets, &source, target, rng, ad, &mut emit)?;
     }
 
@@ -737,7 +738,7 @@ fn step(
     // The student sees the plain target batch here only for these objectives: self-training
     // runs it on the batches its terms need (mixed, masked, TUFL's two views), and another pass
     // would move its BatchNorm statistics.
-    if let Some(target) = target.as_ref().filter(|_| objectives_use_target) {
+    if let Some((target, _)) = target.as_ref().filter(|_| objectives_use_target) {
         let size = [target.shape[2], target.shape[3]];
         let (aux_t, main_t) = s.model.forward(target.tensor(ad));
         let main_t = upsample(main_t, size);

@@ -629,6 +629,21 @@ fn feature_distance_pulls_toward_the_start_and_resumes() {
     assert!(err.to_string().contains("fd_classes"), "{err}");
 }
 
+/// HRDA's pseudo-label margins are set on the whole target image, so they need a provider that
+/// says where its crops came from (this test's does not), and they replace DAFormer's row crop.
+#[test]
+fn pseudo_label_margins_need_the_crop_windows() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = config("dacs", 1).with_param("pl_margins", serde_json::json!([2, 8, 2, 2]));
+    let err = run(&cfg, tempfile::tempdir().unwrap().path(), None)
+        .err()
+        .expect("no windows");
+    assert!(err.to_string().contains("target_windows"), "{err}");
+    let both = cfg.with_param("pl_crop_top", 3);
+    let err = both.validate().expect_err("two pseudo-label crops");
+    assert!(err.contains("pl_margins"), "{err}");
+}
+
 /// TUFL's stage one logs its focal term on the iterations where some pixel passes its class's
 /// threshold, and a run cancelled after a checkpoint resumes, thresholds included, to the
 /// uninterrupted run's weights and log, bit for bit.

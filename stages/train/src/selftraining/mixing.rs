@@ -5,6 +5,7 @@
 
 use rand_core::RngCore;
 
+use crate::data::Window;
 use crate::losses::IGNORE_LABEL;
 
 const IGNORE: u8 = IGNORE_LABEL as u8;
@@ -206,6 +207,29 @@ pub fn crop_weight_rows(weights: &mut [f32], [h, w]: [usize; 2], top: usize, bot
     }
 }
 
+/// Which pixels of cropped (and maybe flipped) target images lie inside HRDA's pseudo-label
+/// margins `[top, bottom, left, right]` of the images they came from (`crop_pseudo_margins`:
+/// the mask is set on the whole image and then cropped and flipped with it), `[N, h, w]`
+/// row-major for crops of `h` x `w`.
+pub fn margin_mask(windows: &[Window], [h, w]: [usize; 2], margins: [usize; 4]) -> Vec<bool> {
+    let [top, bottom, left, right] = margins;
+    let mut mask = Vec::with_capacity(windows.len() * h * w);
+    for win in windows {
+        let [full_w, full_h] = win.size;
+        let [x0, y0] = win.offset;
+        for y in 0..h {
+            let fy = y0 + y;
+            let row_ok = fy >= top && fy + bottom < full_h;
+            for x in 0..w {
+                let cx = if win.flipped { w - 1 - x } else { x };
+                let fx = x0 + cx;
+                mask.push(row_ok && fx >= left && fx + right < full_w);
+            }
+        }
+    }
+    mask
+}
+
 /// Splits a weighted cross-entropy into two masked ones: labels of the pixels whose weight is
 /// `weight` (others set to ignore), for the loss `sum_p w_p CE_p / (N H W)` computed as
 /// `sum over distinct weights w of w * n_w * mean CE over those pixels / (N H W)`.
@@ -261,6 +285,26 @@ mod tests {
         let m = block_mask(256, 512, 8, 0.7, &mut rng);
         let kept = m.iter().filter(|&&k| k).count() as f64 / m.len() as f64;
         assert!((kept - 0.3).abs() < 0.03, "{kept}");
+    }
+
+    #[test]
+    fn margins_follow_the_window_and_the_flip() {
+        // A 6x4 image with margins top 1, bottom 1, left 2, right 0; a 3x2 window at (3, 2).
+        let win = Window {
+            size: [6, 4],
+            offset: [3, 2],
+            flipped: false,
+        };
+        let mask = margin_mask(&[win], [2, 3], [1, 1, 2, 0]);
+        assert_eq!(mask, vec![true, true, true, false, false, false]);
+        let at_left = Window {
+            offset: [1, 0],
+            flipped: true,
+            ..win
+        };
+        // Rows 0 (top margin) and 1; columns 3, 2, 1 of the image after the flip.
+        let mask = margin_mask(&[at_left], [2, 3], [1, 1, 2, 0]);
+        assert_eq!(mask, vec![false, false, false, true, true, false]);
     }
 
     #[test]

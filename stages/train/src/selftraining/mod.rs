@@ -32,7 +32,7 @@ use dag_model::{upsample, upsample_differentiable, DeepLabV2};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ImageBatch, LabelBatch, SourceBatch};
+use crate::data::{ImageBatch, LabelBatch, SourceBatch, Window};
 use crate::losses::{masked_cross_entropy, IGNORE_LABEL};
 
 pub mod augment;
@@ -103,6 +103,10 @@ pub struct ClassMixParams {
     /// crops: 120, the ego vehicle)
     #[param(default = 0)]
     pub pl_crop_bottom: usize,
+    /// [top, bottom, left, right] margins of the whole target image (as preprocessed) whose
+    /// pseudo-labels are never trusted, set before the crop and the flip (HRDA and MIC at
+    /// 2048x1024: [30, 240, 30, 30]); instead of `pl_crop_top` and `pl_crop_bottom`
+    pub pl_margins: Option<[usize; 4]>,
 }
 
 /// The strong augmentation of mixed images, MIC's target images and TUFL's strong view.
@@ -150,6 +154,18 @@ impl TeacherParams {
 }
 
 impl ClassMixParams {
+    /// Checks across params.
+    pub fn check(&self) -> Result<(), String> {
+        if self.pl_margins.is_some() && (self.pl_crop_top > 0 || self.pl_crop_bottom > 0) {
+            return Err(
+                "`pl_margins` (set on the whole image) and `pl_crop_top` / `pl_crop_bottom` (on \
+                 the crop) are two versions of the pseudo-label crop; give one"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The ClassMix variant.
     pub fn class_choice(&self) -> ClassChoice {
         match self.class_mix.as_str() {
@@ -511,7 +527,7 @@ pub(crate) fn terms(
     state: &mut SelfTrainingState,
     nets: Networks<'_>,
     source: &SourceBatch,
-    target: &ImageBatch,
+    (target, windows): (&ImageBatch, Option<&[Window]>),
     rng: &mut dyn RngCore,
     device: &Device,
     emit: &mut dyn FnMut(WeightedTerm) -> Result<(), crate::TrainError>,
@@ -587,6 +603,21 @@ pub(crate) fn terms(
     let quality = mixing::confidence_weight(&confidence, p.pseudo_threshold as f32);
     let mut target_weight = vec![quality; n * plane];
     mixing::crop_weight_rows(&mut target_weight, [h, w], p.pl_crop_top, p.pl_crop_bottom);
+    if let Some(margins) = p.pl_margins {
+        let windows = windows.ok_or_else(|| {
+            crate::TrainError::Config(
+                "`pl_margins` needs to know where each target crop came from, and this data \
+                 provider does not say (`Batches::target_windows`)"
+                    .into(),
+            )
+        })?;
+        let trusted = mixing::margin_mask(windows, [h, w], margins);
+        for (weight, ok) in target_weight.iter_mut().zip(trusted) {
+            if !ok {
+                *weight = 0.0;
+            }
+        }
+    }
 
     // 2. ClassMix, then the strong augmentation of the mixed batch.
     let picks = mixing::draw_mix_classes(&source.labels.data, [n, h, w], p.class_choice(), rng);
