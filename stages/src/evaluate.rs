@@ -251,7 +251,7 @@ fn confusion(
     for chunk in all.chunks(p.batch_size) {
         ctx.check_cancelled()?;
         // Images of one batch may have different original sizes: group only for the forward.
-        let batch = ds.batch(chunk);
+        let batch = ds.batch_as(chunk, &dag_train::normalisation(model.arch.input));
         let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &plain);
         let (_, main) = net.forward(x);
         for (k, &i) in chunk.iter().enumerate() {

@@ -63,7 +63,7 @@ pub(crate) fn score_batch(
     indices: &[usize],
     device: &burn::tensor::Device,
 ) -> Vec<Scored> {
-    let batch = ds.batch(indices);
+    let batch = ds.batch_as(indices, &dag_train::normalisation(model.arch.input));
     let [_, _, h, w] = batch.shape;
     let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
     let (_, main) = model.predict_logits(x, [h, w]);
@@ -316,7 +316,7 @@ fn gallery(
         for (k, &i) in indices.iter().enumerate() {
             ctx.check_cancelled()?;
             let item = ds.get(i).expect("index");
-            let batch = ds.batch(&[i]);
+            let batch = ds.batch_as(&[i], &dag_train::normalisation(model.arch.input));
             let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
             let (_, main) = model.predict_logits(x, [h as usize, w as usize]);
             let entropy = crate::visuals::pixel_entropy(main).remove(0);

@@ -12,7 +12,7 @@ use dag_api::{
     InputSpec, OutputSpec, ParamSet, ParamSpec, Params, Preflight, Stage, StageContext, StageError,
     StageOutcome, Value,
 };
-use dag_data::{Column, Dataset, RareClassSampler, Sampler, Table};
+use dag_data::{Column, Dataset, Normalisation, RareClassSampler, Sampler, Table};
 use dag_model::{DeepLabV2, DeepLabV2Config};
 use dag_train::rand_core::RngCore;
 use dag_train::{
@@ -72,6 +72,12 @@ struct P {
     /// default) or [6, 12] (DACS and DAFormer's DeepLabV2, whose code sums only the first two)
     #[param(min = 1)]
     classifier_dilations: Option<Vec<usize>>,
+    /// how a new network's input images are normalised, as its ImageNet weights were trained:
+    /// `caffe_bgr` (ADVENT's ResNet: BGR minus the Caffe mean, the default) or `imagenet_rgb`
+    /// (torchvision's and mmcv's: RGB minus the ImageNet mean, divided by its std); taken from
+    /// the `init` model when given, and by every stage that feeds the model images
+    #[param(one_of = ["caffe_bgr", "imagenet_rgb"])]
+    input_normalisation: Option<String>,
     /// [width, height] of a random crop taken from every training image (and its label) each
     /// iteration, at a position drawn from the run's seed; default: the whole image
     #[param(min = 1)]
@@ -398,6 +404,7 @@ impl Stage for TrainStage {
         }
 
         let (model, model_config, init) = initial_model(ctx, &p, proto, &device)?;
+        batches.input = dag_train::normalisation(model_config.input);
         if config.schedule.lambda_fd > 0.0 && p.imagenet.is_none() {
             tracing::warn!(
                 stage = ctx.stage,
@@ -509,10 +516,11 @@ fn initial_model(
             || p.depth.is_some()
             || p.width.is_some()
             || p.classifier_dilations.is_some()
+            || p.input_normalisation.is_some()
         {
             return Err(StageError::new(
-                "`init` gives the starting model, so `imagenet`, `depth`, `width` and \
-                 `classifier_dilations` must not be set as well",
+                "`init` gives the starting model, so `imagenet`, `depth`, `width`, \
+                 `classifier_dilations` and `input_normalisation` must not be set as well",
             )
             .with_hint("remove either the `init` input or those params"));
         }
@@ -525,6 +533,10 @@ fn initial_model(
         .with_width(p.width.unwrap_or(1.0));
     if let Some(d) = &p.classifier_dilations {
         config = config.with_classifier_dilations(d);
+    }
+    if let Some(name) = &p.input_normalisation {
+        config.input = dag_model::InputConvention::from_name(name)
+            .ok_or_else(|| StageError::new(format!("unknown input_normalisation `{name}`")))?;
     }
     let mut model = config.init(device)?;
     let init = match &p.imagenet {
@@ -604,6 +616,8 @@ struct ShardBatches<'a> {
     rcs: Option<(RareClassSampler, Option<f64>)>,
     /// Where the images of the last target batch came from.
     target_windows: Vec<Window>,
+    /// How the model expects its images.
+    input: Normalisation,
     samplers: [Option<(Sampler, usize)>; 2],
 }
 
@@ -626,6 +640,7 @@ impl<'a> ShardBatches<'a> {
             flip: 0.0,
             rcs: None,
             target_windows: Vec::new(),
+            input: Normalisation::CAFFE_BGR,
             samplers: [None, None],
         }
     }
@@ -683,7 +698,7 @@ impl Batches for ShardBatches<'_> {
                 picks.iter().map(|&k| self.labelled_indices[k]).collect()
             }
         };
-        let mut b = self.labelled.batch(&idx);
+        let mut b = self.labelled.batch_as(&idx, &self.input);
         if let Some(dir) = &self.pseudo {
             let (w, h) = self.labelled.size();
             let px = (w * h) as usize;
@@ -738,7 +753,7 @@ impl Batches for ShardBatches<'_> {
         let picks = self.draw(1, len, iteration);
         let (ds, indices) = self.unlabelled.as_ref().expect("checked");
         let idx: Vec<usize> = picks.iter().map(|&k| indices[k]).collect();
-        let b = ds.batch(&idx);
+        let b = ds.batch_as(&idx, &self.input);
         let images = ImageBatch {
             data: b.images,
             shape: b.shape,
@@ -1146,11 +1161,12 @@ mod tests {
             assert_eq!(first as usize, img * 3 * h * w + y0 * w + x0);
         }
         let before = crops.data.clone();
-        let flipped = random_flip(&mut crops, None, 0.5, &mut rng);
-        for (img, &f) in flipped.iter().enumerate() {
+        assert_eq!(random_flip(&mut crops, None, 0.0, &mut rng), vec![false; n]);
+        assert_eq!(crops.data, before);
+        assert_eq!(random_flip(&mut crops, None, 1.0, &mut rng), vec![true; n]);
+        for img in 0..n {
             let at = img * 3 * 2 * 4;
-            let expect = if f { before[at + 3] } else { before[at] };
-            assert_eq!(crops.data[at], expect);
+            assert_eq!(crops.data[at], before[at + 3]);
         }
     }
 

@@ -32,6 +32,6 @@ pub use formats::{Format, SampleRef};
 pub use preprocess::{preprocess, PreprocessConfig, PreprocessReport};
 pub use protocol::Protocol;
 pub use rcs::RareClassSampler;
-pub use shards::{Batch, Dataset, Item, Sampler, MEAN_BGR};
+pub use shards::{Batch, Dataset, Item, Normalisation, Sampler, MEAN_BGR};
 pub use synth::{generate, SynthConfig, SynthReport};
 pub use tables::{Column, Table};

@@ -33,6 +33,63 @@ use crate::DataError;
 /// ADVENT's image mean, in BGR order (subtracted from 0..255 values, no division by a std).
 pub const MEAN_BGR: [f32; 3] = [104.006_99, 116.668_77, 122.678_91];
 
+/// How 0..255 RGB images become a network's input: the channel order and, per channel in that
+/// order, the mean subtracted and the standard deviation divided by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalisation {
+    /// Channels in B, G, R order (else R, G, B).
+    pub bgr: bool,
+    /// Subtracted from each channel, in the output order.
+    pub mean: [f32; 3],
+    /// Each channel is divided by this after the subtraction, in the output order.
+    pub std: [f32; 3],
+}
+
+impl Normalisation {
+    /// ADVENT's Caffe convention: BGR minus [`MEAN_BGR`], no division.
+    pub const CAFFE_BGR: Self = Self {
+        bgr: true,
+        mean: MEAN_BGR,
+        std: [1.0; 3],
+    };
+    /// torchvision's and mmseg's ImageNet convention (DAFormer's `img_norm_cfg`): RGB minus
+    /// [123.675, 116.28, 103.53], divided by [58.395, 57.12, 57.375].
+    pub const IMAGENET_RGB: Self = Self {
+        bgr: false,
+        mean: [123.675, 116.28, 103.53],
+        std: [58.395, 57.12, 57.375],
+    };
+
+    /// Converts one u8 RGB HWC image into `out` (CHW, `3 x H x W` values).
+    pub fn apply(&self, rgb: &[u8], out: &mut [f32]) {
+        let plane = rgb.len() / 3;
+        assert_eq!(out.len(), rgb.len(), "output must hold 3 x H x W values");
+        let (c0, rest) = out.split_at_mut(plane);
+        let (c1, c2) = rest.split_at_mut(plane);
+        let (m, s) = (self.mean, self.std);
+        for (i, px) in rgb.chunks_exact(3).enumerate() {
+            let (first, last) = if self.bgr {
+                (px[2], px[0])
+            } else {
+                (px[0], px[2])
+            };
+            c0[i] = (f32::from(first) - m[0]) / s[0];
+            c1[i] = (f32::from(px[1]) - m[1]) / s[1];
+            c2[i] = (f32::from(last) - m[2]) / s[2];
+        }
+    }
+
+    /// Channel `channel`'s input value `v` back on the 0..1 scale.
+    pub fn to_unit(&self, channel: usize, v: f32) -> f32 {
+        (v * self.std[channel] + self.mean[channel]) / 255.0
+    }
+
+    /// The input value of channel `channel` at `u` on the 0..1 scale.
+    pub fn from_unit(&self, channel: usize, u: f32) -> f32 {
+        (u * 255.0 - self.mean[channel]) / self.std[channel]
+    }
+}
+
 /// Version of the artifact layout written by [`crate::preprocess()`].
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -144,17 +201,9 @@ pub struct Batch {
 }
 
 /// Converts one u8 RGB HWC image into `out` as f32 BGR CHW minus [`MEAN_BGR`], the input
-/// convention of ADVENT's Caffe-initialised DeepLabV2.
+/// convention of ADVENT's Caffe-initialised DeepLabV2 ([`Normalisation::CAFFE_BGR`]).
 pub fn rgb_to_bgr_chw(rgb: &[u8], out: &mut [f32]) {
-    let plane = rgb.len() / 3;
-    assert_eq!(out.len(), rgb.len(), "output must hold 3 x H x W values");
-    let (b, rest) = out.split_at_mut(plane);
-    let (g, r) = rest.split_at_mut(plane);
-    for (i, px) in rgb.chunks_exact(3).enumerate() {
-        r[i] = px[0] as f32 - MEAN_BGR[2];
-        g[i] = px[1] as f32 - MEAN_BGR[1];
-        b[i] = px[2] as f32 - MEAN_BGR[0];
-    }
+    Normalisation::CAFFE_BGR.apply(rgb, out);
 }
 
 /// A preprocessed dataset, opened for reading.
@@ -357,9 +406,14 @@ impl Dataset {
         })
     }
 
-    /// Builds a batch of the given samples (see [`Batch`] for the layout). Panics on an index
-    /// past the end, like slice indexing.
+    /// Builds a batch of the given samples in ADVENT's input convention (see [`Batch`] for the
+    /// layout). Panics on an index past the end, like slice indexing.
     pub fn batch(&self, indices: &[usize]) -> Batch {
+        self.batch_as(indices, &Normalisation::CAFFE_BGR)
+    }
+
+    /// [`Dataset::batch`] with the images normalised as `norm` says.
+    pub fn batch_as(&self, indices: &[usize], norm: &Normalisation) -> Batch {
         let px = self.pixels();
         let mut images = vec![0f32; indices.len() * 3 * px];
         let mut labels = Vec::with_capacity(indices.len() * px);
@@ -367,7 +421,7 @@ impl Dataset {
             let item = self
                 .get(i)
                 .unwrap_or_else(|| panic!("index {i} out of range (len {})", self.len()));
-            rgb_to_bgr_chw(item.image, &mut images[k * 3 * px..(k + 1) * 3 * px]);
+            norm.apply(item.image, &mut images[k * 3 * px..(k + 1) * 3 * px]);
             labels.extend_from_slice(item.label);
         }
         Batch {
@@ -476,6 +530,23 @@ mod tests {
             Sampler::new(50, 1).next_batch(50),
             Sampler::new(50, 2).next_batch(50)
         );
+    }
+
+    #[test]
+    fn imagenet_normalisation_keeps_rgb_and_divides_by_the_std() {
+        let n = Normalisation::IMAGENET_RGB;
+        let mut out = [0f32; 3];
+        n.apply(&[124, 116, 104], &mut out);
+        let expect = [
+            (124.0 - 123.675) / 58.395,
+            (116.0 - 116.28) / 57.12,
+            (104.0 - 103.53) / 57.375,
+        ];
+        assert_eq!(out, expect);
+        for (c, v) in out.iter().enumerate() {
+            let back = n.from_unit(c, n.to_unit(c, *v));
+            assert!((back - v).abs() < 1e-5);
+        }
     }
 
     #[test]

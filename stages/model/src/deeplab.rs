@@ -45,6 +45,43 @@ pub struct DeepLabV2Config {
         skip_serializing_if = "is_default_dilations"
     )]
     pub classifier_dilations: Vec<usize>,
+    /// How the network's input images are normalised: a fact of its ImageNet initialisation,
+    /// kept with the network so that every stage feeding it images does the same.
+    #[serde(default, skip_serializing_if = "InputConvention::is_caffe")]
+    pub input: InputConvention,
+}
+
+/// The input normalisation a network was initialised for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputConvention {
+    /// ADVENT's Caffe ResNet: BGR, minus the Caffe mean, no division (the default).
+    #[default]
+    CaffeBgr,
+    /// torchvision's and mmcv's ImageNet ResNets: RGB, minus the ImageNet mean, divided by its
+    /// standard deviation.
+    ImagenetRgb,
+}
+
+impl InputConvention {
+    /// Its name in pipeline files and `model.json`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::CaffeBgr => "caffe_bgr",
+            Self::ImagenetRgb => "imagenet_rgb",
+        }
+    }
+
+    /// The convention named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::CaffeBgr, Self::ImagenetRgb]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+
+    fn is_caffe(&self) -> bool {
+        *self == Self::CaffeBgr
+    }
 }
 
 fn default_width() -> f64 {
@@ -70,6 +107,7 @@ impl DeepLabV2Config {
             width: 1.0,
             classes,
             classifier_dilations: default_dilations(),
+            input: InputConvention::default(),
         })
     }
 

@@ -26,6 +26,7 @@ fn tiny(classes: usize) -> DeepLabV2Config {
         width: 0.0625,
         classes,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
+        input: dag_model::InputConvention::CaffeBgr,
     }
 }
 

@@ -6,8 +6,8 @@ use rand_core::RngCore;
 /// Error a batch provider may return; the loop wraps it with the iteration.
 pub type BatchError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A batch of images `[N, 3, H, W]` in row-major order, already mean-subtracted (BGR mean
-/// 104.007, 116.669, 122.679 for ADVENT) and in the channel order the model expects.
+/// A batch of images `[N, 3, H, W]` in row-major order, already normalised as the model expects
+/// ([`normalisation`]: BGR minus the Caffe mean for ADVENT's network).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageBatch {
     /// `N * 3 * H * W` values.
@@ -34,6 +34,14 @@ pub struct SourceBatch {
     pub images: ImageBatch,
     /// Their labels.
     pub labels: LabelBatch,
+}
+
+/// The normalisation of images for a network initialised for `input`.
+pub fn normalisation(input: dag_model::InputConvention) -> dag_data::Normalisation {
+    match input {
+        dag_model::InputConvention::CaffeBgr => dag_data::Normalisation::CAFFE_BGR,
+        dag_model::InputConvention::ImagenetRgb => dag_data::Normalisation::IMAGENET_RGB,
+    }
 }
 
 /// Where an image of a batch came from: a window of an image of `size` (`[width, height]`, as

@@ -25,7 +25,7 @@ mod trainer;
 
 pub use checkpoint::snapshots;
 pub use config::{poly_lr, Schedule, TrainConfig};
-pub use data::{BatchError, Batches, ImageBatch, LabelBatch, SourceBatch, Window};
+pub use data::{normalisation, BatchError, Batches, ImageBatch, LabelBatch, SourceBatch, Window};
 pub use device::{device_for, resolve_device, wait_for_device_work, DeviceKind};
 pub use methods::{Method, METHODS};
 pub use rand_core;

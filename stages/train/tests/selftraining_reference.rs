@@ -111,12 +111,13 @@ fn augment_case(rng: &mut ChaCha8Rng) -> Value {
     let image = images(rng, 1, h, w);
     let draw = augment::draw_jitter(0.25, rng);
     let sigma = mixing::uniform_in(rng, augment::BLUR_SIGMA.0, augment::BLUR_SIGMA.1);
+    let caffe = dag_data::Normalisation::CAFFE_BGR;
     let mut jittered = image.clone();
-    augment::transform_image(&mut jittered, [h, w], Some(&draw), None);
+    augment::transform_image(&mut jittered, [h, w], &caffe, Some(&draw), None);
     let mut blurred = image.clone();
-    augment::transform_image(&mut blurred, [h, w], None, Some(sigma));
+    augment::transform_image(&mut blurred, [h, w], &caffe, None, Some(sigma));
     let mut both = image.clone();
-    augment::transform_image(&mut both, [h, w], Some(&draw), Some(sigma));
+    augment::transform_image(&mut both, [h, w], &caffe, Some(&draw), Some(sigma));
     // The batch transform draws its switches, then per image the jitter and the sigma: replay
     // them from a copy of the generator.
     let mut batch = images(rng, 2, h, w);
@@ -127,6 +128,7 @@ fn augment_case(rng: &mut ChaCha8Rng) -> Value {
         jitter_strength: 0.2,
         jitter_p: 1.0,
         blur_p: 1.0,
+        input: dag_data::Normalisation::CAFFE_BGR,
     };
     aug.apply(&mut batch, [2, 3, h, w], rng);
     assert!(mixing::uniform(&mut replay) < 1.0 && mixing::uniform(&mut replay) < 1.0);
@@ -368,6 +370,7 @@ fn ema_case() -> Value {
         width: 0.0625,
         classes: 3,
         classifier_dilations: CLASSIFIER_DILATIONS.to_vec(),
+        input: dag_model::InputConvention::CaffeBgr,
     };
     let student = config.init(&ad).unwrap().train();
     let x = Tensor::<4>::random([2, 3, 33, 33], burn::tensor::Distribution::Default, &ad);

@@ -32,6 +32,7 @@ fn tiny_model() -> DeepLabV2 {
         width: 0.0625,
         classes: 3,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
+        input: dag_model::InputConvention::CaffeBgr,
     }
     .init(&flex)
     .unwrap()

@@ -26,6 +26,7 @@ fn model_config() -> DeepLabV2Config {
         width: 0.0625,
         classes: CLASSES,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
+        input: dag_model::InputConvention::CaffeBgr,
     }
 }
 
@@ -37,6 +38,8 @@ struct Toy {
     nan_at: Option<usize>,
     /// Iteration at which to put an out-of-range label.
     bad_label_at: Option<usize>,
+    /// Whether it says where its target images came from (whole images, never flipped).
+    windows: bool,
 }
 
 impl Toy {
@@ -44,6 +47,7 @@ impl Toy {
         Toy {
             nan_at: None,
             bad_label_at: None,
+            windows: false,
         }
     }
 }
@@ -114,6 +118,16 @@ impl Batches for Toy {
             shape: [1, 3, S, S],
         })
     }
+
+    fn target_windows(&self) -> Option<Vec<dag_train::Window>> {
+        self.windows.then(|| {
+            vec![dag_train::Window {
+                size: [S, S],
+                offset: [0, 0],
+                flipped: false,
+            }]
+        })
+    }
 }
 
 fn config(method: &str, iters: usize) -> TrainConfig {
@@ -159,6 +173,17 @@ fn run_with(
     cancel_after: Option<usize>,
     model: dag_model::DeepLabV2,
 ) -> Result<Run, TrainError> {
+    run_on(config, dir, cancel_after, model, &mut Toy::new())
+}
+
+/// [`run_with`] on the given data.
+fn run_on(
+    config: &TrainConfig,
+    dir: &std::path::Path,
+    cancel_after: Option<usize>,
+    model: dag_model::DeepLabV2,
+    data: &mut Toy,
+) -> Result<Run, TrainError> {
     let device = Device::flex();
     let cancel = AtomicBool::new(false);
     let mut progress = |r: &IterationLog| {
@@ -166,15 +191,7 @@ fn run_with(
             cancel.store(true, Ordering::SeqCst);
         }
     };
-    let out = train(
-        config,
-        model,
-        &device,
-        &mut Toy::new(),
-        dir,
-        &mut progress,
-        &cancel,
-    )?;
+    let out = train(config, model, &device, data, dir, &mut progress, &cancel)?;
     Ok(Run {
         log: out.log,
         weights: weights(&out.model),
@@ -630,10 +647,33 @@ fn feature_distance_pulls_toward_the_start_and_resumes() {
 }
 
 /// HRDA's pseudo-label margins are set on the whole target image, so they need a provider that
-/// says where its crops came from (this test's does not), and they replace DAFormer's row crop.
+/// says where its crops came from, and they replace DAFormer's row crop. On whole, unflipped
+/// images, top and bottom margins train exactly as the row crop of as many rows.
 #[test]
 fn pseudo_label_margins_need_the_crop_windows() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let windowed = || Toy {
+        windows: true,
+        ..Toy::new()
+    };
+    let margins = config("dacs+mic", 3)
+        .with_param("mic_block", 8)
+        .with_param("pl_margins", serde_json::json!([3, 9, 0, 0]));
+    let rows = config("dacs+mic", 3)
+        .with_param("mic_block", 8)
+        .with_param("pl_crop_top", 3)
+        .with_param("pl_crop_bottom", 9);
+    let dir = || tempfile::tempdir().unwrap();
+    let model = || model_config().init(&Device::flex()).unwrap();
+    let a = run_on(&margins, dir().path(), None, model(), &mut windowed()).unwrap();
+    let b = run_on(&rows, dir().path(), None, model(), &mut windowed()).unwrap();
+    assert_bit_identical(&a.weights, &b.weights);
+    let everything = config("dacs+mic", 1)
+        .with_param("mic_block", 8)
+        .with_param("pl_margins", serde_json::json!([S, 0, 0, 0]));
+    let none_trusted = run_on(&everything, dir().path(), None, model(), &mut windowed()).unwrap();
+    assert_eq!(none_trusted.log[0].term("mic"), Some(0.0));
+
     let cfg = config("dacs", 1).with_param("pl_margins", serde_json::json!([2, 8, 2, 2]));
     let err = run(&cfg, tempfile::tempdir().unwrap().path(), None)
         .err()

@@ -54,6 +54,7 @@ fn compare_with_flex() {
         width: 0.0625,
         classes: 3,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
+        input: dag_model::InputConvention::CaffeBgr,
     };
     // One set of starting weights for both devices: drawn on flex, written once, read onto each.
     let dir = tempfile::tempdir().unwrap();

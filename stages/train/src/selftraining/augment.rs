@@ -16,6 +16,8 @@
 
 use rand_core::RngCore;
 
+use dag_data::Normalisation;
+
 use super::mixing::{choose_distinct, uniform, uniform_in};
 
 /// The switches of the strong augmentation.
@@ -28,6 +30,8 @@ pub struct StrongAugment {
     pub jitter_p: f32,
     /// Probability that the batch is blurred.
     pub blur_p: f32,
+    /// How the images were normalised: the jitter runs on their colours on the 0..1 scale.
+    pub input: Normalisation,
 }
 
 /// The draws of one image's colour jitter.
@@ -208,26 +212,26 @@ pub fn color_jitter(img: &mut [f32], draw: &JitterDraw) {
     }
 }
 
-/// One image's transform: `jitter` then a blur of `sigma`, on a BGR mean-subtracted image
-/// `[3, h, w]`.
+/// One image's transform: `jitter` then a blur of `sigma`, on an image `[3, h, w]` normalised
+/// as `input` says.
 pub fn transform_image(
     image: &mut [f32],
     [h, w]: [usize; 2],
+    input: &Normalisation,
     jitter: Option<&JitterDraw>,
     sigma: Option<f32>,
 ) {
-    let mean = dag_data::MEAN_BGR;
     let plane = h * w;
     if let Some(draw) = jitter {
         // To [0, 1] in the stored channel order, as DACS does.
         let mut unit: Vec<f32> = image
             .iter()
             .enumerate()
-            .map(|(i, &v)| (v + mean[i / plane]) / 255.0)
+            .map(|(i, &v)| input.to_unit(i / plane, v))
             .collect();
         color_jitter(&mut unit, draw);
         for (i, (o, v)) in image.iter_mut().zip(unit).enumerate() {
-            *o = v * 255.0 - mean[i / plane];
+            *o = input.from_unit(i / plane, v);
         }
     }
     if let Some(sigma) = sigma {
@@ -248,7 +252,7 @@ impl StrongAugment {
         for img in images.chunks_mut(c * h * w).take(n) {
             let jitter = jitter_on.then(|| draw_jitter(self.jitter_strength, rng));
             let sigma = blur_on.then(|| uniform_in(rng, BLUR_SIGMA.0, BLUR_SIGMA.1));
-            transform_image(img, [h, w], jitter.as_ref(), sigma);
+            transform_image(img, [h, w], &self.input, jitter.as_ref(), sigma);
         }
     }
 
@@ -275,7 +279,7 @@ impl StrongAugment {
         }
         let sigma = blur_on.then(|| uniform_in(rng, BLUR_SIGMA.0, BLUR_SIGMA.1));
         for (i, img) in images.chunks_mut(c * h * w).take(n).enumerate() {
-            transform_image(img, [h, w], draws.get(i), sigma);
+            transform_image(img, [h, w], &self.input, draws.get(i), sigma);
         }
     }
 }

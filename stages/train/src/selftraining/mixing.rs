@@ -305,6 +305,22 @@ mod tests {
         // Rows 0 (top margin) and 1; columns 3, 2, 1 of the image after the flip.
         let mask = margin_mask(&[at_left], [2, 3], [1, 1, 2, 0]);
         assert_eq!(mask, vec![false, false, false, true, true, false]);
+        // Two windows, a right margin: a flipped window sees the margins mirrored.
+        let plain = Window {
+            size: [6, 4],
+            offset: [2, 1],
+            flipped: false,
+        };
+        let mirrored = Window {
+            offset: [6 - 3 - 2, 1],
+            flipped: true,
+            ..plain
+        };
+        let both = margin_mask(&[plain, mirrored], [2, 3], [0, 1, 1, 3]);
+        assert_eq!(&both[..6], &[true, false, false, true, false, false]);
+        let swapped = margin_mask(&[plain], [2, 3], [0, 1, 3, 1]);
+        assert_eq!(&swapped[..3], &[false, true, true]);
+        assert_eq!(&both[6..], &swapped[..]);
     }
 
     #[test]

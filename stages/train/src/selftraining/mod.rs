@@ -103,9 +103,10 @@ pub struct ClassMixParams {
     /// crops: 120, the ego vehicle)
     #[param(default = 0)]
     pub pl_crop_bottom: usize,
-    /// [top, bottom, left, right] margins of the whole target image (as preprocessed) whose
-    /// pseudo-labels are never trusted, set before the crop and the flip (HRDA and MIC at
-    /// 2048x1024: [30, 240, 30, 30]); instead of `pl_crop_top` and `pl_crop_bottom`
+    /// [top, bottom, left, right] margins of the whole target image whose pseudo-labels are
+    /// never trusted, set before the crop and the flip, in pixels of the images as preprocessed
+    /// (HRDA and MIC at 2048x1024: [30, 240, 30, 30]; scale them with the size, e.g. [15, 120,
+    /// 15, 15] at 1024x512); instead of `pl_crop_top` and `pl_crop_bottom`
     pub pl_margins: Option<[usize; 4]>,
 }
 
@@ -176,11 +177,12 @@ impl ClassMixParams {
 }
 
 impl StrongAugmentParams {
-    fn augment(&self) -> StrongAugment {
+    fn augment(&self, input: dag_model::InputConvention) -> StrongAugment {
         StrongAugment {
             jitter_strength: self.jitter_strength as f32,
             jitter_p: self.jitter_p as f32,
             blur_p: self.blur_p as f32,
+            input: crate::data::normalisation(input),
         }
     }
 }
@@ -533,6 +535,7 @@ pub(crate) fn terms(
     emit: &mut dyn FnMut(WeightedTerm) -> Result<(), crate::TrainError>,
 ) -> Result<(), crate::TrainError> {
     let student = nets.student;
+    let input = student.arch.input;
     let class_weights = run.pixels.class_weights();
     let class_weights = class_weights.as_deref();
     let [n, c, h, w] = target.shape;
@@ -541,7 +544,9 @@ pub(crate) fn terms(
     // 0. TUFL: the weak view teaches the strong one, pixels selected by their class threshold.
     if let Some(tufl) = &run.tufl {
         let mut strong = target.data.clone();
-        run.augment.augment().apply(&mut strong, [n, c, h, w], rng);
+        run.augment
+            .augment(input)
+            .apply(&mut strong, [n, c, h, w], rng);
         let affines: Vec<tufl::Affine> = (0..n).map(|_| tufl::draw_affine(tufl, rng)).collect();
         let plan = tufl::WarpPlan::new(&affines, [h, w]);
         let strong = plan.apply_host(&strong, c);
@@ -611,6 +616,15 @@ pub(crate) fn terms(
                     .into(),
             )
         })?;
+        let fits =
+            |win: &Window| win.offset[0] + w <= win.size[0] && win.offset[1] + h <= win.size[1];
+        if windows.len() != n || !windows.iter().all(fits) {
+            return Err(crate::TrainError::Config(format!(
+                "the data provider reported {} target windows for {n} images of {w}x{h}, or a \
+                 window that does not fit its image: {windows:?}",
+                windows.len()
+            )));
+        }
         let trusted = mixing::margin_mask(windows, [h, w], margins);
         for (weight, ok) in target_weight.iter_mut().zip(trusted) {
             if !ok {
@@ -641,7 +655,9 @@ pub(crate) fn terms(
         let ones = vec![1.0f32; plane];
         mixed_weight.extend(mixing::mix_pixels(&mask, &ones, &target_weight[px]));
     }
-    run.augment.augment().apply(&mut mixed, [n, c, h, w], rng);
+    run.augment
+        .augment(input)
+        .apply(&mut mixed, [n, c, h, w], rng);
     let value = pixel_cross_entropy(
         student_logits(student, batch(mixed, [n, c, h, w]).tensor(device)),
         &mixed_labels,
@@ -660,7 +676,7 @@ pub(crate) fn terms(
         // MIC transforms the target batch in one call: one jitter order and one sigma for the
         // batch (ClassMix's transform runs once per mixed image).
         run.augment
-            .augment()
+            .augment(input)
             .apply_to_batch(&mut masked, [n, c, h, w], rng);
         for img in 0..n {
             let keep = mixing::block_mask(h, w, mic.mic_block, mic.mic_ratio as f32, rng);
