@@ -1,7 +1,11 @@
 //! Loads ImageNet weights from a PyTorch `.pth` into the DeepLabV2 backbone and reports what
 //! was applied:
 //!
-//!     cargo run --release --example load_torch_weights -- FILE.pth --depth 101 [--width 1.0]
+//!     cargo run --release --example load_torch_weights -- FILE.pth --depth 101 [--width 1.0] \
+//!         [--resnet caffe|v1c]
+//!
+//! `--resnet v1c` checks mmcv's ResNet-V1c weights (`open-mmlab://resnet101_v1c`) for DAFormer's
+//! DeepLabV2; the default checks ADVENT's (or torchvision's) against the Caffe ResNet.
 //!
 //! Prints `applied N, missing M, unused U` (then the missing and unused tensor names) and exits
 //! with status 1 if any backbone tensor is missing, 2 on any other error.
@@ -10,18 +14,20 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use burn::tensor::Device;
-use dag_model::{load_imagenet_backbone, DeepLabV2Config};
+use dag_model::{load_imagenet_backbone, DeepLabV2Config, ResNetStyle};
 
 struct Args {
     file: PathBuf,
     depth: usize,
     width: f64,
+    resnet: ResNetStyle,
 }
 
 fn parse() -> Result<Args, String> {
     let mut file = None;
     let mut depth = 101;
     let mut width = 1.0;
+    let mut resnet = ResNetStyle::Caffe;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -36,6 +42,11 @@ fn parse() -> Result<Args, String> {
                     .parse()
                     .map_err(|e| format!("--width: {e}"))?
             }
+            "--resnet" => {
+                let name = value("--resnet")?;
+                resnet = ResNetStyle::from_name(&name)
+                    .ok_or(format!("--resnet: `{name}` is not caffe or v1c"))?
+            }
             "-h" | "--help" => return Err(String::new()),
             _ if arg.starts_with('-') => return Err(format!("unknown option {arg}")),
             _ if file.is_none() => file = Some(PathBuf::from(arg)),
@@ -46,6 +57,7 @@ fn parse() -> Result<Args, String> {
         file: file.ok_or("missing FILE.pth")?,
         depth,
         width,
+        resnet,
     })
 }
 
@@ -56,12 +68,18 @@ fn main() -> ExitCode {
             if !e.is_empty() {
                 eprintln!("error: {e}");
             }
-            eprintln!("usage: load_torch_weights FILE.pth [--depth 101|50|26|14] [--width 1.0]");
+            eprintln!(
+                "usage: load_torch_weights FILE.pth [--depth 101|50|26|14] [--width 1.0] \
+                 [--resnet caffe|v1c]"
+            );
             return ExitCode::from(2);
         }
     };
     let config = match DeepLabV2Config::new(args.depth, 19) {
-        Ok(c) => c.with_width(args.width),
+        Ok(mut c) => {
+            c.resnet = args.resnet;
+            c.with_width(args.width)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);

@@ -1,6 +1,7 @@
-//! `input_normalisation` of a new network travels with it: `model.json` records it, a stage
-//! starting from that model (`init`) keeps it and may not set another, and the stages that feed
-//! the model images (evaluate, score_entropy) run on it.
+//! `input_normalisation` and `resnet` of a new network travel with it: `model.json` records
+//! them, a stage starting from that model (`init`) keeps them and may not set others, and the
+//! stages that feed the model images (evaluate, score_entropy) run on it. The network here is
+//! DAFormer's kind: mmcv's ResNet-V1c on RGB mean/std inputs.
 
 mod engine_common;
 
@@ -18,7 +19,7 @@ stages:
   source: { kind: preprocess, params: { dataset: synthia, split: all, size: [64, 32] } }
   target: { kind: preprocess, params: { dataset: cityscapes, split: train, size: [64, 32] } }
   val:    { kind: preprocess, params: { dataset: cityscapes, split: val, size: [64, 32], keep_full_labels: true } }
-  src_only: { kind: train_source, inputs: { source: source }, params: { iters: 3, max_iters: 3, depth: 14, width: 0.125, lr: 0.01, input_normalisation: imagenet_rgb } }
+  src_only: { kind: train_source, inputs: { source: source }, params: { iters: 3, max_iters: 3, depth: 14, width: 0.125, lr: 0.01, input_normalisation: imagenet_rgb, resnet: v1c } }
   dacs:
     kind: adapt
     inputs: { source: source, target: target, init: src_only.model }
@@ -27,10 +28,10 @@ stages:
   entropy:   { kind: score_entropy, inputs: { model: dacs.model, target: target } }
 "#;
 
-fn input_of(ws: &Ws, stage: &str) -> serde_json::Value {
+fn config_of(ws: &Ws, stage: &str, field: &str) -> serde_json::Value {
     let model: serde_json::Value =
         serde_json::from_str(&ws.read(&format!("out/tiny/{stage}/model/model.json"))).unwrap();
-    model["config"]["input"].clone()
+    model["config"][field].clone()
 }
 
 #[test]
@@ -38,8 +39,10 @@ fn the_input_normalisation_travels_with_the_model() {
     let ws = Ws::new(PIPELINE, &[]);
     let out = ws.dag(&["run", "pipeline.yaml"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(input_of(&ws, "src_only"), "imagenet_rgb");
-    assert_eq!(input_of(&ws, "dacs"), "imagenet_rgb");
+    for stage in ["src_only", "dacs"] {
+        assert_eq!(config_of(&ws, stage, "input"), "imagenet_rgb");
+        assert_eq!(config_of(&ws, stage, "resnet"), "v1c");
+    }
 
     // A stage from `init` takes the model's convention and may not name one.
     let again = ws.dag(&[

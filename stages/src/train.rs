@@ -78,6 +78,12 @@ struct P {
     /// the `init` model when given, and by every stage that feeds the model images
     #[param(one_of = ["caffe_bgr", "imagenet_rgb"])]
     input_normalisation: Option<String>,
+    /// the ResNet of a new network: `caffe` (ADVENT's, the default: 7x7 stem, frozen
+    /// BatchNorm) or `v1c` (mmcv's ResNet-V1c of DAFormer's, HRDA's and MIC's DeepLabV2: deep
+    /// stem, trainable BatchNorm; its ImageNet weights are `open-mmlab://resnet101_v1c` and
+    /// expect `input_normalisation: imagenet_rgb`); taken from the `init` model when given
+    #[param(one_of = ["caffe", "v1c"])]
+    resnet: Option<String>,
     /// [width, height] of a random crop taken from every training image (and its label) each
     /// iteration, at a position drawn from the run's seed; default: the whole image
     #[param(min = 1)]
@@ -517,10 +523,12 @@ fn initial_model(
             || p.width.is_some()
             || p.classifier_dilations.is_some()
             || p.input_normalisation.is_some()
+            || p.resnet.is_some()
         {
             return Err(StageError::new(
                 "`init` gives the starting model, so `imagenet`, `depth`, `width`, \
-                 `classifier_dilations` and `input_normalisation` must not be set as well",
+                 `classifier_dilations`, `input_normalisation` and `resnet` must not be set as \
+                 well",
             )
             .with_hint("remove either the `init` input or those params"));
         }
@@ -537,6 +545,10 @@ fn initial_model(
     if let Some(name) = &p.input_normalisation {
         config.input = dag_model::InputConvention::from_name(name)
             .ok_or_else(|| StageError::new(format!("unknown input_normalisation `{name}`")))?;
+    }
+    if let Some(name) = &p.resnet {
+        config.resnet = dag_model::ResNetStyle::from_name(name)
+            .ok_or_else(|| StageError::new(format!("unknown resnet `{name}`")))?;
     }
     let mut model = config.init(device)?;
     let init = match &p.imagenet {

@@ -49,6 +49,48 @@ pub struct DeepLabV2Config {
     /// kept with the network so that every stage feeding it images does the same.
     #[serde(default, skip_serializing_if = "InputConvention::is_caffe")]
     pub input: InputConvention,
+    /// The ResNet's variant: ADVENT's Caffe ResNet (the default) or mmcv's ResNet-V1c of the
+    /// DAFormer family's DeepLabV2.
+    #[serde(default, skip_serializing_if = "ResNetStyle::is_caffe")]
+    pub resnet: ResNetStyle,
+}
+
+/// The ResNet variant of a [`DeepLabV2`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResNetStyle {
+    /// ADVENT's (and DACS's) Caffe ResNet: a 7x7 stem, ceil-mode max-pool, the stride on each
+    /// stage's first 1x1 conv, dilations 2 and 4 in every block of layer3 and layer4, BatchNorm
+    /// affine parameters frozen.
+    #[default]
+    Caffe,
+    /// mmcv's `ResNetV1c` as DAFormer, HRDA and MIC build their DeepLabV2 (`dlv2red`,
+    /// `open-mmlab://resnet101_v1c`): a deep stem of three 3x3 convs (half the stem's channels,
+    /// half, all), floor-mode max-pool, the stride on the 3x3 conv (`style='pytorch'`), the first
+    /// block of layer3 and layer4 at half their dilation (`contract_dilation`), and trainable
+    /// BatchNorm.
+    V1c,
+}
+
+impl ResNetStyle {
+    /// Its name in pipeline files and `model.json`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Caffe => "caffe",
+            Self::V1c => "v1c",
+        }
+    }
+
+    /// The style named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Caffe, Self::V1c]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
+
+    fn is_caffe(&self) -> bool {
+        *self == Self::Caffe
+    }
 }
 
 /// The input normalisation a network was initialised for.
@@ -108,6 +150,7 @@ impl DeepLabV2Config {
             classes,
             classifier_dilations: default_dilations(),
             input: InputConvention::default(),
+            resnet: ResNetStyle::default(),
         })
     }
 
@@ -181,9 +224,12 @@ impl DeepLabV2Config {
     }
 
     /// Builds the model on `device` with random weights (Kaiming for the backbone, N(0, 0.01)
-    /// for the classifier convs as in DeepLabV2). BatchNorm affine parameters are frozen.
+    /// for the classifier convs as in DeepLabV2). BatchNorm affine parameters are frozen in the
+    /// Caffe ResNet and trained in the V1c one.
     pub fn init(&self, device: &Device) -> Result<DeepLabV2, ModelError> {
         self.validate()?;
+        let v1c = self.resnet == ResNetStyle::V1c;
+        let bn = |channels: usize| norm(channels, v1c, device);
         let stem = self.scaled(64);
         let mut inplanes = stem;
         let planes = [
@@ -200,11 +246,18 @@ impl DeepLabV2Config {
             let mut blocks = Vec::with_capacity(self.blocks[stage]);
             for i in 0..self.blocks[stage] {
                 let s = if i == 0 { stride } else { 1 };
+                // mmcv's `contract_dilation`: a dilated stage's first block at half the rate.
+                let d = if v1c && i == 0 && dilation > 1 {
+                    dilation / 2
+                } else {
+                    dilation
+                };
                 blocks.push(Bottleneck::new(
                     inplanes,
                     planes[stage],
                     s,
-                    dilation,
+                    d,
+                    self.resnet,
                     device,
                 ));
                 inplanes = planes[stage] * EXPANSION;
@@ -213,17 +266,38 @@ impl DeepLabV2Config {
         }
         let mut layers = layers.into_iter();
         let mut next = || layers.next().expect("four stages");
-        let backbone = ResNetBackbone {
-            conv1: Conv2dConfig::new([3, stem], [7, 7])
+        let half = (stem / 2).max(1);
+        let conv3x3 = |cin: usize, cout: usize, stride: usize| {
+            Conv2dConfig::new([cin, cout], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device)
+        };
+        let (conv1, bn1, deep_stem) = if v1c {
+            let deep = DeepStem {
+                conv2: conv3x3(half, half, 1),
+                bn2: bn(half),
+                conv3: conv3x3(half, stem, 1),
+                bn3: bn(stem),
+            };
+            (conv3x3(3, half, 2), bn(half), Some(deep))
+        } else {
+            let conv1 = Conv2dConfig::new([3, stem], [7, 7])
                 .with_stride([2, 2])
                 .with_padding(PaddingConfig2d::Explicit(3, 3, 3, 3))
                 .with_bias(false)
-                .init(device),
-            bn1: frozen_bn(stem, device),
+                .init(device);
+            (conv1, bn(stem), None)
+        };
+        let backbone = ResNetBackbone {
+            conv1,
+            bn1,
+            deep_stem,
             maxpool: MaxPool2dConfig::new([3, 3])
                 .with_strides([2, 2])
                 .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .with_ceil_mode(true)
+                .with_ceil_mode(!v1c)
                 .init(),
             layer1: next(),
             layer2: next(),
@@ -258,6 +332,16 @@ fn frozen_bn(channels: usize, device: &Device) -> BatchNorm {
     bn
 }
 
+/// The BatchNorm of a backbone: trainable in the V1c ResNet (mmcv's `requires_grad=True`),
+/// frozen in the Caffe one.
+fn norm(channels: usize, trainable: bool, device: &Device) -> BatchNorm {
+    if trainable {
+        BatchNormConfig::new(channels).init(device)
+    } else {
+        frozen_bn(channels, device)
+    }
+}
+
 fn conv1x1(cin: usize, cout: usize, stride: usize, device: &Device) -> Conv2d {
     Conv2dConfig::new([cin, cout], [1, 1])
         .with_stride([stride, stride])
@@ -275,8 +359,8 @@ pub struct Downsample {
     pub bn: BatchNorm,
 }
 
-/// A Caffe-style bottleneck: the stride sits on the first 1x1 conv (torchvision puts it on the
-/// 3x3). Shapes are identical either way, so both weight files load.
+/// A bottleneck: in the Caffe ResNet the stride sits on the first 1x1 conv, in the V1c (and
+/// torchvision's) on the 3x3. Shapes are identical either way.
 #[derive(Module, Debug)]
 pub struct Bottleneck {
     /// 1x1 reduction (strided).
@@ -301,29 +385,34 @@ impl Bottleneck {
         planes: usize,
         stride: usize,
         dilation: usize,
+        style: ResNetStyle,
         device: &Device,
     ) -> Self {
         let out = planes * EXPANSION;
+        let v1c = style == ResNetStyle::V1c;
+        let bn = |channels: usize| norm(channels, v1c, device);
+        let (stride1, stride2) = if v1c { (1, stride) } else { (stride, 1) };
         // As in ADVENT's `_make_layer`, only a stage's first block projects: the channel change
         // or the stride asks for it there, and the later blocks add their input unchanged (its
         // extra "dilation 2 or 4" clause is decided once per stage, for the first block).
         let downsample = (stride != 1 || inplanes != out).then(|| Downsample {
             conv: conv1x1(inplanes, out, stride, device),
-            bn: frozen_bn(out, device),
+            bn: bn(out),
         });
         Self {
-            conv1: conv1x1(inplanes, planes, stride, device),
-            bn1: frozen_bn(planes, device),
+            conv1: conv1x1(inplanes, planes, stride1, device),
+            bn1: bn(planes),
             conv2: Conv2dConfig::new([planes, planes], [3, 3])
+                .with_stride([stride2, stride2])
                 .with_dilation([dilation, dilation])
                 .with_padding(PaddingConfig2d::Explicit(
                     dilation, dilation, dilation, dilation,
                 ))
                 .with_bias(false)
                 .init(device),
-            bn2: frozen_bn(planes, device),
+            bn2: bn(planes),
             conv3: conv1x1(planes, out, 1, device),
-            bn3: frozen_bn(out, device),
+            bn3: bn(out),
             downsample,
         }
     }
@@ -340,16 +429,32 @@ impl Bottleneck {
     }
 }
 
-/// The ResNet trunk: stem (7x7/2 conv, BN, ReLU, 3x3/2 ceil-mode max-pool) and four stages.
-/// Parameter paths follow torchvision (`conv1`, `bn1`, `layerN.i.convK`, `layerN.0.downsample`),
-/// which is what the ImageNet loader maps onto.
+/// The second and third convs of the V1c ResNet's deep stem (mmcv's `stem.3` to `stem.7`).
+#[derive(Module, Debug)]
+pub struct DeepStem {
+    /// 3x3 conv, half the stem's channels.
+    pub conv2: Conv2d,
+    /// BatchNorm after `conv2`.
+    pub bn2: BatchNorm,
+    /// 3x3 conv to the stem's channels.
+    pub conv3: Conv2d,
+    /// BatchNorm after `conv3`.
+    pub bn3: BatchNorm,
+}
+
+/// The ResNet trunk: stem (7x7/2 conv, BN, ReLU, 3x3/2 ceil-mode max-pool; in the V1c ResNet
+/// three 3x3 convs and a floor-mode max-pool) and four stages. Parameter paths follow
+/// torchvision (`conv1`, `bn1`, `layerN.i.convK`, `layerN.0.downsample`), which is what the
+/// ImageNet loader maps onto; the deep stem's later convs are `deep_stem.*`.
 #[derive(Module, Debug)]
 pub struct ResNetBackbone {
-    /// Stem conv, 7x7 stride 2.
+    /// Stem conv: 7x7 stride 2, or the V1c stem's first 3x3 stride 2.
     pub conv1: Conv2d,
     /// Stem BatchNorm.
     pub bn1: BatchNorm,
-    /// 3x3 stride-2 max-pool with `ceil_mode`, as in the Caffe DeepLab.
+    /// The V1c stem's second and third convs (absent from the Caffe ResNet and its records).
+    pub deep_stem: Option<DeepStem>,
+    /// 3x3 stride-2 max-pool, with `ceil_mode` in the Caffe DeepLab.
     pub maxpool: MaxPool2d,
     /// Stage 1 (stride 4 overall).
     pub layer1: Vec<Bottleneck>,
@@ -364,7 +469,11 @@ pub struct ResNetBackbone {
 impl ResNetBackbone {
     /// Returns the layer3 and layer4 features of `[N, 3, H, W]` images.
     pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let x = conv_batch_norm(&self.conv1, &self.bn1, x, true);
+        let mut x = conv_batch_norm(&self.conv1, &self.bn1, x, true);
+        if let Some(deep) = &self.deep_stem {
+            x = conv_batch_norm(&deep.conv2, &deep.bn2, x, true);
+            x = conv_batch_norm(&deep.conv3, &deep.bn3, x, true);
+        }
         let mut x = self.maxpool.forward(x);
         for block in self.layer1.iter().chain(&self.layer2).chain(&self.layer3) {
             x = block.forward(x);

@@ -20,7 +20,9 @@ pub mod torch;
 
 pub use dag_kernels::{argmax_classes, upsample, upsample_differentiable};
 
-pub use deeplab::{output_size, DeepLabV2, DeepLabV2Config, InputConvention, ResNetBackbone};
+pub use deeplab::{
+    output_size, DeepLabV2, DeepLabV2Config, InputConvention, ResNetBackbone, ResNetStyle,
+};
 pub use discriminator::{Discriminator, DiscriminatorConfig};
 pub use torch::{load_imagenet_backbone, LoadReport};
 

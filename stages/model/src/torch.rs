@@ -36,7 +36,10 @@ impl LoadReport {
 /// - ADVENT's `DeepLab_resnet_pretrained_imagenet.pth`: `Scale.conv1.*`, `Scale.bn1.*`,
 ///   `Scale.layerN.i.{conv,bn}K.*`, `Scale.layerN.0.downsample.{0,1}.*`; its `Scale.layer5.*`
 ///   (an old classifier) is never applied and shows up as unused;
-/// - torchvision's ResNet: `conv1.*`, `bn1.*`, `layerN.i.*`, `fc.*` (unused).
+/// - torchvision's ResNet: `conv1.*`, `bn1.*`, `layerN.i.*`, `fc.*` (unused);
+/// - mmcv's ResNet-V1c (`open-mmlab://resnet101_v1c`, for [`crate::ResNetStyle::V1c`]):
+///   `stem.{0,1,3,4,6,7}.*`, `layerN.i.*`, inside a `state_dict` or not, with or without a
+///   `backbone.` prefix.
 ///
 /// A file that leaves any backbone tensor without a value is refused with
 /// [`ModelError::PartialLoad`] unless `allow_partial` is set, in which case the missing tensors
@@ -51,21 +54,45 @@ pub fn load_imagenet_backbone(
     if !path.is_file() {
         return Err(ModelError::WeightsNotFound(path.to_path_buf()));
     }
-    let mut store = PytorchStore::from_file(path)
-        // The ResNet's indices are already contiguous; renumbering would only hide gaps.
-        .map_indices_contiguous(false)
-        .with_key_remapping(r"^Scale\.", "")
-        .with_key_remapping(r"\.downsample\.0\.", ".downsample.conv.")
-        .with_key_remapping(r"\.downsample\.1\.", ".downsample.bn.")
-        // Validation and partial-load checks are done below, with a report that names the file.
-        .validate(false)
-        .allow_partial(true);
-    let result = backbone
-        .load_from(&mut store)
-        .map_err(|e| ModelError::Weights {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    let store = |top_level: Option<&str>| {
+        let store = PytorchStore::from_file(path);
+        let store = match top_level {
+            Some(key) => store.with_top_level_key(key),
+            None => store,
+        };
+        store
+            // The ResNet's indices are already contiguous; renumbering would only hide gaps.
+            .map_indices_contiguous(false)
+            .with_key_remapping(r"^Scale\.", "")
+            .with_key_remapping(r"^backbone\.", "")
+            // mmcv's deep stem: `stem.{0,1}` is the first conv and its BatchNorm, `stem.{3,4}`
+            // and `stem.{6,7}` the other two (ReLUs in between).
+            .with_key_remapping(r"^stem\.0\.", "conv1.")
+            .with_key_remapping(r"^stem\.1\.", "bn1.")
+            .with_key_remapping(r"^stem\.3\.", "deep_stem.conv2.")
+            .with_key_remapping(r"^stem\.4\.", "deep_stem.bn2.")
+            .with_key_remapping(r"^stem\.6\.", "deep_stem.conv3.")
+            .with_key_remapping(r"^stem\.7\.", "deep_stem.bn3.")
+            .with_key_remapping(r"\.downsample\.0\.", ".downsample.conv.")
+            .with_key_remapping(r"\.downsample\.1\.", ".downsample.bn.")
+            // Validation and partial-load checks are done below, with a report that names the
+            // file.
+            .validate(false)
+            .allow_partial(true)
+    };
+    let weights_error = |e: String| ModelError::Weights {
+        path: path.to_path_buf(),
+        message: e,
+    };
+    let mut result = backbone
+        .load_from(&mut store(None))
+        .map_err(|e| weights_error(e.to_string()))?;
+    if result.applied.is_empty() {
+        // mmcv's checkpoints wrap the weights in `state_dict`.
+        if let Ok(wrapped) = backbone.load_from(&mut store(Some("state_dict"))) {
+            result = wrapped;
+        }
+    }
     if !result.errors.is_empty() {
         let errors: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
         return Err(ModelError::Weights {

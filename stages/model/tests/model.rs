@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData, Tolerance};
 use dag_model::{
     load_imagenet_backbone, load_model, output_size, save_model, DeepLabV2Config,
-    DiscriminatorConfig, ModelError,
+    DiscriminatorConfig, ModelError, ResNetStyle,
 };
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -27,6 +27,7 @@ fn tiny(classes: usize) -> DeepLabV2Config {
         classes,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
         input: dag_model::InputConvention::CaffeBgr,
+        resnet: dag_model::ResNetStyle::Caffe,
     }
 }
 
@@ -201,8 +202,8 @@ struct Reference {
     tensors: usize,
 }
 
-fn reference(device: &Device) -> Reference {
-    let text = std::fs::read_to_string(fixture("backbone.json")).unwrap();
+fn reference(file: &str, device: &Device) -> Reference {
+    let text = std::fs::read_to_string(fixture(file)).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let floats = |key: &str| -> Vec<f32> {
         v[key]
@@ -233,9 +234,20 @@ fn reference(device: &Device) -> Reference {
 }
 
 fn check_against_pytorch(file: &str, expected_unused: &[&str]) {
+    check_style_against_pytorch(file, ResNetStyle::Caffe, "backbone.json", expected_unused);
+}
+
+fn check_style_against_pytorch(
+    file: &str,
+    style: ResNetStyle,
+    features: &str,
+    expected_unused: &[&str],
+) {
     let device = Device::flex();
-    let reference = reference(&device);
-    let model = tiny(3).init(&device).unwrap();
+    let reference = reference(features, &device);
+    let mut config = tiny(3);
+    config.resnet = style;
+    let model = config.init(&device).unwrap();
     let (backbone, report) = load_imagenet_backbone(model.backbone, &fixture(file), false).unwrap();
     assert_eq!(
         report.applied.len(),
@@ -264,6 +276,35 @@ fn check_against_pytorch(file: &str, expected_unused: &[&str]) {
 #[test]
 fn loads_advent_imagenet_naming_and_matches_pytorch() {
     check_against_pytorch("advent_tiny.pth", &["layer5.conv2d_list.0.weight"]);
+}
+
+/// mmcv's ResNet-V1c (DAFormer's DeepLabV2): the deep stem, floor-mode pooling, strides on the
+/// 3x3 convs and contracted dilations give PyTorch's features, from a checkpoint wrapped in
+/// `state_dict` with mmcv's `stem.N` names.
+#[test]
+fn loads_mmcv_v1c_and_matches_pytorch() {
+    check_style_against_pytorch(
+        "v1c_tiny.pth",
+        ResNetStyle::V1c,
+        "backbone_v1c.json",
+        &["fc.weight", "fc.bias"],
+    );
+}
+
+/// The V1c ResNet trains its BatchNorm affine parameters, as mmcv's `requires_grad=True`.
+#[test]
+fn v1c_batchnorm_is_trainable() {
+    let device = Device::flex().autodiff();
+    let mut config = tiny(3);
+    config.resnet = ResNetStyle::V1c;
+    let model = config.init(&device).unwrap();
+    let x = Tensor::<4>::random([2, 3, 32, 32], Distribution::Normal(1.0, 2.0), &device);
+    let (aux, main) = model.forward(x);
+    let grads = (aux.sum() + main.sum()).backward();
+    let bn = &model.backbone.layer1[0].bn2;
+    assert!(bn.gamma.val().grad(&grads).is_some());
+    let stem = model.backbone.deep_stem.as_ref().expect("a deep stem");
+    assert!(stem.bn3.beta.val().grad(&grads).is_some());
 }
 
 #[test]

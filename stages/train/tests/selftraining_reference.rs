@@ -371,6 +371,7 @@ fn ema_case() -> Value {
         classes: 3,
         classifier_dilations: CLASSIFIER_DILATIONS.to_vec(),
         input: dag_model::InputConvention::CaffeBgr,
+        resnet: dag_model::ResNetStyle::Caffe,
     };
     let student = config.init(&ad).unwrap().train();
     let x = Tensor::<4>::random([2, 3, 33, 33], burn::tensor::Distribution::Default, &ad);

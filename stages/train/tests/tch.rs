@@ -33,6 +33,7 @@ fn tiny_model() -> DeepLabV2 {
         classes: 3,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
         input: dag_model::InputConvention::CaffeBgr,
+        resnet: dag_model::ResNetStyle::Caffe,
     }
     .init(&flex)
     .unwrap()

@@ -27,6 +27,7 @@ fn model_config() -> DeepLabV2Config {
         classes: CLASSES,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
         input: dag_model::InputConvention::CaffeBgr,
+        resnet: dag_model::ResNetStyle::Caffe,
     }
 }
 

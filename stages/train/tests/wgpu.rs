@@ -55,6 +55,7 @@ fn compare_with_flex() {
         classes: 3,
         classifier_dilations: dag_model::deeplab::CLASSIFIER_DILATIONS.to_vec(),
         input: dag_model::InputConvention::CaffeBgr,
+        resnet: dag_model::ResNetStyle::Caffe,
     };
     // One set of starting weights for both devices: drawn on flex, written once, read onto each.
     let dir = tempfile::tempdir().unwrap();
