@@ -200,12 +200,6 @@ pub struct Batch {
     pub indices: Vec<usize>,
 }
 
-/// Converts one u8 RGB HWC image into `out` as f32 BGR CHW minus [`MEAN_BGR`], the input
-/// convention of ADVENT's Caffe-initialised DeepLabV2 ([`Normalisation::CAFFE_BGR`]).
-pub fn rgb_to_bgr_chw(rgb: &[u8], out: &mut [f32]) {
-    Normalisation::CAFFE_BGR.apply(rgb, out);
-}
-
 /// A preprocessed dataset, opened for reading.
 pub struct Dataset {
     dir: PathBuf,
@@ -553,7 +547,7 @@ mod tests {
     fn bgr_conversion_subtracts_the_mean_per_channel() {
         let rgb = [10u8, 20, 30, 40, 50, 60];
         let mut out = [0f32; 6];
-        rgb_to_bgr_chw(&rgb, &mut out);
+        Normalisation::CAFFE_BGR.apply(&rgb, &mut out);
         let expect = [
             30.0 - MEAN_BGR[0],
             60.0 - MEAN_BGR[0],

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use dag_data::formats::{discover, Format};
 use dag_data::pngio::{read_label, write_label_png, write_png, write_rgb_png, LabelEncoding};
 use dag_data::protocol::{IdSpace, IGNORE};
-use dag_data::shards::{rgb_to_bgr_chw, MEAN_BGR};
+use dag_data::shards::{Normalisation, MEAN_BGR};
 use dag_data::{preprocess, Column, DataError, Dataset, PreprocessConfig, Protocol, Table};
 use png::{BitDepth, ColorType};
 
@@ -589,7 +589,7 @@ fn resized_shards_full_labels_batches_and_tables() {
     let batch = ds.batch(&[4, 0]);
     assert_eq!(batch.shape, [2, 3, 2, 3]);
     let mut one = vec![0f32; 18];
-    rgb_to_bgr_chw(ds.get(4).unwrap().image, &mut one);
+    Normalisation::CAFFE_BGR.apply(ds.get(4).unwrap().image, &mut one);
     assert_eq!(&batch.images[..18], &one[..]);
     assert_eq!(
         batch.images[0],

@@ -565,8 +565,8 @@ impl DeepLabV2 {
     }
 }
 
-/// Spatial size of both heads' logits for an input of `[h, w]`: the stem conv (7x7/2, pad 3),
-/// the ceil-mode max-pool (3x3/2, pad 1) and layer2's strided 1x1 conv.
+/// Spatial size of both heads' logits for an input of `[h, w]` with the Caffe ResNet: the stem
+/// conv (7x7/2, pad 3), the ceil-mode max-pool (3x3/2, pad 1) and layer2's strided 1x1 conv.
 pub fn output_size([h, w]: [usize; 2]) -> [usize; 2] {
     let f = |x: usize| {
         let conv1 = (x + 2 * 3 - 7) / 2 + 1;

@@ -1,7 +1,8 @@
 //! The losses of ADVENT-style training, on `[N, C, H, W]` logits. Each runs the fastest kernel
 //! of the logits' backend (`dag_kernels`).
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
 
 pub use dag_kernels::IGNORE_LABEL;
 
@@ -11,6 +12,44 @@ pub use dag_kernels::IGNORE_LABEL;
 /// Labels other than 255 must lie in `0..C`; the training loop checks that on the host.
 pub fn masked_cross_entropy(logits: Tensor<4>, labels: Tensor<3, Int>) -> Tensor<1> {
     dag_kernels::masked_cross_entropy(logits, labels)
+}
+
+/// `sum_p w_p CE_p / denominator` of `logits` `[N, C, H, W]` against `labels` `[N, H, W]`
+/// (row-major, 255 ignored) with `w_p` the pixel's weight times its class's weight: TUFL's
+/// `CrossEntropyLoss(weight=class_weight, reduction='none')` times a pixel weight, averaged as
+/// the caller says. A generic log-softmax and gather, as the class weights rule out the fused
+/// kernel of [`masked_cross_entropy`].
+pub fn class_weighted_cross_entropy(
+    logits: Tensor<4>,
+    labels: &[u8],
+    pixel_weights: Option<&[f32]>,
+    class_weights: &[f32],
+    denominator: f64,
+) -> Tensor<1> {
+    let [n, _, h, w] = logits.dims();
+    let device = logits.device();
+    let mut index = Vec::with_capacity(labels.len());
+    let mut weight = Vec::with_capacity(labels.len());
+    for (px, &label) in labels.iter().enumerate() {
+        let class_weight = class_weights.get(usize::from(label)).copied();
+        match class_weight {
+            Some(cw) if label != IGNORE_LABEL as u8 => {
+                index.push(i64::from(label));
+                weight.push(cw * pixel_weights.map_or(1.0, |p| p[px]));
+            }
+            _ => {
+                index.push(0);
+                weight.push(0.0);
+            }
+        }
+    }
+    let index: Tensor<4, Int> = Tensor::from_data(TensorData::new(index, [n, 1, h, w]), &device);
+    let weight: Tensor<4> = Tensor::from_data(TensorData::new(weight, [n, 1, h, w]), &device);
+    let picked = log_softmax(logits, 1).gather(1, index);
+    (picked * weight)
+        .sum()
+        .neg()
+        .div_scalar(denominator.max(1.0))
 }
 
 /// ADVENT's weighted self-information map `I = -p * log2(p) / log2(C)` of `logits`

@@ -643,7 +643,7 @@ fn step(
                     .map(|&w| f64::from(w))
                     .sum()
             };
-            selftraining::class_weighted_cross_entropy(
+            crate::losses::class_weighted_cross_entropy(
                 logits,
                 &source.labels.data,
                 None,

@@ -12,12 +12,12 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use dag_model::deeplab::CLASSIFIER_DILATIONS;
 use dag_model::DeepLabV2Config;
+use dag_train::losses::class_weighted_cross_entropy;
 use dag_train::selftraining::augment::{self, StrongAugment};
 use dag_train::selftraining::mixing::{self, ClassChoice};
 use dag_train::selftraining::tufl::{self, TuflParams};
 use dag_train::selftraining::{
-    class_weighted_cross_entropy, ema_alpha, ema_update, new_teacher, weighted_cross_entropy,
-    Teacher,
+    ema_alpha, ema_update, new_teacher, weighted_cross_entropy, Teacher,
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;

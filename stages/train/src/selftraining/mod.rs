@@ -25,15 +25,14 @@
 //! [`tufl`].
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use dag_api::ParamSet;
 use dag_model::{upsample, upsample_differentiable, DeepLabV2};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{ImageBatch, LabelBatch, SourceBatch, Window};
-use crate::losses::{masked_cross_entropy, IGNORE_LABEL};
+use crate::losses::masked_cross_entropy;
 
 pub mod augment;
 pub mod mixing;
@@ -42,8 +41,6 @@ pub mod tufl;
 use augment::StrongAugment;
 use mixing::{ClassChoice, PseudoLabels};
 use tufl::TuflParams;
-
-const IGNORE: u8 = IGNORE_LABEL as u8;
 
 /// The switches of a self-training method row (`crate::methods::METHODS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,47 +363,9 @@ pub fn new_teacher(
     })
 }
 
-/// `sum_p w_p CE_p / denominator` of `logits` `[N, C, H, W]` against `labels` `[N, H, W]`
-/// (row-major, 255 ignored) with `w_p` the pixel's weight times its class's weight: TUFL's
-/// `CrossEntropyLoss(weight=class_weight, reduction='none')` times a pixel weight, averaged as
-/// the caller says. A generic log-softmax and gather, as the class weights rule out the fused
-/// kernel of [`masked_cross_entropy`].
-pub fn class_weighted_cross_entropy(
-    logits: Tensor<4>,
-    labels: &[u8],
-    pixel_weights: Option<&[f32]>,
-    class_weights: &[f32],
-    denominator: f64,
-) -> Tensor<1> {
-    let [n, _, h, w] = logits.dims();
-    let device = logits.device();
-    let mut index = Vec::with_capacity(labels.len());
-    let mut weight = Vec::with_capacity(labels.len());
-    for (px, &label) in labels.iter().enumerate() {
-        let class_weight = class_weights.get(usize::from(label)).copied();
-        match class_weight {
-            Some(cw) if label != IGNORE => {
-                index.push(i64::from(label));
-                weight.push(cw * pixel_weights.map_or(1.0, |p| p[px]));
-            }
-            _ => {
-                index.push(0);
-                weight.push(0.0);
-            }
-        }
-    }
-    let index: Tensor<4, Int> = Tensor::from_data(TensorData::new(index, [n, 1, h, w]), &device);
-    let weight: Tensor<4> = Tensor::from_data(TensorData::new(weight, [n, 1, h, w]), &device);
-    let picked = log_softmax(logits, 1).gather(1, index);
-    (picked * weight)
-        .sum()
-        .neg()
-        .div_scalar(denominator.max(1.0))
-}
-
 /// The per-pixel weighted cross-entropy of the mixed and masked batches, averaged over every
 /// pixel: [`weighted_cross_entropy`], or with class weights
-/// [`class_weighted_cross_entropy`].
+/// [`crate::losses::class_weighted_cross_entropy`].
 fn pixel_cross_entropy(
     logits: Tensor<4>,
     labels: &[u8],
@@ -416,7 +375,7 @@ fn pixel_cross_entropy(
     match class_weights {
         Some(cw) => {
             let total = labels.len() as f64;
-            class_weighted_cross_entropy(logits, labels, Some(weights), cw, total)
+            crate::losses::class_weighted_cross_entropy(logits, labels, Some(weights), cw, total)
         }
         None => weighted_cross_entropy(logits, labels, weights),
     }
