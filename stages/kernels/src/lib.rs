@@ -120,6 +120,18 @@ pub fn upsample_differentiable(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
     ))
 }
 
+/// Bilinear resize with `align_corners = false` (PyTorch's default, mmseg's `resize`, the
+/// DAFormer family's decoder and loss upsampling) of `[N, C, h, w]` to `[N, C, H, W]`,
+/// differentiable on every backend; a no-op when the size already matches. Downsampling reads
+/// two neighbours per pixel, without antialiasing, as PyTorch does.
+pub fn resize(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
+    let [_, _, xh, xw] = x.dims();
+    if xh == h && xw == w {
+        return x;
+    }
+    plain::resize_by_matrices(x, [h, w], plain::Corners::HalfPixel)
+}
+
 /// The per-pixel argmax of `[N, C, H, W]` scores as class indices, one `H x W` map per image;
 /// ties go to the lower class.
 ///

@@ -64,17 +64,31 @@ pub(crate) fn upsample(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
 
 /// Bilinear resize with aligned corners as two matrix products (`A_h X A_w^T`), which every
 /// backend can differentiate.
-pub(crate) fn upsample_differentiable(x: Tensor<4>, [h, w]: [usize; 2]) -> Tensor<4> {
+pub(crate) fn upsample_differentiable(x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
+    resize_by_matrices(x, size, Corners::Aligned)
+}
+
+/// How a bilinear resize maps output pixels onto input pixels.
+#[derive(Clone, Copy)]
+pub(crate) enum Corners {
+    /// Corner pixel centres coincide (`align_corners=True`, ADVENT's upsampling).
+    Aligned,
+    /// Pixel areas coincide (`align_corners=False`, PyTorch's default and mmseg's `resize`).
+    HalfPixel,
+}
+
+/// Bilinear resize as `A_h X A_w^T`.
+pub(crate) fn resize_by_matrices(x: Tensor<4>, [h, w]: [usize; 2], corners: Corners) -> Tensor<4> {
     let [n, c, xh, xw] = x.dims();
     let device = x.device();
     // [N*C*xh, xw] x [xw, W] -> [N, C, xh, W]
-    let aw = interpolation_matrix(xw, w, &device).transpose();
+    let aw = interpolation_matrix(xw, w, corners, &device).transpose();
     let x = x
         .reshape([n * c * xh, xw])
         .matmul(aw)
         .reshape([n, c, xh, w]);
     // [N*C*W, xh] x [xh, H] -> [N, C, W, H], then back to rows-first.
-    let ah = interpolation_matrix(xh, h, &device).transpose();
+    let ah = interpolation_matrix(xh, h, corners, &device).transpose();
     x.swap_dims(2, 3)
         .reshape([n * c * w, xh])
         .matmul(ah)
@@ -82,14 +96,19 @@ pub(crate) fn upsample_differentiable(x: Tensor<4>, [h, w]: [usize; 2]) -> Tenso
         .swap_dims(2, 3)
 }
 
-/// The `[to, from]` matrix of 1-D linear interpolation with aligned corners.
-fn interpolation_matrix(from: usize, to: usize, device: &Device) -> Tensor<2> {
+/// The `[to, from]` matrix of 1-D linear interpolation. The half-pixel source coordinates are
+/// computed in f32 as PyTorch's CPU kernel does, so that both pick the same neighbours and
+/// weights.
+fn interpolation_matrix(from: usize, to: usize, corners: Corners, device: &Device) -> Tensor<2> {
     let mut m = vec![0.0f32; to * from];
     for i in 0..to {
-        let src = if to > 1 {
-            i as f64 * (from - 1) as f64 / (to - 1) as f64
-        } else {
-            0.0
+        let src = match corners {
+            Corners::Aligned if to > 1 => i as f64 * (from - 1) as f64 / (to - 1) as f64,
+            Corners::Aligned => 0.0,
+            Corners::HalfPixel => {
+                let scale = from as f32 / to as f32;
+                f64::from((scale * (i as f32 + 0.5) - 0.5).max(0.0))
+            }
         };
         let i0 = (src.floor() as usize).min(from - 1);
         let i1 = (i0 + 1).min(from - 1);
@@ -152,4 +171,31 @@ pub(crate) fn adam_step(
     let (param, state) = adam.step(lr, param, grad, Some(state));
     let momentum = state.expect("Adam keeps a state").momentum;
     (param, momentum.moment_1, momentum.moment_2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The matrix resize equals Burn's own bilinear interpolation for both corner conventions,
+    /// upsampling and downsampling, odd ratios included.
+    #[test]
+    fn matrix_resize_matches_interpolate() {
+        let device = Device::flex();
+        let x = Tensor::<4>::random([2, 3, 7, 10], Distribution::Normal(0.0, 1.0), &device);
+        for size in [[28, 40], [13, 17], [4, 5], [7, 10], [1, 3]] {
+            for (corners, aligned) in [(Corners::Aligned, true), (Corners::HalfPixel, false)] {
+                let ours = resize_by_matrices(x.clone(), size, corners);
+                let burn = interpolate(
+                    x.clone(),
+                    InterpolateOptions::new(InterpolateMode::Bilinear)
+                        .with_align_corners(aligned)
+                        .with_output_size(size),
+                );
+                let diff: f32 = (ours - burn).abs().max().into_scalar();
+                assert!(diff < 1e-5, "{size:?} aligned={aligned}: {diff}");
+            }
+        }
+    }
 }

@@ -14,17 +14,21 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub mod conv;
+pub mod daformer;
 pub mod deeplab;
 pub mod discriminator;
+pub mod mit;
 pub mod torch;
 
-pub use dag_kernels::{argmax_classes, upsample, upsample_differentiable};
+pub use dag_kernels::{argmax_classes, resize, upsample, upsample_differentiable};
 
+pub use daformer::{DaFormer, DaFormerConfig, Fusion};
 pub use deeplab::{
     output_size, DeepLabV2, DeepLabV2Config, InputConvention, ResNetBackbone, ResNetStyle,
 };
 pub use discriminator::{Discriminator, DiscriminatorConfig};
-pub use torch::{load_imagenet_backbone, LoadReport};
+pub use mit::{MitConfig, MixTransformer};
+pub use torch::{load_daformer_weights, load_imagenet_backbone, load_mit_weights, LoadReport};
 
 /// File name of the Burn record inside a model artifact directory.
 pub const WEIGHTS_FILE: &str = "model.bpk";
@@ -53,14 +57,16 @@ pub enum ModelError {
     },
     /// The `.pth` file lacks backbone tensors and partial loads were not allowed.
     #[error(
-        "{path} has no value for {} backbone tensor(s) ({}), {applied} applied; refusing a \
-         partial load: check that the file is a ResNet of the configured depth, or allow \
-         partial loads explicitly",
+        "{path} has no value for {} {what} tensor(s) ({}), {applied} applied; refusing a \
+         partial load: check that the file is for the configured architecture (ResNet depth, \
+         MiT variant), or allow partial loads explicitly",
         missing.len(), torch::display_list(missing, 5)
     )]
     PartialLoad {
         /// The `.pth` file.
         path: PathBuf,
+        /// What was loaded: `backbone`, `encoder` or `network`.
+        what: &'static str,
         /// Backbone tensors without a value.
         missing: Vec<String>,
         /// How many tensors were applied.
