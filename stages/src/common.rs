@@ -4,7 +4,7 @@ use burn::tensor::Device;
 use dag_api::{StageContext, StageError};
 use dag_artifacts::files::data_error;
 use dag_data::{Dataset, Protocol};
-use dag_model::{DeepLabV2, ModelDescription};
+use dag_model::{ModelDescription, Segmenter};
 
 /// The Burn device of the stage's resolved device kind.
 pub(crate) fn device(ctx: &StageContext<'_>) -> Result<Device, StageError> {
@@ -37,7 +37,7 @@ pub(crate) fn load_model_input(
     ctx: &StageContext<'_>,
     input: &str,
     device: &Device,
-) -> Result<(DeepLabV2, ModelDescription), StageError> {
+) -> Result<(Segmenter, ModelDescription), StageError> {
     let art = ctx.input(input)?;
     dag_model::load_model(&art.path, device).map_err(|e| {
         StageError::from(e)
@@ -56,10 +56,11 @@ pub(crate) fn check_classes(
     what: &str,
 ) -> Result<(), StageError> {
     let classes = protocol.num_classes();
-    if desc.config.classes != classes {
+    if desc.arch.classes() != classes {
         return Err(StageError::new(format!(
             "the model predicts {} classes but {what} uses the {}-class protocol",
-            desc.config.classes, classes
+            desc.arch.classes(),
+            classes
         ))
         .with_hint("give both datasets the same `classes:` in the pipeline's `datasets:`"));
     }

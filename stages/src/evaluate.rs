@@ -9,7 +9,7 @@ use dag_api::{
 use dag_data::pngio::write_label_png;
 use dag_data::{Column, Dataset, Protocol, Table};
 use dag_metrics::{round2, ConfusionMatrix, SYNTHIA_13_OF_16};
-use dag_model::{load_record_into, DeepLabV2};
+use dag_model::{load_record_into, Noise, Segmenter};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -232,7 +232,7 @@ impl Stage for Evaluate {
 #[allow(clippy::too_many_arguments)]
 fn confusion(
     ctx: &StageContext<'_>,
-    model: &DeepLabV2,
+    model: &Segmenter,
     ds: &Dataset,
     p: &P,
     device: &Device,
@@ -251,9 +251,9 @@ fn confusion(
     for chunk in all.chunks(p.batch_size) {
         ctx.check_cancelled()?;
         // Images of one batch may have different original sizes: group only for the forward.
-        let batch = ds.batch_as(chunk, &dag_train::normalisation(model.arch.input));
+        let batch = ds.batch_as(chunk, &dag_train::normalisation(model.input()));
         let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &plain);
-        let (_, main) = net.forward(x);
+        let main = net.forward(x, &mut Noise::none()).main;
         for (k, &i) in chunk.iter().enumerate() {
             let item = ds.get(i).expect("index");
             let (gw, gh, gt) = if p.full_resolution {
@@ -263,7 +263,7 @@ fn confusion(
                 (w, h, item.label)
             };
             let logits = main.clone().narrow(0, k, 1);
-            let logits = dag_model::upsample(logits, [gh as usize, gw as usize]);
+            let logits = net.resize_logits(logits, [gh as usize, gw as usize]);
             let pictured = out.is_some() && i < p.samples;
             let entropy = pictured.then(|| crate::visuals::pixel_entropy(logits.clone()).remove(0));
             let pred = dag_model::argmax_classes(logits).remove(0);

@@ -13,7 +13,7 @@ use dag_data::{Column, Dataset, Table};
 use dag_metrics::ranking::{
     count_rare_present, normalized_score, rank_and_split, rare_classes, spearman,
 };
-use dag_model::DeepLabV2;
+use dag_model::Segmenter;
 use serde::Deserialize;
 
 use dag_artifacts::files::{
@@ -58,15 +58,15 @@ pub struct Scored {
 /// Runs `model` on dataset images `indices` (main head upsampled to the dataset size, softmax)
 /// and scores each image with [`score_probabilities`].
 pub(crate) fn score_batch(
-    model: &DeepLabV2,
+    model: &Segmenter,
     ds: &Dataset,
     indices: &[usize],
     device: &burn::tensor::Device,
 ) -> Vec<Scored> {
-    let batch = ds.batch_as(indices, &dag_train::normalisation(model.arch.input));
+    let batch = ds.batch_as(indices, &dag_train::normalisation(model.input()));
     let [_, _, h, w] = batch.shape;
     let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
-    let (_, main) = model.predict_logits(x, [h, w]);
+    let main = model.predict_logits(x, [h, w]).main;
     score_probabilities(softmax(main, 1))
 }
 
@@ -289,7 +289,7 @@ impl Stage for ScoreEntropy {
 #[allow(clippy::too_many_arguments)]
 fn gallery(
     ctx: &StageContext<'_>,
-    model: &DeepLabV2,
+    model: &Segmenter,
     ds: &Dataset,
     ranked: &[usize],
     by: &[f64],
@@ -316,9 +316,9 @@ fn gallery(
         for (k, &i) in indices.iter().enumerate() {
             ctx.check_cancelled()?;
             let item = ds.get(i).expect("index");
-            let batch = ds.batch_as(&[i], &dag_train::normalisation(model.arch.input));
+            let batch = ds.batch_as(&[i], &dag_train::normalisation(model.input()));
             let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), device);
-            let (_, main) = model.predict_logits(x, [h as usize, w as usize]);
+            let main = model.predict_logits(x, [h as usize, w as usize]).main;
             let entropy = crate::visuals::pixel_entropy(main).remove(0);
             // The pseudo-label exactly as written, not a recomputation that a different batch
             // size could flip at a tie.

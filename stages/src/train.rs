@@ -13,7 +13,7 @@ use dag_api::{
     StageOutcome, Value,
 };
 use dag_data::{Column, Dataset, Normalisation, RareClassSampler, Sampler, Table};
-use dag_model::{DeepLabV2, DeepLabV2Config};
+use dag_model::{Architecture, DaFormerConfig, DeepLabV2Config, Fusion, MitConfig, Segmenter};
 use dag_train::rand_core::RngCore;
 use dag_train::{
     BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, Schedule, SourceBatch,
@@ -56,16 +56,32 @@ struct P {
     /// images per batch, for the labelled and (if used) the unlabelled batch
     #[param(default = 1, min = 1)]
     batch_size: usize,
-    /// ResNet depth of a new network: 101 (paper), 50, 26 or 14; default 101 (taken from the
+    /// the network of a new model: `deeplabv2` (DeepLabV2 on a dilated ResNet, the default) or
+    /// `daformer` (a MiT encoder with DAFormer's decoder, as DAFormer, HRDA and MIC); taken
+    /// from the `init` model when given
+    #[param(one_of = ["deeplabv2", "daformer"])]
+    network: Option<String>,
+    /// with `network: daformer`, SegFormer's MiT variant of the encoder: `mit_b0` ... `mit_b5`
+    /// (the papers: mit_b5, the default)
+    #[param(one_of = ["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"])]
+    encoder: Option<String>,
+    /// with `network: daformer`, how the decoder fuses the encoder's levels: `sep_aspp`
+    /// (DAFormer's context-aware fusion, the default) or `conv1x1` (SegFormer's lighter MLP
+    /// decoder)
+    #[param(one_of = ["sep_aspp", "conv1x1"])]
+    decoder: Option<String>,
+    /// ResNet depth of a new DeepLabV2: 101 (paper), 50, 26 or 14; default 101 (taken from the
     /// `init` model when given)
     #[param(min = 1)]
     depth: Option<usize>,
-    /// channel multiplier of a new network (1.0 = paper); default 1.0 (taken from the `init`
-    /// model when given)
+    /// channel multiplier of a new network (1.0 = paper): the ResNet's widths, or the MiT's
+    /// stage widths (kept multiples of their heads) and the decoder's 256 channels; default 1.0
+    /// (taken from the `init` model when given)
     #[param(min = 0.0, max = 4.0, min_exclusive)]
     width: Option<f64>,
-    /// ADVENT's DeepLab_resnet_pretrained_imagenet.pth (or a torchvision ResNet state dict) to
-    /// initialise the backbone of a new network
+    /// ImageNet weights for the backbone of a new network: ADVENT's
+    /// DeepLab_resnet_pretrained_imagenet.pth (or a torchvision or mmcv ResNet state dict) for
+    /// DeepLabV2, SegFormer's mit_bN.pth for DAFormer
     #[param(path)]
     imagenet: Option<String>,
     /// dilations of the classifier branches of a new network: [6, 12, 18, 24] (ADVENT, the
@@ -305,6 +321,29 @@ impl Stage for TrainStage {
             DeepLabV2Config::blocks_for_depth(d)
                 .ok_or_else(|| format!("depth {d} is not one of 101, 50, 26, 14"))?;
         }
+        // The network params must agree with each other (the class count comes from the data).
+        new_architecture(&p, 1).map_err(|e| e.message)?;
+        if p.network.as_deref() == Some("daformer") {
+            // Aux weights changed from their defaults were meant to do something.
+            let aux: Vec<&str> = self
+                .params()
+                .into_iter()
+                .filter(|spec| spec.name.starts_with("lambda_") && spec.name.ends_with("_aux"))
+                .filter(|spec| {
+                    params
+                        .get(spec.name)
+                        .is_some_and(|v| Some(v) != spec.default.as_ref())
+                })
+                .map(|spec| spec.name)
+                .collect();
+            if !aux.is_empty() {
+                return Err(format!(
+                    "DAFormer's network has no aux head, so {} would have no effect; remove {}",
+                    aux.join(", "),
+                    if aux.len() == 1 { "it" } else { "them" }
+                ));
+            }
+        }
         let cfg = self.config(params, 0).map_err(|e| e.message)?;
         cfg.validate()?;
         if self.has_method() {
@@ -409,8 +448,8 @@ impl Stage for TrainStage {
             }
         }
 
-        let (model, model_config, init) = initial_model(ctx, &p, proto, &device)?;
-        batches.input = dag_train::normalisation(model_config.input);
+        let (model, init) = initial_model(ctx, &p, proto, &device)?;
+        batches.input = dag_train::normalisation(model.input());
         if config.schedule.lambda_fd > 0.0 && p.imagenet.is_none() {
             tracing::warn!(
                 stage = ctx.stage,
@@ -463,7 +502,7 @@ impl Stage for TrainStage {
             "final_losses": summary,
         });
         let model_dir = ctx.output("model")?;
-        dag_model::save_model(outcome.model, &model_config, metadata, model_dir)?;
+        dag_model::save_model(outcome.model, metadata, model_dir)?;
         keep_snapshots(&ckpt_dir, model_dir)?;
         write_log(&outcome.log, &ctx.output("log")?.join(LOG_FILE))?;
 
@@ -516,9 +555,12 @@ fn initial_model(
     p: &P,
     proto: dag_data::Protocol,
     device: &burn::tensor::Device,
-) -> Result<(DeepLabV2, DeepLabV2Config, Value), StageError> {
+) -> Result<(Segmenter, Value), StageError> {
     if ctx.inputs.contains_key("init") {
         if p.imagenet.is_some()
+            || p.network.is_some()
+            || p.encoder.is_some()
+            || p.decoder.is_some()
             || p.depth.is_some()
             || p.width.is_some()
             || p.classifier_dilations.is_some()
@@ -526,19 +568,103 @@ fn initial_model(
             || p.resnet.is_some()
         {
             return Err(StageError::new(
-                "`init` gives the starting model, so `imagenet`, `depth`, `width`, \
-                 `classifier_dilations`, `input_normalisation` and `resnet` must not be set as \
-                 well",
+                "`init` gives the starting model, so `imagenet`, `network`, `encoder`, \
+                 `decoder`, `depth`, `width`, `classifier_dilations`, `input_normalisation` and \
+                 `resnet` must not be set as well",
             )
             .with_hint("remove either the `init` input or those params"));
         }
         let (model, desc) = load_model_input(ctx, "init", device)?;
         check_classes(&desc, proto, "the training data")?;
         let producer = &ctx.input("init")?.producer;
-        return Ok((model, desc.config, json!({ "model": producer })));
+        return Ok((model, json!({ "model": producer })));
     }
-    let mut config = DeepLabV2Config::new(p.depth.unwrap_or(101), proto.num_classes())?
-        .with_width(p.width.unwrap_or(1.0));
+    let model = new_architecture(p, proto.num_classes())?.init(device)?;
+    let init = match &p.imagenet {
+        Some(w) => {
+            let path = ctx.path(w);
+            let (model, report) = match model {
+                Segmenter::DeepLabV2(mut m) => {
+                    let (backbone, report) =
+                        dag_model::load_imagenet_backbone(m.backbone, &path, false)?;
+                    m.backbone = backbone;
+                    (Segmenter::DeepLabV2(m), report)
+                }
+                Segmenter::DaFormer(mut m) => {
+                    let (encoder, report) = dag_model::load_mit_weights(m.backbone, &path, false)?;
+                    m.backbone = encoder;
+                    (Segmenter::DaFormer(m), report)
+                }
+            };
+            tracing::info!(stage = ctx.stage, file = %path.display(), "ImageNet weights: {}", report.summary());
+            return Ok((
+                model,
+                json!({ "imagenet": w, "applied": report.applied.len() }),
+            ));
+        }
+        None => {
+            tracing::warn!(
+                stage = ctx.stage,
+                "no `init` input and no `imagenet` weights: training from a random initialisation"
+            );
+            json!("scratch")
+        }
+    };
+    Ok((model, init))
+}
+
+/// The architecture of a new network from the stage's params; params of the other network are
+/// refused.
+fn new_architecture(p: &P, classes: usize) -> Result<Architecture, StageError> {
+    let daformer = p.network.as_deref() == Some("daformer");
+    let misplaced: Vec<&str> = if daformer {
+        [
+            ("depth", p.depth.is_some()),
+            ("classifier_dilations", p.classifier_dilations.is_some()),
+            ("resnet", p.resnet.is_some()),
+            (
+                "input_normalisation",
+                p.input_normalisation
+                    .as_deref()
+                    .is_some_and(|n| n != "imagenet_rgb"),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    } else {
+        [
+            ("encoder", p.encoder.is_some()),
+            ("decoder", p.decoder.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    };
+    if !misplaced.is_empty() {
+        let network = if daformer { "daformer" } else { "deeplabv2" };
+        return Err(StageError::new(format!(
+            "{} do(es) not apply to `network: {network}`",
+            misplaced.join(", ")
+        ))
+        .with_hint(if daformer {
+            "DAFormer's network takes `encoder`, `decoder` and `width`; its input is always \
+             `imagenet_rgb`"
+        } else {
+            "`encoder` and `decoder` are DAFormer's; set `network: daformer` or remove them"
+        }));
+    }
+    if daformer {
+        let encoder = MitConfig::from_name(p.encoder.as_deref().unwrap_or("mit_b5"))?
+            .with_width(p.width.unwrap_or(1.0));
+        let mut config = DaFormerConfig::new(encoder, classes).with_width(p.width.unwrap_or(1.0));
+        if p.decoder.as_deref() == Some("conv1x1") {
+            config.fusion = Fusion::Conv1x1;
+        }
+        return Ok(Architecture::DaFormer(config));
+    }
+    let mut config =
+        DeepLabV2Config::new(p.depth.unwrap_or(101), classes)?.with_width(p.width.unwrap_or(1.0));
     if let Some(d) = &p.classifier_dilations {
         config = config.with_classifier_dilations(d);
     }
@@ -550,25 +676,7 @@ fn initial_model(
         config.resnet = dag_model::ResNetStyle::from_name(name)
             .ok_or_else(|| StageError::new(format!("unknown resnet `{name}`")))?;
     }
-    let mut model = config.init(device)?;
-    let init = match &p.imagenet {
-        Some(w) => {
-            let path = ctx.path(w);
-            let (backbone, report) =
-                dag_model::load_imagenet_backbone(model.backbone, &path, false)?;
-            model.backbone = backbone;
-            tracing::info!(stage = ctx.stage, file = %path.display(), "ImageNet weights: {}", report.summary());
-            json!({ "imagenet": w, "applied": report.applied.len() })
-        }
-        None => {
-            tracing::warn!(
-                stage = ctx.stage,
-                "no `init` input and no `imagenet` weights: training from a random initialisation"
-            );
-            json!("scratch")
-        }
-    };
-    Ok((model, config, init))
+    Ok(Architecture::DeepLabV2(config))
 }
 
 fn all(ds: &Dataset) -> Vec<usize> {

@@ -46,6 +46,11 @@ pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 
 pub(crate) fn batch_norm(bn: &BatchNorm, x: Tensor<4>, then_relu: bool) -> Tensor<4> {
     let y = bn.forward(x);
+    // Burn's `RunningState` keeps one pending value per thread and averages them only when a
+    // thread holding one reads the value; the trainer runs each step on whichever worker is
+    // free. Merged now, on the thread that wrote them, the statistics never depend on which
+    // thread ran which step (a resumed run then ends with the uninterrupted one's).
+    let _ = (bn.running_mean.value_sync(), bn.running_var.value_sync());
     if then_relu {
         relu(y)
     } else {
@@ -177,6 +182,33 @@ pub(crate) fn adam_step(
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+
+    /// A trainable BatchNorm (DAFormer's decoder, mmcv's ResNet) is Burn's own layer; its
+    /// running statistics must not depend on which thread ran which step either.
+    #[test]
+    fn trainable_batch_norm_statistics_do_not_depend_on_the_thread() {
+        use burn::nn::BatchNormConfig;
+        let device = Device::flex().autodiff();
+        let (hopping, fixed) = (
+            BatchNormConfig::new(3).init(&device),
+            BatchNormConfig::new(3).init(&device),
+        );
+        let inputs: Vec<Tensor<4>> = (0..3)
+            .map(|_| Tensor::random([2, 3, 4, 4], Distribution::Normal(0.5, 2.0), &device))
+            .collect();
+        for x in &inputs {
+            std::thread::scope(|s| {
+                s.spawn(|| crate::batch_norm(&hopping, x.clone(), false));
+            });
+            crate::batch_norm(&fixed, x.clone(), false);
+        }
+        for (a, b) in [
+            (&hopping.running_mean, &fixed.running_mean),
+            (&hopping.running_var, &fixed.running_var),
+        ] {
+            assert_eq!(a.value().into_data(), b.value_sync().into_data());
+        }
+    }
 
     /// The matrix resize equals Burn's own bilinear interpolation for both corner conventions,
     /// upsampling and downsampling, odd ratios included.

@@ -11,12 +11,13 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use dag_kernels::{conv_batch_norm, resize};
 use serde::{Deserialize, Serialize};
 
 use crate::conv::conv_forward;
 use crate::mit::{MitConfig, MixTransformer};
+use crate::noise::Noise;
 use crate::ModelError;
 
 /// The dilations of DAFormer's separable ASPP fusion.
@@ -89,6 +90,15 @@ impl DaFormerConfig {
             dropout: default_dropout(),
             classes,
         }
+    }
+
+    /// The decoder's embedding and fusion widths times `width` (at least one channel); the
+    /// encoder is scaled on its own ([`MitConfig::with_width`]).
+    pub fn with_width(mut self, width: f64) -> Self {
+        let scaled = |c: usize| ((c as f64 * width).round() as usize).max(1);
+        self.embed_dim = scaled(self.embed_dim);
+        self.channels = scaled(self.channels);
+        self
     }
 
     /// Checks the config before anything is allocated.
@@ -306,9 +316,10 @@ impl ConvBn {
 }
 
 impl DaFormerHead {
-    /// Logits at the size of the first (stride-4) level.
-    pub fn forward(&self, features: &[Tensor<4>]) -> Tensor<4> {
-        self.classify(self.fuse(features))
+    /// Logits at the size of the first (stride-4) level; channel dropout draws from `noise`
+    /// when it has a source.
+    pub fn forward(&self, features: &[Tensor<4>], noise: &mut Noise<'_>) -> Tensor<4> {
+        self.classify(self.fuse(features), noise)
     }
 
     /// The fused map before dropout and classifier, `[N, channels, H/4, W/4]`.
@@ -345,43 +356,49 @@ impl DaFormerHead {
         }
     }
 
-    /// Channel dropout (in training) and the 1x1 classifier.
-    pub fn classify(&self, fused: Tensor<4>) -> Tensor<4> {
-        conv_forward(&self.conv_seg, channel_dropout(fused, self.dropout))
+    /// Channel dropout (when `noise` has a source) and the 1x1 classifier.
+    pub fn classify(&self, fused: Tensor<4>, noise: &mut Noise<'_>) -> Tensor<4> {
+        conv_forward(&self.conv_seg, channel_dropout(fused, self.dropout, noise))
     }
 }
 
-/// `Dropout2d`: in training (an autodiff device, as Burn's `Dropout`), each channel of each
-/// sample is zeroed with probability `p` and the rest scaled by `1 / (1 - p)`.
-fn channel_dropout(x: Tensor<4>, p: f64) -> Tensor<4> {
-    if p == 0.0 || !x.device().is_autodiff() {
-        return x;
-    }
+/// `Dropout2d`: each channel of each sample is zeroed with probability `p` and the rest scaled
+/// by `1 / (1 - p)`, when `noise` has a source.
+fn channel_dropout(x: Tensor<4>, p: f64, noise: &mut Noise<'_>) -> Tensor<4> {
     let [n, c, _, _] = x.dims();
-    let keep = 1.0 - p;
-    let mask = Tensor::<4>::random([n, c, 1, 1], Distribution::Bernoulli(keep), &x.device());
-    x * mask.div_scalar(keep)
+    match noise.keep_mask(n * c, p) {
+        Some(mask) => {
+            let mask = Tensor::<4>::from_data(TensorData::new(mask, [n, c, 1, 1]), &x.device());
+            x * mask
+        }
+        None => x,
+    }
 }
 
 impl DaFormer {
     /// Logits `[N, classes, H/4, W/4]` (rounded up per stride-2 step) of `images` `[N, 3, H, W]`
-    /// normalised as ImageNet RGB.
+    /// normalised as ImageNet RGB, with dropout and stochastic depth off (inference, teachers).
     pub fn forward(&self, images: Tensor<4>) -> Tensor<4> {
-        self.decode_head.forward(&self.backbone.forward(images))
+        self.forward_with_features(images, &mut Noise::none()).0
     }
 
-    /// [`DaFormer::forward`] plus the encoder's stage-4 map (stride 32), the features of
-    /// DAFormer's feature distance.
-    pub fn forward_with_features(&self, images: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let features = self.backbone.forward(images);
+    /// The logits plus the encoder's stage-4 map (stride 32, the features of DAFormer's feature
+    /// distance); dropout and stochastic depth draw from `noise` when it has a source
+    /// (training).
+    pub fn forward_with_features(
+        &self,
+        images: Tensor<4>,
+        noise: &mut Noise<'_>,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let features = self.backbone.forward(images, noise);
         let last = features[3].clone();
-        (self.decode_head.forward(&features), last)
+        (self.decode_head.forward(&features, noise), last)
     }
 
-    /// The encoder's stage-4 map alone.
+    /// The encoder's stage-4 map alone, without stochastic depth.
     pub fn features(&self, images: Tensor<4>) -> Tensor<4> {
         self.backbone
-            .forward(images)
+            .forward(images, &mut Noise::none())
             .pop()
             .expect("the encoder has four stages")
     }

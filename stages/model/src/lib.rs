@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::store::ModuleRecord;
-use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 pub mod conv;
@@ -18,6 +17,8 @@ pub mod daformer;
 pub mod deeplab;
 pub mod discriminator;
 pub mod mit;
+pub mod noise;
+pub mod segmenter;
 pub mod torch;
 
 pub use dag_kernels::{argmax_classes, resize, upsample, upsample_differentiable};
@@ -28,6 +29,8 @@ pub use deeplab::{
 };
 pub use discriminator::{Discriminator, DiscriminatorConfig};
 pub use mit::{MitConfig, MixTransformer};
+pub use noise::Noise;
+pub use segmenter::{Architecture, Logits, Segmenter};
 pub use torch::{load_daformer_weights, load_imagenet_backbone, load_mit_weights, LoadReport};
 
 /// File name of the Burn record inside a model artifact directory.
@@ -104,10 +107,9 @@ pub enum ModelError {
 /// summary, class names, ...) the writing stage wants to keep alongside.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelDescription {
-    /// Always `"deeplabv2"` for now; lets later model families share the artifact type.
-    pub architecture: String,
-    /// The architecture's config.
-    pub config: DeepLabV2Config,
+    /// The architecture (`architecture`: its name, `config`: its config).
+    #[serde(flatten)]
+    pub arch: Architecture,
     /// Anything else the writer wants to record.
     #[serde(default)]
     pub metadata: serde_json::Value,
@@ -116,8 +118,7 @@ pub struct ModelDescription {
 /// Writes `model` into `dir` as `model.bpk` (Burn record) and `model.json` (architecture +
 /// `metadata`), creating `dir` if needed.
 pub fn save_model(
-    model: DeepLabV2,
-    config: &DeepLabV2Config,
+    model: Segmenter,
     metadata: serde_json::Value,
     dir: &Path,
 ) -> Result<(), ModelError> {
@@ -126,8 +127,7 @@ pub fn save_model(
         source,
     })?;
     let desc = ModelDescription {
-        architecture: "deeplabv2".into(),
-        config: config.clone(),
+        arch: model.arch(),
         metadata,
     };
     let json_path = dir.join(CONFIG_FILE);
@@ -180,28 +180,30 @@ pub fn read_description(dir: &Path) -> Result<ModelDescription, ModelError> {
         path: path.clone(),
         source,
     })?;
-    let desc: ModelDescription =
+    let json: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|source| ModelError::Json {
             path: path.clone(),
             source,
         })?;
-    if desc.architecture != "deeplabv2" {
+    let name = json.get("architecture").and_then(serde_json::Value::as_str);
+    if !name.is_some_and(|n| Architecture::NAMES.contains(&n)) {
         return Err(ModelError::InvalidConfig(format!(
-            "{} describes a `{}` model; this build only knows `deeplabv2`",
+            "{} describes a `{}` model; this build knows {}",
             path.display(),
-            desc.architecture
+            name.unwrap_or("(unnamed)"),
+            Architecture::NAMES.join(" and ")
         )));
     }
-    Ok(desc)
+    serde_json::from_value(json).map_err(|source| ModelError::Json { path, source })
 }
 
 /// Rebuilds a model from an artifact directory written by [`save_model`], on `device`.
 pub fn load_model(
     dir: &Path,
     device: &Device,
-) -> Result<(DeepLabV2, ModelDescription), ModelError> {
+) -> Result<(Segmenter, ModelDescription), ModelError> {
     let desc = read_description(dir)?;
-    let model = desc.config.init(device)?;
+    let model = desc.arch.init(device)?;
     let model = load_record_into(model, &dir.join(WEIGHTS_FILE))?;
     Ok((model, desc))
 }
@@ -229,23 +231,4 @@ pub fn save_record<M: Module>(module: M, path: &Path) -> Result<(), ModelError> 
             path: path.to_path_buf(),
             message: e.to_string(),
         })
-}
-
-impl DeepLabV2 {
-    /// Inference: `(aux, main)` logits of `images` `[N, 3, H, W]` upsampled to `size`
-    /// (`[height, width]`), computed on a validation copy of the model (no autodiff, BatchNorm
-    /// on running statistics).
-    pub fn predict_logits(&self, images: Tensor<4>, size: [usize; 2]) -> (Tensor<4>, Tensor<4>) {
-        let model = self.valid();
-        let device = images.device().without_autodiff();
-        let images = images.to_device(&device);
-        let (aux, main) = model.forward(images);
-        (upsample(aux, size), upsample(main, size))
-    }
-
-    /// Inference: softmax probabilities of the main head at `size`, `[N, classes, H, W]`.
-    pub fn predict_probs(&self, images: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
-        let (_, main) = self.predict_logits(images, size);
-        softmax(main, 1)
-    }
 }

@@ -11,10 +11,11 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::conv::conv_forward;
+use crate::noise::Noise;
 use crate::ModelError;
 
 /// LayerNorm epsilon of the blocks and of the stage-final norms (`partial(nn.LayerNorm,
@@ -86,6 +87,16 @@ impl MitConfig {
             mlp_ratio: default_mlp_ratio(),
             drop_path: default_drop_path(),
         })
+    }
+
+    /// The stage widths times `width`, each rounded to a multiple of its heads (at least one
+    /// channel per head): narrow encoders for tests and the synthetic benchmark.
+    pub fn with_width(mut self, width: f64) -> Self {
+        for (dim, &heads) in self.embed_dims.iter_mut().zip(&self.heads) {
+            let per_head = (*dim as f64 * width / heads as f64).round().max(1.0) as usize;
+            *dim = per_head * heads;
+        }
+        self
     }
 
     /// The variant named `mit_b0` ... `mit_b5`.
@@ -340,11 +351,11 @@ impl Block {
     }
 
     /// `x` is `[N, H*W, C]` of an `h x w` map.
-    fn forward(&self, x: Tensor<3>, [h, w]: [usize; 2]) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, [h, w]: [usize; 2], noise: &mut Noise<'_>) -> Tensor<3> {
         let branch = self.attn.forward(self.norm1.forward(x.clone()), [h, w]);
-        let x = x + drop_path(branch, self.drop_path);
+        let x = x + drop_path(branch, self.drop_path, noise);
         let branch = self.mlp.forward(self.norm2.forward(x.clone()), [h, w]);
-        x + drop_path(branch, self.drop_path)
+        x + drop_path(branch, self.drop_path, noise)
     }
 }
 
@@ -395,8 +406,9 @@ impl MixFfn {
 }
 
 impl MixTransformer {
-    /// The four stage outputs of `images` `[N, 3, H, W]`, as `[N, C_s, H_s, W_s]` maps.
-    pub fn forward(&self, images: Tensor<4>) -> Vec<Tensor<4>> {
+    /// The four stage outputs of `images` `[N, 3, H, W]`, as `[N, C_s, H_s, W_s]` maps;
+    /// stochastic depth draws from `noise` when it has a source.
+    pub fn forward(&self, images: Tensor<4>, noise: &mut Noise<'_>) -> Vec<Tensor<4>> {
         let mut x = images;
         let mut features = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
@@ -404,7 +416,7 @@ impl MixTransformer {
             let [_, _, h, w] = map.dims();
             let mut tokens = stage.patch_embed.norm.forward(map_to_tokens(map));
             for block in &stage.blocks {
-                tokens = block.forward(tokens, [h, w]);
+                tokens = block.forward(tokens, [h, w], noise);
             }
             x = tokens_to_map(stage.norm.forward(tokens), [h, w]);
             features.push(x.clone());
@@ -425,15 +437,16 @@ fn tokens_to_map(tokens: Tensor<3>, [h, w]: [usize; 2]) -> Tensor<4> {
     tokens.swap_dims(1, 2).reshape([n, c, h, w])
 }
 
-/// Stochastic depth (timm's `DropPath`): in training, each sample's branch is zeroed with
-/// probability `p` and the others scaled by `1 / (1 - p)`. Training is an autodiff device, as
-/// for Burn's `Dropout`; teachers and inference run without autodiff and keep every branch.
-fn drop_path(branch: Tensor<3>, p: f64) -> Tensor<3> {
-    if p == 0.0 || !branch.device().is_autodiff() {
-        return branch;
-    }
+/// Stochastic depth (timm's `DropPath`): each sample's branch is zeroed with probability `p`
+/// and the others scaled by `1 / (1 - p)`, when `noise` has a source (training); teachers and
+/// inference keep every branch.
+fn drop_path(branch: Tensor<3>, p: f64, noise: &mut Noise<'_>) -> Tensor<3> {
     let [n, _, _] = branch.dims();
-    let keep = 1.0 - p;
-    let mask = Tensor::<3>::random([n, 1, 1], Distribution::Bernoulli(keep), &branch.device());
-    branch * mask.div_scalar(keep)
+    match noise.keep_mask(n, p) {
+        Some(mask) => {
+            let mask = Tensor::<3>::from_data(TensorData::new(mask, [n, 1, 1]), &branch.device());
+            branch * mask
+        }
+        None => branch,
+    }
 }

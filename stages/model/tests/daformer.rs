@@ -10,9 +10,11 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 use dag_model::daformer::{AsppBranch, FuseLayer};
 use dag_model::{
-    load_daformer_weights, load_mit_weights, DaFormer, DaFormerConfig, Fusion, MitConfig,
-    ModelError,
+    load_daformer_weights, load_mit_weights, load_model, save_model, Architecture, DaFormer,
+    DaFormerConfig, Fusion, MitConfig, ModelError, Noise, Segmenter,
 };
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/daformer")
@@ -296,9 +298,90 @@ fn variants_and_shapes() {
     let model = tiny_daformer(Fusion::daformer()).init(&device).unwrap();
     for (h, w) in [(32, 64), (50, 70)] {
         let x = Tensor::<4>::zeros([1, 3, h, w], &device);
-        let (logits, features) = model.forward_with_features(x);
+        let (logits, features) = model.forward_with_features(x, &mut Noise::none());
         let down = |x: usize, times: usize| (0..times).fold(x.div_ceil(4), |x, _| x.div_ceil(2));
         assert_eq!(logits.dims(), [1, 7, down(h, 0), down(w, 0)]);
         assert_eq!(features.dims(), [1, 256, down(h, 3), down(w, 3)]);
     }
+}
+
+/// A narrow DAFormer as the synthetic benchmark trains it: widths stay multiples of the heads.
+fn narrow() -> DaFormerConfig {
+    DaFormerConfig::new(MitConfig::variant(0).unwrap().with_width(0.25), 5).with_width(0.25)
+}
+
+#[test]
+fn width_scales_encoder_and_decoder() {
+    let c = narrow();
+    assert_eq!(c.encoder.embed_dims, [8, 16, 40, 64]);
+    assert_eq!((c.embed_dim, c.channels), (64, 64));
+    let thin = MitConfig::variant(5).unwrap().with_width(0.01);
+    assert_eq!(
+        thin.embed_dims,
+        [1, 2, 5, 8],
+        "one channel per head at least"
+    );
+    thin.validate().unwrap();
+}
+
+/// Dropout and stochastic depth draw only from the caller's generator: the same seed gives the
+/// same logits, another seed others, and no generator keeps every unit, also on the training
+/// device (teachers).
+#[test]
+fn stochastic_layers_follow_the_given_generator() {
+    let device = Device::flex().autodiff();
+    let mut config = narrow();
+    config.encoder.drop_path = 0.5;
+    config.dropout = 0.5;
+    let model = Segmenter::from(config.init(&device).unwrap());
+    let x = Tensor::<4>::random([2, 3, 32, 32], burn::tensor::Distribution::Default, &device);
+    let run = |seed: Option<u64>| -> Vec<f32> {
+        let logits = match seed {
+            Some(seed) => {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                model.forward(x.clone(), &mut Noise::from_rng(&mut rng))
+            }
+            None => model.forward(x.clone(), &mut Noise::none()),
+        };
+        logits.main.into_data().try_to_vec::<f32>().unwrap()
+    };
+    assert_eq!(run(Some(1)), run(Some(1)));
+    assert_ne!(run(Some(1)), run(Some(2)));
+    let plain = run(None);
+    assert_ne!(run(Some(1)), plain);
+    let inference = model
+        .predict_logits(x.clone().inner(), [8, 8])
+        .main
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(inference.len(), plain.len());
+}
+
+/// A DAFormer saved as a model artifact comes back as the same network.
+#[test]
+fn daformer_artifact_round_trip() {
+    let device = Device::flex();
+    let config = narrow();
+    let model = Segmenter::from(config.init(&device).unwrap());
+    assert!(!model.has_aux());
+    let x = Tensor::<4>::random([1, 3, 32, 48], burn::tensor::Distribution::Default, &device);
+    let expected = model.predict_probs(x.clone(), [32, 48]).into_data();
+    let dir = tempfile::tempdir().unwrap();
+    save_model(model, serde_json::json!({}), dir.path()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("model.json")).unwrap()).unwrap();
+    assert_eq!(json["architecture"], "daformer", "{json}");
+    let (loaded, desc) = load_model(dir.path(), &device).unwrap();
+    assert_eq!(desc.arch, Architecture::DaFormer(config));
+    loaded
+        .predict_probs(x, [32, 48])
+        .into_data()
+        .assert_eq(&expected, true);
+    // An architecture this build does not know is named in the error.
+    let mut unknown = json.clone();
+    unknown["architecture"] = "hrnet".into();
+    std::fs::write(dir.path().join("model.json"), unknown.to_string()).unwrap();
+    let err = load_model(dir.path(), &device).unwrap_err().to_string();
+    assert!(err.contains("hrnet") && err.contains("daformer"), "{err}");
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData, Tolerance};
 use dag_model::{
-    load_imagenet_backbone, load_model, output_size, save_model, DeepLabV2Config,
-    DiscriminatorConfig, ModelError, ResNetStyle,
+    load_imagenet_backbone, load_model, output_size, save_model, Architecture, DeepLabV2Config,
+    DiscriminatorConfig, ModelError, ResNetStyle, Segmenter,
 };
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -108,19 +108,16 @@ fn discriminator_outputs_a_patch_map() {
 fn artifact_round_trip_rebuilds_the_same_model() {
     let device = Device::flex();
     let config = tiny(4);
-    let model = config.init(&device).unwrap();
+    let model = Segmenter::from(config.init(&device).unwrap());
     let x = Tensor::<4>::random([1, 3, 40, 40], Distribution::Normal(0.0, 1.0), &device);
     let expected = model.predict_probs(x.clone(), [40, 40]).into_data();
     let dir = tempfile::tempdir().unwrap();
-    save_model(
-        model,
-        &config,
-        serde_json::json!({"iterations": 3}),
-        dir.path(),
-    )
-    .unwrap();
+    save_model(model, serde_json::json!({"iterations": 3}), dir.path()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("model.json")).unwrap()).unwrap();
+    assert_eq!(json["architecture"], "deeplabv2", "{json}");
     let (loaded, desc) = load_model(dir.path(), &device).unwrap();
-    assert_eq!(desc.config, config);
+    assert_eq!(desc.arch, Architecture::DeepLabV2(config));
     assert_eq!(desc.metadata["iterations"], 3);
     let got = loaded.predict_probs(x, [40, 40]).into_data();
     got.assert_eq(&expected, true);
@@ -153,10 +150,13 @@ fn the_two_branch_classifier_sums_its_two_convs_and_round_trips() {
         .assert_approx_eq::<f32>(&sum.into_data(), Tolerance::default());
 
     let dir = tempfile::tempdir().unwrap();
-    save_model(model, &config, serde_json::json!({}), dir.path()).unwrap();
+    save_model(model.into(), serde_json::json!({}), dir.path()).unwrap();
     let (loaded, desc) = load_model(dir.path(), &device).unwrap();
-    assert_eq!(desc.config.classifier_dilations, vec![6, 12]);
-    assert_eq!(loaded.layer5.conv2d_list.len(), 2);
+    let Architecture::DeepLabV2(read) = desc.arch else {
+        panic!("a DeepLabV2 was saved")
+    };
+    assert_eq!(read.classifier_dilations, vec![6, 12]);
+    assert_eq!(loaded.deeplab().unwrap().layer5.conv2d_list.len(), 2);
 
     let advent = tiny(4);
     let json = serde_json::to_value(&advent).unwrap();
@@ -171,7 +171,9 @@ fn predict_upsamples_with_aligned_corners() {
     let model = tiny(3).init(&device).unwrap();
     let x = Tensor::<4>::random([1, 3, 48, 64], Distribution::Normal(0.0, 1.0), &device);
     let (aux_small, main_small) = model.valid().forward(x.clone());
-    let (aux, main) = model.predict_logits(x.clone(), [97, 131]);
+    let model = Segmenter::from(model);
+    let logits = model.predict_logits(x.clone(), [97, 131]);
+    let (aux, main) = (logits.aux.unwrap(), logits.main);
     assert_eq!(main.dims(), [1, 3, 97, 131]);
     assert_eq!(aux.dims(), [1, 3, 97, 131]);
     // align_corners = true keeps the corner values exactly.

@@ -57,7 +57,8 @@ pub struct Schedule {
     /// weight of the main head's cross-entropy
     #[param(default = 1.0, min = 0.0)]
     pub lambda_seg_main: f64,
-    /// weight of the aux head's cross-entropy (0 disables it)
+    /// weight of the aux head's cross-entropy (0 disables it; networks without an aux head,
+    /// DAFormer's, have no such term)
     #[param(default = 0.1, min = 0.0)]
     pub lambda_seg_aux: f64,
     /// weight of DAFormer's feature distance on the source batch: the L2 distance between the

@@ -5,15 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::lr_scheduler::module_lr_scheduler::{ModuleLearningRate, ModuleLrScheduler};
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig};
 use burn::tensor::{Device, Tensor};
 use dag_model::discriminator::MIN_INPUT_SIZE;
 use dag_model::{
-    load_record_into, save_record, save_weights, upsample_differentiable as upsample, DeepLabV2,
-    Discriminator, DiscriminatorConfig,
+    load_record_into, save_record, save_weights, Discriminator, DiscriminatorConfig, Noise,
+    Segmenter,
 };
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -36,7 +36,7 @@ pub const TARGET_LABEL: f64 = 1.0;
 #[derive(Debug)]
 pub struct TrainOutcome {
     /// The trained segmentation network, as a validation copy (`.train()` resumes training).
-    pub model: DeepLabV2,
+    pub model: Segmenter,
     /// One record per iteration, including those before a resume.
     pub log: Vec<IterationLog>,
     /// The iteration the run started at (0, or where a checkpoint left off).
@@ -46,7 +46,7 @@ pub struct TrainOutcome {
     /// The aux-head discriminator, for methods that train one.
     pub d_aux: Option<Discriminator>,
     /// The mean teacher, for the self-training methods.
-    pub teacher: Option<DeepLabV2>,
+    pub teacher: Option<Segmenter>,
 }
 
 /// The stream of the run's seed that the discriminators' initial weights come from.
@@ -54,15 +54,15 @@ const DISCRIMINATOR_STREAM: u64 = 1;
 
 /// Everything that changes during training.
 struct LoopState {
-    model: DeepLabV2,
+    model: Segmenter,
     d_main: Option<Discriminator>,
     d_aux: Option<Discriminator>,
     /// Created from the student in the first iteration, once its parameters are initialised.
-    teacher: Option<DeepLabV2>,
+    teacher: Option<Segmenter>,
     /// TUFL's thresholds.
     self_training: SelfTrainingState,
     /// The starting network, frozen, for the feature distance (`lambda_fd`).
-    fd_reference: Option<DeepLabV2>,
+    fd_reference: Option<Segmenter>,
     opt_seg: ModuleOptimizer,
     opt_d_main: ModuleOptimizer,
     opt_d_aux: ModuleOptimizer,
@@ -92,7 +92,7 @@ static DEVICE_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// [`TrainError::Cancelled`]. A NaN or infinite loss term stops with [`TrainError::NonFinite`].
 pub fn train(
     config: &TrainConfig,
-    model: DeepLabV2,
+    model: impl Into<Segmenter>,
     device: &Device,
     data: &mut dyn Batches,
     checkpoint_dir: &Path,
@@ -100,6 +100,7 @@ pub fn train(
     cancel: &AtomicBool,
 ) -> Result<TrainOutcome, TrainError> {
     config.validate().map_err(TrainError::Config)?;
+    let model = model.into();
     let run = Run::new(config).map_err(TrainError::Config)?;
     let ad = device.clone().autodiff();
     // Seed before anything draws: any lazily-initialised parameter of `model` takes its weights
@@ -108,7 +109,8 @@ pub fn train(
     // process may seed or draw (see `DEVICE_RNG`).
     let mut device_rng = Some(DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner()));
     ad.seed(config.seed);
-    let classes = model.layer6.conv2d_list[0].weight.lazy_shape()[0];
+    let classes = model.classes();
+    let head_group = ParamGroup::from_any_predicates(model.head_modules().to_vec());
     if let Some(st) = &run.self_training {
         st.pixels
             .check_classes(classes)
@@ -133,7 +135,6 @@ pub fn train(
         }
     }
     let resumed_from = state.next_iteration;
-    let head_group = ParamGroup::from_any_predicates(vec!["layer5", "layer6"]);
 
     let schedule = &config.schedule;
     for iteration in state.next_iteration..schedule.iters {
@@ -199,7 +200,7 @@ impl Run {
 fn init_state(
     config: &TrainConfig,
     run: &Run,
-    model: DeepLabV2,
+    model: Segmenter,
     classes: usize,
     (ad, device): (&Device, &Device),
 ) -> Result<LoopState, TrainError> {
@@ -217,18 +218,25 @@ fn init_state(
     } else {
         None
     };
-    let d_aux = if lambda_aux > 0.0 {
+    // Aux terms apply to the aux head, where the network has one.
+    let d_aux = if lambda_aux > 0.0 && model.has_aux() {
         Some(d_config.init(&mut init_rng, ad)?)
     } else {
         None
     };
     let schedule = &config.schedule;
     let opt_seg = if schedule.optimizer == "adamw" {
+        // With exempt parameters the decay is applied in `step` instead, per parameter.
+        let decay = if model.no_decay_key().is_some() {
+            0.0
+        } else {
+            schedule.weight_decay
+        };
         AdamWConfig::new()
             .with_beta_1(schedule.adamw_beta1 as f32)
             .with_beta_2(schedule.adamw_beta2 as f32)
             .with_epsilon(schedule.adamw_epsilon as f32)
-            .with_weight_decay(schedule.weight_decay as f32)
+            .with_weight_decay(decay as f32)
             .init()
     } else {
         SgdConfig::new()
@@ -611,18 +619,24 @@ fn step(
         lr_d,
         seconds: 0.0,
     };
-    let mut accumulator = GradientsAccumulator::<DeepLabV2>::new();
+    let mut accumulator = GradientsAccumulator::<Segmenter>::new();
 
     // 1. Supervised segmentation on the labelled batch, logits upsampled to the label size.
     let label_size = [source.labels.shape[1], source.labels.shape[2]];
-    let (aux_s, main_s, features_s) = if s.fd_reference.is_some() {
-        let (aux, main, features) = s.model.forward_with_features(source.images.tensor(ad));
-        (aux, main, Some(features))
+    let (logits_s, features_s) = if s.fd_reference.is_some() {
+        let (logits, features) = s
+            .model
+            .forward_with_features(source.images.tensor(ad), &mut Noise::from_rng(&mut s.rng));
+        (logits, Some(features))
     } else {
-        let (aux, main) = s.model.forward(source.images.tensor(ad));
-        (aux, main, None)
+        let logits = s
+            .model
+            .forward(source.images.tensor(ad), &mut Noise::from_rng(&mut s.rng));
+        (logits, None)
     };
-    let main_s = upsample(main_s, label_size);
+    let main_s = s
+        .model
+        .resize_logits_differentiable(logits_s.main, label_size);
     let labels = source.labels.tensor(ad);
     let pixels = run.self_training.as_ref().map(|st| &st.pixels);
     let class_weights = pixels.and_then(|p| p.class_weights());
@@ -659,13 +673,12 @@ fn step(
     let seg_main = source_ce(main_s.clone());
     log_term(&mut log, "seg_main", &seg_main)?;
     let mut loss = add(None, schedule.lambda_seg_main, seg_main);
-    let aux_s = if schedule.lambda_seg_aux > 0.0 || s.d_aux.is_some() {
-        Some(upsample(aux_s, label_size))
-    } else {
-        None
-    };
-    if schedule.lambda_seg_aux > 0.0 {
-        let seg_aux = source_ce(aux_s.clone().expect("aux logits"));
+    let aux_s = logits_s
+        .aux
+        .filter(|_| schedule.lambda_seg_aux > 0.0 || s.d_aux.is_some())
+        .map(|aux| s.model.resize_logits_differentiable(aux, label_size));
+    if let Some(aux) = aux_s.clone().filter(|_| schedule.lambda_seg_aux > 0.0) {
+        let seg_aux = source_ce(aux);
         log_term(&mut log, "seg_aux", &seg_aux)?;
         loss = add(loss, schedule.lambda_seg_aux, seg_aux);
     }
@@ -740,11 +753,15 @@ fn step(
     // would move its BatchNorm statistics.
     if let Some((target, _)) = target.as_ref().filter(|_| objectives_use_target) {
         let size = [target.shape[2], target.shape[3]];
-        let (aux_t, main_t) = s.model.forward(target.tensor(ad));
-        let main_t = upsample(main_t, size);
-        let aux_t = upsample(aux_t, size);
+        let logits = s
+            .model
+            .forward(target.tensor(ad), &mut Noise::from_rng(&mut s.rng));
+        let main_t = s.model.resize_logits_differentiable(logits.main, size);
+        let aux_t = logits
+            .aux
+            .map(|aux| s.model.resize_logits_differentiable(aux, size));
         for objective in &run.target_losses {
-            for term in objective.terms(&main_t, &aux_t) {
+            for term in objective.terms(&main_t, aux_t.as_ref()) {
                 log_term(&mut log, term.name, &term.value)?;
                 target_loss = add(target_loss, term.weight, term.value);
             }
@@ -759,8 +776,8 @@ fn step(
             target_loss = add(target_loss, a.lambda_adv_main, adv);
             trg_main = Some(for_d);
         }
-        if let (Some(d), Some(a)) = (&s.d_aux, &run.adversarial) {
-            let (for_net, for_d) = target_pass(d, &aux_t);
+        if let (Some(d), Some(a), Some(aux_t)) = (&s.d_aux, &run.adversarial, &aux_t) {
+            let (for_net, for_d) = target_pass(d, aux_t);
             let adv = bce_with_logits(for_net, SOURCE_LABEL);
             log_term(&mut log, "adv_aux", &adv)?;
             target_loss = add(target_loss, a.lambda_adv_aux, adv);
@@ -805,8 +822,16 @@ fn step(
     }
 
     // 4. Network update (SGD or AdamW), heads at `head_lr_mult` times the backbone's rate.
+    let head_lr = lr * schedule.head_lr_mult;
+    if let (Some(exempt), "adamw") = (s.model.no_decay_key(), schedule.optimizer.as_str()) {
+        s.model = decoupled_weight_decay(
+            s.model,
+            exempt,
+            [lr, head_lr].map(|l| l * schedule.weight_decay),
+        );
+    }
     let lrs: ModuleLearningRate = ModuleLrScheduler::new(lr)
-        .with_group(head_group.clone(), lr * schedule.head_lr_mult)
+        .with_group(head_group.clone(), head_lr)
         .step();
     s.model = s.opt_seg.step(lrs, s.model, accumulator.grads());
     // Only an EMA teacher moves; a frozen one stays as it is.
@@ -819,6 +844,58 @@ fn step(
 
     log.seconds = start.elapsed().as_secs_f64();
     Ok((s, log))
+}
+
+/// AdamW's decoupled weight decay, `p <- p (1 - lr wd)`, on every parameter whose path does not
+/// contain `exempt` (mmcv's `decay_mult=0` keys), at `[backbone, head]` rates `lr * wd`. Applied
+/// before the optimiser's own step, whose update does not depend on the parameter, so the result
+/// is PyTorch's AdamW with parameter groups.
+fn decoupled_weight_decay(model: Segmenter, exempt: &str, rates: [f64; 2]) -> Segmenter {
+    struct Decay<'a> {
+        path: Vec<String>,
+        exempt: &'a str,
+        heads: &'static [&'static str],
+        rates: [f64; 2],
+    }
+    impl ModuleMapper for Decay<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let buffer = matches!(
+                self.path.last().map(String::as_str),
+                Some("running_mean" | "running_var")
+            );
+            if buffer || self.path.iter().any(|p| p.contains(self.exempt)) {
+                return param;
+            }
+            // Mappers also enter the variant of an enum module (`DaFormer`), so the head's name
+            // is looked for along the path rather than at its start.
+            let head = self.path.iter().any(|p| self.heads.contains(&p.as_str()));
+            let keep = 1.0 - self.rates[usize::from(head)];
+            // On the plain tensor, re-wrapped as a leaf: an autodiff op would register the
+            // decay in a graph no backward pass frees.
+            param.map(|t| {
+                let (autodiff, trained) = (t.is_autodiff(), t.is_require_grad());
+                let decayed = t.inner().mul_scalar(keep);
+                if autodiff {
+                    decayed.autodiff().set_require_grad(trained)
+                } else {
+                    decayed
+                }
+            })
+        }
+    }
+    let heads = model.head_modules();
+    model.map(&mut Decay {
+        path: Vec::new(),
+        exempt,
+        heads,
+        rates,
+    })
 }
 
 /// `grads` of `module`'s parameters, each copied to a plain row-major layout where it has
@@ -855,4 +932,63 @@ fn check_discriminator_input(height: usize, width: usize) -> Result<(), String> 
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dag_model::{DaFormerConfig, MitConfig};
+
+    fn values<const D: usize>(p: &Param<Tensor<D>>) -> Vec<f32> {
+        p.val().into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// DAFormer's parameter groups: LayerNorms keep their values, the encoder decays at the
+    /// backbone rate, the decoder at the head rate, BatchNorm statistics are no parameters.
+    #[test]
+    fn weight_decay_skips_norms_and_uses_the_head_rate() {
+        let device = Device::flex();
+        let config = DaFormerConfig::new(MitConfig::variant(0).unwrap().with_width(0.25), 3)
+            .with_width(0.25);
+        let model = Segmenter::from(config.init(&device).unwrap());
+        // Lazy parameters would draw new values in each copy.
+        materialize(&model);
+        let Segmenter::DaFormer(before) = model.clone() else {
+            unreachable!()
+        };
+        let Segmenter::DaFormer(after) = decoupled_weight_decay(model, "norm", [0.1, 0.5]) else {
+            unreachable!()
+        };
+        let scaled = |v: Vec<f32>, k: f32| v.into_iter().map(|x| x * k).collect::<Vec<_>>();
+        let (b, a) = (&before.backbone.stages[1], &after.backbone.stages[1]);
+        assert_eq!(values(&a.norm.gamma), values(&b.norm.gamma));
+        assert_eq!(
+            values(&a.blocks[0].norm1.gamma),
+            values(&b.blocks[0].norm1.gamma)
+        );
+        let (an, bn) = (
+            a.blocks[0].attn.norm.as_ref(),
+            b.blocks[0].attn.norm.as_ref(),
+        );
+        assert_eq!(values(&an.unwrap().gamma), values(&bn.unwrap().gamma));
+        assert_eq!(
+            values(&a.blocks[0].attn.q.weight),
+            scaled(values(&b.blocks[0].attn.q.weight), 0.9)
+        );
+        let (bh, ah) = (&before.decode_head, &after.decode_head);
+        assert_eq!(
+            values(&ah.conv_seg.weight),
+            scaled(values(&bh.conv_seg.weight), 0.5)
+        );
+        let (dafb, dafa) = match (&bh.fuse_layer, &ah.fuse_layer) {
+            (
+                dag_model::daformer::FuseLayer::SepAspp(b),
+                dag_model::daformer::FuseLayer::SepAspp(a),
+            ) => (&b.bottleneck.bn, &a.bottleneck.bn),
+            _ => unreachable!("DAFormer's default fusion"),
+        };
+        assert_eq!(values(&dafa.gamma), scaled(values(&dafb.gamma), 0.5));
+        let stats = |bn: &burn::nn::BatchNorm| bn.running_var.value().into_data();
+        assert_eq!(stats(dafa), stats(dafb), "statistics are not parameters");
+    }
 }

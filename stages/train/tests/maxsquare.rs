@@ -76,7 +76,7 @@ fn the_method_weighs_the_heads_and_switches_the_weighting() {
     let terms = |params: Map<String, Value>| -> Vec<(&'static str, f64, f32)> {
         let objective = maxsquare.target[0].bind(&params).unwrap();
         objective
-            .terms(&logits, &logits)
+            .terms(&logits, Some(&logits))
             .into_iter()
             .map(|t| (t.name, t.weight, t.value.into_scalar()))
             .collect()

@@ -373,9 +373,9 @@ fn ema_case() -> Value {
         input: dag_model::InputConvention::CaffeBgr,
         resnet: dag_model::ResNetStyle::Caffe,
     };
-    let student = config.init(&ad).unwrap().train();
+    let student = dag_model::Segmenter::from(config.init(&ad).unwrap().train());
     let x = Tensor::<4>::random([2, 3, 33, 33], burn::tensor::Distribution::Default, &ad);
-    let _ = student.forward(x.clone());
+    let _ = student.forward(x.clone(), &mut dag_model::Noise::none());
     let teacher = new_teacher(Teacher::Ema, &student, &ad, &Device::flex()).unwrap();
     // The student moves on: its parameters change and a forward pass moves its BatchNorm
     // statistics, which the teacher must not share.
@@ -388,7 +388,7 @@ fn ema_case() -> Value {
         }
     }
     let student = student.map(&mut Nudge(0));
-    let _ = student.forward(x.mul_scalar(2.0));
+    let _ = student.forward(x.mul_scalar(2.0), &mut dag_model::Noise::none());
     let teacher_before = tensors(&teacher.valid());
     let alpha = ema_alpha(9, 0.7);
     let after = ema_update(teacher, &student, alpha);

@@ -110,16 +110,23 @@ fn compare_with_flex() {
     type Weight = fn(&TrainOutcome) -> Tensor<4>;
     let params: [(&str, Step, Weight); 8] = [
         ("backbone.conv1", sgd(config.schedule.lr), |o| {
-            o.model.backbone.conv1.weight.val()
+            o.model.deeplab().unwrap().backbone.conv1.weight.val()
         }),
         ("backbone.layer4.0.conv2", sgd(config.schedule.lr), |o| {
-            o.model.backbone.layer4[0].conv2.weight.val()
+            o.model.deeplab().unwrap().backbone.layer4[0]
+                .conv2
+                .weight
+                .val()
         }),
         ("layer5 (aux head)", sgd(head_lr), |o| {
-            o.model.layer5.conv2d_list[0].weight.val()
+            o.model.deeplab().unwrap().layer5.conv2d_list[0]
+                .weight
+                .val()
         }),
         ("layer6 (main head)", sgd(head_lr), |o| {
-            o.model.layer6.conv2d_list[0].weight.val()
+            o.model.deeplab().unwrap().layer6.conv2d_list[0]
+                .weight
+                .val()
         }),
         ("d_main.0", adam, |o| discriminator(&o.d_main, 0)),
         ("d_main.4", adam, |o| discriminator(&o.d_main, 4)),

@@ -48,12 +48,13 @@ impl TargetObjective for MaxSquare {
     const NAME: &'static str = "maxsquare";
     const TERMS: &'static [&'static str] = &["maxsq_main", "maxsq_aux"];
 
-    fn terms(p: &MaxSquareParams, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term> {
+    fn terms(p: &MaxSquareParams, main: &Tensor<4>, aux: Option<&Tensor<4>>) -> Vec<Term> {
         [
-            ("maxsq_main", p.lambda_maxsq_main, main),
+            ("maxsq_main", p.lambda_maxsq_main, Some(main)),
             ("maxsq_aux", p.lambda_maxsq_aux, aux),
         ]
         .into_iter()
+        .filter_map(|(name, weight, logits)| Some((name, weight, logits?)))
         .filter(|(_, weight, _)| *weight > 0.0)
         .map(|(name, weight, logits)| Term {
             name,

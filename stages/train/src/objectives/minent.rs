@@ -26,12 +26,13 @@ impl TargetObjective for MinEnt {
     const NAME: &'static str = "minent";
     const TERMS: &'static [&'static str] = &["ent_main", "ent_aux"];
 
-    fn terms(p: &MinEntParams, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term> {
+    fn terms(p: &MinEntParams, main: &Tensor<4>, aux: Option<&Tensor<4>>) -> Vec<Term> {
         [
-            ("ent_main", p.lambda_ent_main, main),
+            ("ent_main", p.lambda_ent_main, Some(main)),
             ("ent_aux", p.lambda_ent_aux, aux),
         ]
         .into_iter()
+        .filter_map(|(name, weight, logits)| Some((name, weight, logits?)))
         .filter(|(_, weight, _)| *weight > 0.0)
         .map(|(name, weight, logits)| Term {
             name,

@@ -33,8 +33,9 @@ pub trait TargetObjective: Sync + 'static {
     /// The terms it logs, in order.
     const TERMS: &'static [&'static str];
     /// The terms with a non-zero weight, for the target batch's logits of the main and aux
-    /// heads, both upsampled to the batch's size.
-    fn terms(params: &Self::Params, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term>;
+    /// heads, both upsampled to the batch's size; a network without an aux head (DAFormer) has
+    /// no aux terms.
+    fn terms(params: &Self::Params, main: &Tensor<4>, aux: Option<&Tensor<4>>) -> Vec<Term>;
     /// Whether any term has a non-zero weight. A run whose objectives are all inactive (and that
     /// has no discriminator) draws no target batch, and so trains exactly as `source_only`.
     fn is_active(params: &Self::Params) -> bool;
@@ -48,7 +49,7 @@ pub trait TargetObjective: Sync + 'static {
 /// A [`TargetObjective`] with its params bound, ready for the loop.
 pub trait TargetLoss: Send + Sync {
     /// See [`TargetObjective::terms`].
-    fn terms(&self, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term>;
+    fn terms(&self, main: &Tensor<4>, aux: Option<&Tensor<4>>) -> Vec<Term>;
     /// See [`TargetObjective::is_active`].
     fn is_active(&self) -> bool;
 }
@@ -76,7 +77,7 @@ impl<T> Registered<T> {
 struct Bound<T: TargetObjective>(T::Params);
 
 impl<T: TargetObjective> TargetLoss for Bound<T> {
-    fn terms(&self, main: &Tensor<4>, aux: &Tensor<4>) -> Vec<Term> {
+    fn terms(&self, main: &Tensor<4>, aux: Option<&Tensor<4>>) -> Vec<Term> {
         T::terms(&self.0, main, aux)
     }
     fn is_active(&self) -> bool {

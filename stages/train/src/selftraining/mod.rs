@@ -27,7 +27,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
 use dag_api::ParamSet;
-use dag_model::{upsample, upsample_differentiable, DeepLabV2};
+use dag_model::{Noise, Segmenter};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -279,7 +279,7 @@ fn is_buffer(field: Option<&String>) -> bool {
 
 /// `teacher <- alpha * teacher + (1 - alpha) * student` over the parameters (BatchNorm's running
 /// statistics are left as they are, as the references average `parameters()` only).
-pub fn ema_update(teacher: DeepLabV2, student: &DeepLabV2, alpha: f64) -> DeepLabV2 {
+pub fn ema_update(teacher: Segmenter, student: &Segmenter, alpha: f64) -> Segmenter {
     struct Collect {
         path: Vec<String>,
         values: Vec<Tensor<1>>,
@@ -353,10 +353,10 @@ pub fn ema_update(teacher: DeepLabV2, student: &DeepLabV2, alpha: f64) -> DeepLa
 /// `device` and normalises with its running statistics, as TUFL's `pseudo_net.eval()`.
 pub fn new_teacher(
     kind: Teacher,
-    student: &DeepLabV2,
+    student: &Segmenter,
     training_device: &Device,
     device: &Device,
-) -> Result<DeepLabV2, dag_model::ModelError> {
+) -> Result<Segmenter, dag_model::ModelError> {
     Ok(match kind {
         Teacher::Ema => student.independent_copy(training_device)?.no_grad(),
         Teacher::Frozen => student.valid().independent_copy(device)?,
@@ -423,11 +423,12 @@ fn batch(data: Vec<f32>, shape: [usize; 4]) -> ImageBatch {
     ImageBatch { data, shape }
 }
 
-/// The student's main logits of `images`, upsampled to their size.
-fn student_logits(student: &DeepLabV2, images: Tensor<4>) -> Tensor<4> {
+/// The student's main logits of `images`, upsampled to their size; its stochastic layers
+/// draw from `rng`.
+fn student_logits(student: &Segmenter, images: Tensor<4>, rng: &mut dyn RngCore) -> Tensor<4> {
     let [_, _, h, w] = images.dims();
-    let (_, main) = student.forward(images);
-    upsample_differentiable(main, [h, w])
+    let logits = student.forward(images, &mut Noise::from_rng(rng));
+    student.resize_logits_differentiable(logits.main, [h, w])
 }
 
 /// Checks that the source and target batches can be mixed: the same image size, labels at the
@@ -473,9 +474,9 @@ impl SelfTrainingState {
 /// The networks a self-training iteration runs.
 pub(crate) struct Networks<'a> {
     /// The student, on the training device.
-    pub student: &'a DeepLabV2,
+    pub student: &'a Segmenter,
     /// The teacher, for the methods with one, and the device its inputs go to.
-    pub teacher: Option<(&'a DeepLabV2, &'a Device)>,
+    pub teacher: Option<(&'a Segmenter, &'a Device)>,
 }
 
 /// The self-training terms of one iteration (`focal`, `mix`, then `mic`), each handed to `emit`
@@ -494,7 +495,7 @@ pub(crate) fn terms(
     emit: &mut dyn FnMut(WeightedTerm) -> Result<(), crate::TrainError>,
 ) -> Result<(), crate::TrainError> {
     let student = nets.student;
-    let input = student.arch.input;
+    let input = student.input();
     let class_weights = run.pixels.class_weights();
     let class_weights = class_weights.as_deref();
     let [n, c, h, w] = target.shape;
@@ -513,7 +514,7 @@ pub(crate) fn terms(
         // batch statistics.
         let mut views = target.data.clone();
         views.extend(strong);
-        let logits = student_logits(student, batch(views, [2 * n, c, h, w]).tensor(device));
+        let logits = student_logits(student, batch(views, [2 * n, c, h, w]).tensor(device), rng);
         let classes = logits.dims()[1];
         let weak_logits = plan.apply(logits.clone().slice([0..n, 0..classes, 0..h, 0..w]));
         let strong_logits = logits.slice([n..2 * n, 0..classes, 0..h, 0..w]);
@@ -557,8 +558,12 @@ pub(crate) fn terms(
     };
 
     // 1. Pseudo-labels of the un-augmented target batch.
-    let (_, teacher_main) = teacher.forward(target.tensor(teacher_device));
-    let teacher_logits = upsample(teacher_main, [h, w]);
+    // Dropout and stochastic depth off, BatchNorm as the teacher's device has it (DAFormer's
+    // teacher: batch statistics, as its `train()` mode).
+    let teacher_main = teacher
+        .forward(target.tensor(teacher_device), &mut Noise::none())
+        .main;
+    let teacher_logits = teacher.resize_logits(teacher_main, [h, w]);
     let classes = teacher_logits.dims()[1];
     let PseudoLabels {
         labels: pseudo,
@@ -618,7 +623,7 @@ pub(crate) fn terms(
         .augment(input)
         .apply(&mut mixed, [n, c, h, w], rng);
     let value = pixel_cross_entropy(
-        student_logits(student, batch(mixed, [n, c, h, w]).tensor(device)),
+        student_logits(student, batch(mixed, [n, c, h, w]).tensor(device), rng),
         &mixed_labels,
         &mixed_weight,
         class_weights,
@@ -650,7 +655,7 @@ pub(crate) fn terms(
             }
         }
         let value = pixel_cross_entropy(
-            student_logits(student, batch(masked, [n, c, h, w]).tensor(device)),
+            student_logits(student, batch(masked, [n, c, h, w]).tensor(device), rng),
             &pseudo,
             &target_weight,
             class_weights,
