@@ -26,12 +26,17 @@ done
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dag-target}"
 cargo build --release -q -p dag-train --features wgpu --example daformer_step
 bin="$CARGO_TARGET_DIR/release/examples/daformer_step"
-grep -o -m1 'avx512[a-z]*\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '; echo "($(nproc) cores)"
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) cores, \
+$(grep -m1 -o 'avx512f' /proc/cpuinfo || echo 'no avx512f'), $(grep -m1 -o 'avx2' /proc/cpuinfo)"
 ratios=()
 for run in $(seq 1 "$RUNS"); do
     echo "== run $run of $RUNS"
-    dag="$("$bin" --size "$SIZE" --batch "$BATCH" --mode ce | tee /dev/stderr | awk '$2 == "daformer_ce_step_ms" { print $3 }')"
-    torch="$("$PY" bench/daformer_step/daformer_step_torch.py --size "$SIZE" --batch "$BATCH" | tee /dev/stderr | awk '$2 == "daformer_ce_step_ms" { print $3 }')"
+    dag_out="$("$bin" --size "$SIZE" --batch "$BATCH" --mode ce)"
+    echo "$dag_out"
+    torch_out="$("$PY" bench/daformer_step/daformer_step_torch.py --size "$SIZE" --batch "$BATCH")"
+    echo "$torch_out"
+    dag="$(awk '$2 == "daformer_ce_step_ms" { print $3 }' <<<"$dag_out")"
+    torch="$(awk '$2 == "daformer_ce_step_ms" { print $3 }' <<<"$torch_out")"
     ratio="$(awk -v a="$dag" -v b="$torch" 'BEGIN { printf "%.2f", a / b }')"
     echo "ratio dag-flex/pytorch daformer_ce_step_ms $ratio"
     ratios+=("$ratio")
