@@ -111,3 +111,22 @@ stages:
         );
     }
 }
+
+/// A DAFormer that arrives through `init` has no aux head either: an aux weight set for it is
+/// refused when the stage starts, naming the param.
+#[test]
+fn aux_weights_for_an_init_daformer_are_refused() {
+    let pipeline = PIPELINE.replace(
+        "params: { method: dacs, batch_size: 2,",
+        "params: { method: dacs, lambda_seg_aux: 0.5, batch_size: 2,",
+    );
+    assert_ne!(pipeline, PIPELINE);
+    let ws = Ws::new(&pipeline, &[]);
+    let out = ws.dag(&["run", "pipeline.yaml"]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("`daformer` network has no aux head") && all.contains("lambda_seg_aux"),
+        "{all}"
+    );
+}

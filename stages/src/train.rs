@@ -130,6 +130,32 @@ struct P {
 }
 
 impl TrainStage {
+    /// Refuses aux-head weights set to something other than their default or 0 for a network
+    /// without an aux head (`network`): they were meant to do something and would do nothing.
+    fn refuse_aux_weights(&self, params: &Params, network: &str) -> Result<(), String> {
+        let aux: Vec<&str> = self
+            .params()
+            .into_iter()
+            .filter(|spec| spec.name.starts_with("lambda_") && spec.name.ends_with("_aux"))
+            .filter(|spec| {
+                params
+                    .get(spec.name)
+                    .is_some_and(|v| Some(v) != spec.default.as_ref() && v.as_f64() != Some(0.0))
+            })
+            .map(|spec| spec.name)
+            .collect();
+        if aux.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the `{network}` network has no aux head, so {} would have no effect; remove {} \
+             (or set {} to 0)",
+            aux.join(", "),
+            if aux.len() == 1 { "it" } else { "them" },
+            if aux.len() == 1 { "it" } else { "them" }
+        ))
+    }
+
     /// Whether the kind takes a `method` (and the methods' params).
     fn has_method(&self) -> bool {
         self.0 != Role::Source
@@ -324,25 +350,7 @@ impl Stage for TrainStage {
         // The network params must agree with each other (the class count comes from the data).
         new_architecture(&p, 1).map_err(|e| e.message)?;
         if p.network.as_deref() == Some("daformer") {
-            // Aux weights changed from their defaults were meant to do something.
-            let aux: Vec<&str> = self
-                .params()
-                .into_iter()
-                .filter(|spec| spec.name.starts_with("lambda_") && spec.name.ends_with("_aux"))
-                .filter(|spec| {
-                    params
-                        .get(spec.name)
-                        .is_some_and(|v| Some(v) != spec.default.as_ref())
-                })
-                .map(|spec| spec.name)
-                .collect();
-            if !aux.is_empty() {
-                return Err(format!(
-                    "DAFormer's network has no aux head, so {} would have no effect; remove {}",
-                    aux.join(", "),
-                    if aux.len() == 1 { "it" } else { "them" }
-                ));
-            }
+            self.refuse_aux_weights(params, "daformer")?;
         }
         let cfg = self.config(params, 0).map_err(|e| e.message)?;
         cfg.validate()?;
@@ -449,6 +457,11 @@ impl Stage for TrainStage {
         }
 
         let (model, init) = initial_model(ctx, &p, proto, &device)?;
+        if !model.has_aux() {
+            // The network may come from `init`, which `check` cannot see.
+            self.refuse_aux_weights(ctx.params, model.arch().name())
+                .map_err(StageError::new)?;
+        }
         batches.input = dag_train::normalisation(model.input());
         if config.schedule.lambda_fd > 0.0 && p.imagenet.is_none() {
             tracing::warn!(
@@ -651,7 +664,8 @@ fn new_architecture(p: &P, classes: usize) -> Result<Architecture, StageError> {
             "DAFormer's network takes `encoder`, `decoder` and `width`; its input is always \
              `imagenet_rgb`"
         } else {
-            "`encoder` and `decoder` are DAFormer's; set `network: daformer` or remove them"
+            "`encoder` and `decoder` are DAFormer's: set `network: daformer`, or remove them \
+             (with an `init` input the network is that model's)"
         }));
     }
     if daformer {

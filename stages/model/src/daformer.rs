@@ -128,9 +128,9 @@ impl DaFormerConfig {
         Ok(())
     }
 
-    /// Builds the network with random weights: the encoder as [`MitConfig::init`], the
-    /// decoder's linear layers N(0, 0.02), its convs Kaiming, the classifier N(0, 0.01) as
-    /// mmseg's `BaseDecodeHead`.
+    /// Builds the network with random weights as the reference: the encoder as
+    /// [`MitConfig::init`], the decoder's linear layers PyTorch's default, its convs mmcv's
+    /// `kaiming_init` (normal, fan-out), the classifier N(0, 0.01) as mmseg's `BaseDecodeHead`.
     pub fn init(&self, device: &Device) -> Result<DaFormer, ModelError> {
         self.validate()?;
         let levels = 4 * self.embed_dim;
@@ -176,20 +176,13 @@ impl DaFormerConfig {
                 FuseLayer::Conv(ConvBn::new([levels, self.channels], 1, 1, 1, device))
             }
         };
+        // PyTorch's default `nn.Linear` initialisation (uniform within 1/sqrt(fan_in), weight
+        // and bias), which DAFormer's `MLP` keeps; Burn's default is the same.
         let embed_layers = self
             .encoder
             .embed_dims
             .iter()
-            .map(|&c| {
-                let mut linear = LinearConfig::new(c, self.embed_dim)
-                    .with_initializer(Initializer::Normal {
-                        mean: 0.0,
-                        std: 0.02,
-                    })
-                    .init(device);
-                linear.bias = Some(Param::from_tensor(Tensor::zeros([self.embed_dim], device)));
-                linear
-            })
+            .map(|&c| LinearConfig::new(c, self.embed_dim).init(device))
             .collect();
         let mut conv_seg = Conv2dConfig::new([self.channels, self.classes], [1, 1])
             .with_initializer(Initializer::Normal {
@@ -294,7 +287,9 @@ impl ConvBn {
         device: &Device,
     ) -> Self {
         let pad = dilation * (kernel / 2);
-        let fan_out = kernel * kernel * cout / groups;
+        // PyTorch's fan-out, which mmcv's `kaiming_init` uses, ignores groups (MiT's own
+        // initialisation divides by them).
+        let fan_out = kernel * kernel * cout;
         Self {
             conv: Conv2dConfig::new([cin, cout], [kernel, kernel])
                 .with_dilation([dilation, dilation])

@@ -1,5 +1,6 @@
-//! The networks of `dag` on Burn 0.22: DeepLabV2 (dilated ResNet with Caffe-style bottlenecks,
-//! frozen-affine BatchNorm, multi-level heads) and ADVENT's patch discriminator, plus what later
+//! The networks of `dag` on Burn 0.22: DeepLabV2 (dilated ResNet with Caffe-style or mmcv V1c
+//! bottlenecks, multi-level heads), DAFormer's network (SegFormer's MiT encoder with DAFormer's
+//! decoder), one [`Segmenter`] type over both, and ADVENT's patch discriminator; plus what later
 //! stages need around them: saving/loading a model artifact (Burn record + `model.json`),
 //! ImageNet initialisation from PyTorch `.pth` files, and inference at a given output size.
 //!

@@ -29,7 +29,8 @@ pub struct Schedule {
     /// SGD momentum (no dampening); unused by `adamw`
     #[param(default = 0.9, min = 0.0)]
     pub momentum: f64,
-    /// weight decay: L2 for `sgd`, decoupled for `adamw` (DAFormer: 0.01)
+    /// weight decay: L2 for `sgd`, decoupled for `adamw` (DAFormer: 0.01; with `adamw`,
+    /// DAFormer's network exempts its LayerNorms, as DAFormer's `norm: decay_mult 0`)
     #[param(default = 5e-4, min = 0.0)]
     pub weight_decay: f64,
     /// AdamW's beta1, below 1 (`adamw` only)
@@ -51,7 +52,7 @@ pub struct Schedule {
     /// the share of the poly rate that the warmup starts from (DAFormer: 1e-6)
     #[param(default = 1e-6, min = 0.0, max = 1.0)]
     pub warmup_ratio: f64,
-    /// learning-rate multiplier of the two classifier heads
+    /// learning-rate multiplier of the heads: DeepLabV2's two classifiers, DAFormer's decoder
     #[param(default = 10.0, min = 0.0)]
     pub head_lr_mult: f64,
     /// weight of the main head's cross-entropy
