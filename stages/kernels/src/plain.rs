@@ -45,12 +45,15 @@ pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 }
 
 pub(crate) fn batch_norm(bn: &BatchNorm, x: Tensor<4>, then_relu: bool) -> Tensor<4> {
+    let updates_statistics = x.device().is_autodiff() && bn.training.is_enabled();
     let y = bn.forward(x);
     // Burn's `RunningState` keeps one pending value per thread and averages them only when a
     // thread holding one reads the value; the trainer runs each step on whichever worker is
     // free. Merged now, on the thread that wrote them, the statistics never depend on which
     // thread ran which step (a resumed run then ends with the uninterrupted one's).
-    let _ = (bn.running_mean.value_sync(), bn.running_var.value_sync());
+    if updates_statistics {
+        let _ = (bn.running_mean.value_sync(), bn.running_var.value_sync());
+    }
     if then_relu {
         relu(y)
     } else {

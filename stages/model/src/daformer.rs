@@ -397,12 +397,4 @@ impl DaFormer {
             .pop()
             .expect("the encoder has four stages")
     }
-
-    /// A copy with its own storage on `device` (BatchNorm running statistics included).
-    pub fn independent_copy(&self, device: &Device) -> Result<Self, ModelError> {
-        let fresh = self.arch.init(device)?;
-        fresh
-            .try_load_record(self.clone().into_record())
-            .map_err(|e| ModelError::InvalidConfig(format!("copying the network: {e}")))
-    }
 }

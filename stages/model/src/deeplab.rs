@@ -534,16 +534,6 @@ pub struct DeepLabV2 {
 }
 
 impl DeepLabV2 {
-    /// A copy with its own storage on `device`: parameters equal to this model's, BatchNorm
-    /// running statistics its own (a `clone` shares them, so a teacher network's forward
-    /// passes would move its student's statistics).
-    pub fn independent_copy(&self, device: &Device) -> Result<Self, ModelError> {
-        let fresh = self.arch.init(device)?;
-        fresh
-            .try_load_record(self.clone().into_record())
-            .map_err(|e| ModelError::InvalidConfig(format!("copying the network: {e}")))
-    }
-
     /// Returns `(aux, main)` logits, each `[N, classes, ceil(H/8), ceil(W/8)]`-ish (the exact
     /// size follows the convolution arithmetic, see [`output_size`]), for images `[N, 3, H, W]`
     /// already mean-subtracted.

@@ -214,12 +214,14 @@ impl Segmenter {
         }
     }
 
-    /// A copy with its own storage on `device` (BatchNorm running statistics included).
+    /// A copy with its own storage on `device`: parameters equal to this model's, BatchNorm
+    /// running statistics its own (a `clone` shares them, so a teacher network's forward
+    /// passes would move its student's statistics).
     pub fn independent_copy(&self, device: &Device) -> Result<Self, ModelError> {
-        Ok(match self {
-            Self::DeepLabV2(m) => Self::DeepLabV2(m.independent_copy(device)?),
-            Self::DaFormer(m) => Self::DaFormer(m.independent_copy(device)?),
-        })
+        self.arch()
+            .init(device)?
+            .try_load_record(self.clone().into_record())
+            .map_err(|e| ModelError::InvalidConfig(format!("copying the network: {e}")))
     }
 
     /// Inference: logits of `images` `[N, 3, H, W]` resized to `size` (`[height, width]`),

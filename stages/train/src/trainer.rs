@@ -865,11 +865,9 @@ fn decoupled_weight_decay(model: Segmenter, exempt: &str, rates: [f64; 2]) -> Se
             self.path.pop();
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let buffer = matches!(
-                self.path.last().map(String::as_str),
-                Some("running_mean" | "running_var")
-            );
-            if buffer || self.path.iter().any(|p| p.contains(self.exempt)) {
+            if selftraining::is_buffer(self.path.last())
+                || self.path.iter().any(|p| p.contains(self.exempt))
+            {
                 return param;
             }
             // Mappers also enter the variant of an enum module (`DaFormer`), so the head's name

@@ -270,7 +270,7 @@ pub fn ema_alpha(iteration: usize, alpha: f64) -> f64 {
 }
 
 /// BatchNorm's running statistics: buffers, never averaged into the teacher.
-fn is_buffer(field: Option<&String>) -> bool {
+pub(crate) fn is_buffer(field: Option<&String>) -> bool {
     matches!(
         field.map(String::as_str),
         Some("running_mean" | "running_var")
