@@ -4,6 +4,7 @@
 //!
 //!     cargo run --release -p dag-train --example daformer_step -- [--warmup 2] [--steps 5]
 //!         [--size 512x512] [--batch 2] [--encoder mit_b0] [--mode ce|daformer]
+//!         [--network daformer|hrda]
 //!
 //! `--mode ce` (the default) runs the source cross-entropy step that
 //! `bench/daformer_step/daformer_step_torch.py` runs in PyTorch. `--mode daformer` runs
@@ -11,10 +12,14 @@
 //! per-batch ClassMix, colour jitter and blur, the feature distance to a frozen copy of the
 //! starting network, the source CE over all pixels). Both print the median per-iteration wall
 //! time after warm-up and the process's peak resident memory (`VmHWM`).
+//!
+//! `--network hrda` runs HRDA's network instead (`--size` is then the training crop, 1024x1024
+//! in HRDA, with the 512x512 detail crop at scale 1 and the context at 0.5): in `daformer` mode
+//! the teacher labels each target crop from nine overlapping detail crops.
 
 use std::sync::atomic::AtomicBool;
 
-use dag_model::{DaFormerConfig, MitConfig};
+use dag_model::{Architecture, DaFormerConfig, HrdaConfig, MitConfig};
 use dag_train::rand_core::RngCore;
 use dag_train::{
     train, BatchError, Batches, ImageBatch, LabelBatch, Schedule, SourceBatch, TrainConfig,
@@ -85,6 +90,7 @@ fn main() {
     let mut size = [512, 512];
     let mut encoder = "mit_b0".to_string();
     let mut mode = "ce".to_string();
+    let mut network_name = "daformer".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -99,13 +105,19 @@ fn main() {
             }
             "--encoder" => encoder = v.clone(),
             "--mode" => mode = v.clone(),
+            "--network" => network_name = v.clone(),
             _ => panic!(
                 "unknown option {a}; use --warmup N --steps N --batch N --size HxW \
-                 --encoder mit_bN --mode ce|daformer"
+                 --encoder mit_bN --mode ce|daformer --network daformer|hrda"
             ),
         }
     }
-    let network = DaFormerConfig::new(MitConfig::from_name(&encoder).expect("encoder"), CLASSES);
+    let daformer = DaFormerConfig::new(MitConfig::from_name(&encoder).expect("encoder"), CLASSES);
+    let network = match network_name.as_str() {
+        "daformer" => Architecture::DaFormer(daformer),
+        "hrda" => Architecture::Hrda(HrdaConfig::new(daformer)),
+        other => panic!("unknown --network {other}; use daformer or hrda"),
+    };
     let mut config = TrainConfig {
         method: if mode == "ce" { "source_only" } else { "dacs" }.into(),
         schedule: Schedule {
@@ -139,7 +151,7 @@ fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let [h, w] = size;
     println!(
-        "dag-flex: DAFormer {encoder}, {CLASSES} classes, {batch} x {h}x{w}, {mode} step, \
+        "dag-flex: {network_name} {encoder}, {CLASSES} classes, {batch} x {h}x{w}, {mode} step, \
          {threads} threads, median of {steps} after {warmup} warm-up"
     );
     let device = burn::tensor::Device::flex();
@@ -156,8 +168,8 @@ fn main() {
     )
     .expect("training runs");
     let step = median(out.log[warmup..].iter().map(|l| l.seconds).collect());
-    println!("dag-flex daformer_{mode}_step_ms {:.1}", step * 1e3);
+    println!("dag-flex {network_name}_{mode}_step_ms {:.1}", step * 1e3);
     if let Some(peak) = peak_rss_mib() {
-        println!("dag-flex daformer_{mode}_peak_rss_mib {peak:.0}");
+        println!("dag-flex {network_name}_{mode}_peak_rss_mib {peak:.0}");
     }
 }

@@ -49,6 +49,22 @@ pub(crate) fn load_model_input(
     })
 }
 
+/// Refuses a model that cannot infer on the images of `ds` (HRDA's sides must be multiples of
+/// its context's logit cell).
+pub(crate) fn check_model_input(
+    model: &Segmenter,
+    ds: &Dataset,
+    what: &str,
+) -> Result<(), StageError> {
+    let (w, h) = ds.size();
+    model
+        .check_input([h as usize, w as usize], false)
+        .map_err(|e| {
+            StageError::new(format!("{what}: {e}"))
+                .with_hint("set `size` on the data's preprocess stage")
+        })
+}
+
 /// Refuses a model whose class count differs from the data's.
 pub(crate) fn check_classes(
     desc: &ModelDescription,

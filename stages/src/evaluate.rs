@@ -9,7 +9,7 @@ use dag_api::{
 use dag_data::pngio::write_label_png;
 use dag_data::{Column, Dataset, Protocol, Table};
 use dag_metrics::{round2, ConfusionMatrix, SYNTHIA_13_OF_16};
-use dag_model::{load_record_into, Noise, Segmenter};
+use dag_model::{load_record_into, Segmenter};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -19,7 +19,9 @@ use dag_artifacts::evaluate::{
 use dag_artifacts::files::{create_parent, data_error, safe_join, write_json};
 use dag_artifacts::visuals::{write_index, Visual};
 
-use crate::common::{check_classes, device, load_model_input, open_dataset, protocol};
+use crate::common::{
+    check_classes, check_model_input, device, load_model_input, open_dataset, protocol,
+};
 
 /// The `evaluate` stage kind.
 pub struct Evaluate;
@@ -125,6 +127,7 @@ impl Stage for Evaluate {
         }
         let (model, desc) = load_model_input(ctx, "model", &device)?;
         check_classes(&desc, proto, "the `data` set")?;
+        check_model_input(&model, &ds, "the `data` set")?;
         let out = ctx.output("evaluation")?;
         let model_dir = &ctx.input("model")?.path;
 
@@ -253,7 +256,7 @@ fn confusion(
         // Images of one batch may have different original sizes: group only for the forward.
         let batch = ds.batch_as(chunk, &dag_train::normalisation(model.input()));
         let x = Tensor::<4>::from_data(TensorData::new(batch.images, batch.shape), &plain);
-        let main = net.forward(x, &mut Noise::none()).main;
+        let main = net.infer(x).main;
         for (k, &i) in chunk.iter().enumerate() {
             let item = ds.get(i).expect("index");
             let (gw, gh, gt) = if p.full_resolution {

@@ -22,7 +22,9 @@ use dag_artifacts::files::{
 use dag_artifacts::score::{column, COLOR_DIR, DIFFICULTY_FILE, LABELS_DIR, SCORES_FILE};
 use dag_artifacts::visuals::{write_index, Visual};
 
-use crate::common::{check_classes, device, load_model_input, open_dataset, protocol};
+use crate::common::{
+    check_classes, check_model_input, device, load_model_input, open_dataset, protocol,
+};
 
 /// The `score_entropy` stage kind.
 pub struct ScoreEntropy;
@@ -174,6 +176,7 @@ impl Stage for ScoreEntropy {
         let proto = protocol(&ds)?;
         let (model, desc) = load_model_input(ctx, "model", &device)?;
         check_classes(&desc, proto, "the `target` set")?;
+        check_model_input(&model, &ds, "the `target` set")?;
         let rare = rare_classes(proto.num_classes());
         if p.normalize && rare.is_none() {
             return Err(StageError::new(format!(

@@ -13,7 +13,9 @@ use dag_api::{
     StageOutcome, Value,
 };
 use dag_data::{Column, Dataset, Normalisation, RareClassSampler, Sampler, Table};
-use dag_model::{Architecture, DaFormerConfig, DeepLabV2Config, Fusion, MitConfig, Segmenter};
+use dag_model::{
+    Architecture, DaFormerConfig, DeepLabV2Config, Fusion, HrdaConfig, MitConfig, Segmenter,
+};
 use dag_train::rand_core::RngCore;
 use dag_train::{
     BatchError, Batches, ImageBatch, IterationLog, LabelBatch, Method, Schedule, SourceBatch,
@@ -56,20 +58,42 @@ struct P {
     /// images per batch, for the labelled and (if used) the unlabelled batch
     #[param(default = 1, min = 1)]
     batch_size: usize,
-    /// the network of a new model: `deeplabv2` (DeepLabV2 on a dilated ResNet, the default) or
-    /// `daformer` (a MiT encoder with DAFormer's decoder, as DAFormer, HRDA and MIC); taken
+    /// the network of a new model: `deeplabv2` (DeepLabV2 on a dilated ResNet, the default),
+    /// `daformer` (a MiT encoder with DAFormer's decoder, as DAFormer and MIC) or `hrda`
+    /// (DAFormer's network on HRDA's context and detail views with its scale attention); taken
     /// from the `init` model when given
-    #[param(one_of = ["deeplabv2", "daformer"])]
+    #[param(one_of = ["deeplabv2", "daformer", "hrda"])]
     network: Option<String>,
-    /// with `network: daformer`, SegFormer's MiT variant of the encoder: `mit_b0` ... `mit_b5`
-    /// (the papers: mit_b5, the default)
+    /// with `network: daformer` or `hrda`, SegFormer's MiT variant of the encoder: `mit_b0` ...
+    /// `mit_b5` (the papers: mit_b5, the default)
     #[param(one_of = ["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"])]
     encoder: Option<String>,
-    /// with `network: daformer`, how the decoder fuses the encoder's levels: `sep_aspp`
-    /// (DAFormer's context-aware fusion, the default) or `conv1x1` (SegFormer's lighter MLP
-    /// decoder)
+    /// with `network: daformer` or `hrda`, how the decoder fuses the encoder's levels:
+    /// `sep_aspp` (DAFormer's context-aware fusion, the default) or `conv1x1` (SegFormer's
+    /// lighter MLP decoder)
     #[param(one_of = ["sep_aspp", "conv1x1"])]
     decoder: Option<String>,
+    /// with `network: hrda`, [width, height] of the detail crop decoded at full resolution
+    /// in training, and of the overlapping crops of its whole-image pass (HRDA: [512, 512],
+    /// the default); multiples of 8 at `context_scale` 0.5
+    #[param(min = 1)]
+    detail_crop: Option<[usize; 2]>,
+    /// with `network: hrda`, the scale of the context view of the whole image (HRDA: 0.5, the
+    /// default); 1/k for a whole k
+    #[param(min = 0.0, max = 1.0, min_exclusive)]
+    context_scale: Option<f64>,
+    /// with `network: hrda`, the share of each segmentation loss that goes to the detail
+    /// crop's own cross-entropy; the fused prediction's gets the rest (HRDA: 0.1, the default)
+    #[param(min = 0.0, max = 1.0)]
+    detail_loss_weight: Option<f64>,
+    /// with `network: hrda`, [width, height] of the windows of test-time sliding-window
+    /// inference, used by `evaluate` and `score_entropy` (HRDA: [1024, 1024], the default)
+    #[param(min = 1)]
+    test_window: Option<[usize; 2]>,
+    /// with `network: hrda`, [width, height] stride of the test-time windows (HRDA: [512,
+    /// 512], the default)
+    #[param(min = 1)]
+    test_stride: Option<[usize; 2]>,
     /// ResNet depth of a new DeepLabV2: 101 (paper), 50, 26 or 14; default 101 (taken from the
     /// `init` model when given)
     #[param(min = 1)]
@@ -348,12 +372,19 @@ impl Stage for TrainStage {
                 .ok_or_else(|| format!("depth {d} is not one of 101, 50, 26, 14"))?;
         }
         // The network params must agree with each other (the class count comes from the data).
-        new_architecture(&p, 1).map_err(|e| e.message)?;
-        if p.network.as_deref() == Some("daformer") {
-            self.refuse_aux_weights(params, "daformer")?;
+        let arch = new_architecture(&p, 1).map_err(|e| e.message)?;
+        if let Some(network) = p.network.as_deref().filter(|&n| n != "deeplabv2") {
+            self.refuse_aux_weights(params, network)?;
         }
         let cfg = self.config(params, 0).map_err(|e| e.message)?;
         cfg.validate()?;
+        if p.network.is_some() {
+            cfg.method()?.check_network(&arch)?;
+        }
+        if let (Architecture::Hrda(hrda), Some([w, h])) = (&arch, p.crop) {
+            hrda.check_input([h, w], true)
+                .map_err(|e| format!("`crop` {w}x{h}: {e}"))?;
+        }
         if self.has_method() {
             let method = cfg.method()?;
             if !method.uses_target() {
@@ -398,10 +429,18 @@ impl Stage for TrainStage {
                     "ImageNet weights {} not found",
                     path.display()
                 ))
-                .with_hint(
-                    "download ADVENT's DeepLab_resnet_pretrained_imagenet.pth (see README, \
-                     \"Real datasets\") to that path, or remove `imagenet:` to train from scratch",
-                ));
+                .with_hint(match p.network.as_deref() {
+                    Some("daformer" | "hrda") => {
+                        "download SegFormer's ImageNet-1k encoder (mit_b0.pth ... mit_b5.pth, \
+                         from the SegFormer README's links) to that path, or remove \
+                         `imagenet:` to train from scratch"
+                    }
+                    _ => {
+                        "download ADVENT's DeepLab_resnet_pretrained_imagenet.pth (see README, \
+                         \"Real datasets\") to that path, or remove `imagenet:` to train from \
+                         scratch"
+                    }
+                }));
             }
         }
         Ok(())
@@ -579,11 +618,17 @@ fn initial_model(
             || p.classifier_dilations.is_some()
             || p.input_normalisation.is_some()
             || p.resnet.is_some()
+            || p.detail_crop.is_some()
+            || p.context_scale.is_some()
+            || p.detail_loss_weight.is_some()
+            || p.test_window.is_some()
+            || p.test_stride.is_some()
         {
             return Err(StageError::new(
                 "`init` gives the starting model, so `imagenet`, `network`, `encoder`, \
-                 `decoder`, `depth`, `width`, `classifier_dilations`, `input_normalisation` and \
-                 `resnet` must not be set as well",
+                 `decoder`, `depth`, `width`, `classifier_dilations`, `input_normalisation`, \
+                 `resnet` and HRDA's `detail_crop`, `context_scale`, `detail_loss_weight`, \
+                 `test_window` and `test_stride` must not be set as well",
             )
             .with_hint("remove either the `init` input or those params"));
         }
@@ -608,6 +653,11 @@ fn initial_model(
                     m.backbone = encoder;
                     (Segmenter::DaFormer(m), report)
                 }
+                Segmenter::Hrda(mut m) => {
+                    let (encoder, report) = dag_model::load_mit_weights(m.backbone, &path, false)?;
+                    m.backbone = encoder;
+                    (Segmenter::Hrda(m), report)
+                }
             };
             tracing::info!(stage = ctx.stage, file = %path.display(), "ImageNet weights: {}", report.summary());
             return Ok((
@@ -629,7 +679,15 @@ fn initial_model(
 /// The architecture of a new network from the stage's params; params of the other network are
 /// refused.
 fn new_architecture(p: &P, classes: usize) -> Result<Architecture, StageError> {
-    let daformer = p.network.as_deref() == Some("daformer");
+    let network = p.network.as_deref().unwrap_or("deeplabv2");
+    let daformer = network != "deeplabv2";
+    let hrda_params = [
+        ("detail_crop", p.detail_crop.is_some()),
+        ("context_scale", p.context_scale.is_some()),
+        ("detail_loss_weight", p.detail_loss_weight.is_some()),
+        ("test_window", p.test_window.is_some()),
+        ("test_stride", p.test_stride.is_some()),
+    ];
     let misplaced: Vec<&str> = if daformer {
         [
             ("depth", p.depth.is_some()),
@@ -643,6 +701,7 @@ fn new_architecture(p: &P, classes: usize) -> Result<Architecture, StageError> {
             ),
         ]
         .into_iter()
+        .chain(hrda_params.into_iter().filter(|_| network != "hrda"))
         .filter_map(|(name, set)| set.then_some(name))
         .collect()
     } else {
@@ -651,21 +710,31 @@ fn new_architecture(p: &P, classes: usize) -> Result<Architecture, StageError> {
             ("decoder", p.decoder.is_some()),
         ]
         .into_iter()
+        .chain(hrda_params)
         .filter_map(|(name, set)| set.then_some(name))
         .collect()
     };
     if !misplaced.is_empty() {
-        let network = if daformer { "daformer" } else { "deeplabv2" };
         return Err(StageError::new(format!(
             "{} do(es) not apply to `network: {network}`",
             misplaced.join(", ")
         ))
-        .with_hint(if daformer {
-            "DAFormer's network takes `encoder`, `decoder` and `width`; its input is always \
-             `imagenet_rgb`"
-        } else {
-            "`encoder` and `decoder` are DAFormer's: set `network: daformer`, or remove them \
-             (with an `init` input the network is that model's)"
+        .with_hint(match network {
+            "daformer" => {
+                "DAFormer's network takes `encoder`, `decoder` and `width`, its input is always \
+                 `imagenet_rgb`; `detail_crop`, `context_scale`, `detail_loss_weight`, \
+                 `test_window` and `test_stride` are HRDA's (`network: hrda`)"
+            }
+            "hrda" => {
+                "HRDA's network takes `encoder`, `decoder`, `width` and its own `detail_crop`, \
+                 `context_scale`, `detail_loss_weight`, `test_window` and `test_stride`; its \
+                 input is always `imagenet_rgb`"
+            }
+            _ => {
+                "`encoder` and `decoder` are DAFormer's and HRDA's, `detail_crop` and the \
+                 other multi-resolution params HRDA's: set `network: daformer` or `hrda`, or \
+                 remove them (with an `init` input the network is that model's)"
+            }
         }));
     }
     if daformer {
@@ -675,7 +744,30 @@ fn new_architecture(p: &P, classes: usize) -> Result<Architecture, StageError> {
         if p.decoder.as_deref() == Some("conv1x1") {
             config.fusion = Fusion::Conv1x1;
         }
-        return Ok(Architecture::DaFormer(config));
+        if network != "hrda" {
+            return Ok(Architecture::DaFormer(config));
+        }
+        let mut hrda = HrdaConfig::new(config);
+        let width = p.width.unwrap_or(1.0);
+        hrda.attention_embed_dim =
+            ((hrda.attention_embed_dim as f64 * width).round() as usize).max(1);
+        if let Some([w, h]) = p.detail_crop {
+            hrda.detail_crop = [h, w];
+        }
+        if let Some(scale) = p.context_scale {
+            hrda.context_scale = scale;
+        }
+        if let Some(weight) = p.detail_loss_weight {
+            hrda.detail_loss_weight = weight;
+        }
+        if let Some([w, h]) = p.test_window {
+            hrda.test_window = [h, w];
+        }
+        if let Some([w, h]) = p.test_stride {
+            hrda.test_stride = [h, w];
+        }
+        hrda.validate()?;
+        return Ok(Architecture::Hrda(hrda));
     }
     let mut config =
         DeepLabV2Config::new(p.depth.unwrap_or(101), classes)?.with_width(p.width.unwrap_or(1.0));

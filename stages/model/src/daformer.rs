@@ -133,6 +133,16 @@ impl DaFormerConfig {
     /// `kaiming_init` (normal, fan-out), the classifier N(0, 0.01) as mmseg's `BaseDecodeHead`.
     pub fn init(&self, device: &Device) -> Result<DaFormer, ModelError> {
         self.validate()?;
+        Ok(DaFormer {
+            arch: self.clone(),
+            backbone: self.encoder.init(device)?,
+            decode_head: self.init_head(device),
+        })
+    }
+
+    /// The decoder alone, initialised as [`DaFormerConfig::init`] does (HRDA's scale attention
+    /// is a second decoder on the same encoder).
+    pub(crate) fn init_head(&self, device: &Device) -> DaFormerHead {
         let levels = 4 * self.embed_dim;
         let fuse_layer = match &self.fusion {
             Fusion::SepAspp { dilations } => {
@@ -191,16 +201,12 @@ impl DaFormerConfig {
             })
             .init(device);
         conv_seg.bias = Some(Param::from_tensor(Tensor::zeros([self.classes], device)));
-        Ok(DaFormer {
-            arch: self.clone(),
-            backbone: self.encoder.init(device)?,
-            decode_head: DaFormerHead {
-                embed_layers,
-                fuse_layer,
-                conv_seg,
-                dropout: self.dropout,
-            },
-        })
+        DaFormerHead {
+            embed_layers,
+            fuse_layer,
+            conv_seg,
+            dropout: self.dropout,
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The networks of `dag` on Burn 0.22: DeepLabV2 (dilated ResNet with Caffe-style or mmcv V1c
 //! bottlenecks, multi-level heads), DAFormer's network (SegFormer's MiT encoder with DAFormer's
-//! decoder), one [`Segmenter`] type over both, and ADVENT's patch discriminator; plus what later
+//! decoder), HRDA's multi-resolution version of it, one [`Segmenter`] type over them, and
+//! ADVENT's patch discriminator; plus what later
 //! stages need around them: saving/loading a model artifact (Burn record + `model.json`),
 //! ImageNet initialisation from PyTorch `.pth` files, and inference at a given output size.
 //!
@@ -17,6 +18,7 @@ pub mod conv;
 pub mod daformer;
 pub mod deeplab;
 pub mod discriminator;
+pub mod hrda;
 pub mod mit;
 pub mod noise;
 pub mod segmenter;
@@ -29,9 +31,10 @@ pub use deeplab::{
     output_size, DeepLabV2, DeepLabV2Config, InputConvention, ResNetBackbone, ResNetStyle,
 };
 pub use discriminator::{Discriminator, DiscriminatorConfig};
+pub use hrda::{Hrda, HrdaConfig, PixelWindow};
 pub use mit::{MitConfig, MixTransformer};
 pub use noise::Noise;
-pub use segmenter::{Architecture, Logits, Segmenter};
+pub use segmenter::{Architecture, DetailLogits, Logits, Segmenter};
 pub use torch::{load_daformer_weights, load_imagenet_backbone, load_mit_weights, LoadReport};
 
 /// File name of the Burn record inside a model artifact directory.

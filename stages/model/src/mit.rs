@@ -112,6 +112,12 @@ impl MitConfig {
             })
     }
 
+    /// The smallest image side the encoder takes: its first stage's map (stride 4) must hold
+    /// at least one cell of its spatial reduction.
+    pub fn min_input(&self) -> usize {
+        4 * self.sr_ratios[0]
+    }
+
     /// The name of the SegFormer variant this config is, if it is one.
     pub fn variant_name(&self) -> Option<String> {
         (0..VARIANTS.len())

@@ -23,6 +23,17 @@ impl<'a> Noise<'a> {
         Self(Some(rng))
     }
 
+    /// A uniform draw from `0..n` (`n >= 1`); 0 without a generator.
+    pub fn below(&mut self, n: usize) -> usize {
+        match self.0.as_mut() {
+            Some(rng) => {
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                ((u * n as f64) as usize).min(n.saturating_sub(1))
+            }
+            None => 0,
+        }
+    }
+
     /// `n` multipliers that keep a unit with probability `1 - p` (as `1 / (1 - p)`) and drop it
     /// otherwise (as 0); `None` without a generator or when `p` is 0.
     pub(crate) fn keep_mask(&mut self, n: usize, p: f64) -> Option<Vec<f32>> {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::daformer::{DaFormer, DaFormerConfig};
 use crate::deeplab::{DeepLabV2, DeepLabV2Config, InputConvention};
+use crate::hrda::{Hrda, HrdaConfig, PixelWindow};
 use crate::noise::Noise;
 use crate::{resize, upsample, upsample_differentiable, ModelError};
 
@@ -21,17 +22,22 @@ pub enum Architecture {
     /// A MiT encoder with DAFormer's decoder (DAFormer, HRDA, MIC).
     #[serde(rename = "daformer")]
     DaFormer(DaFormerConfig),
+    /// DAFormer's network with HRDA's context and detail views and scale attention (HRDA,
+    /// MIC on HRDA).
+    #[serde(rename = "hrda")]
+    Hrda(HrdaConfig),
 }
 
 impl Architecture {
     /// The names `model.json` may give.
-    pub const NAMES: [&'static str; 2] = ["deeplabv2", "daformer"];
+    pub const NAMES: [&'static str; 3] = ["deeplabv2", "daformer", "hrda"];
 
     /// Its name in `model.json`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::DeepLabV2(_) => "deeplabv2",
             Self::DaFormer(_) => "daformer",
+            Self::Hrda(_) => "hrda",
         }
     }
 
@@ -40,6 +46,7 @@ impl Architecture {
         match self {
             Self::DeepLabV2(c) => c.classes,
             Self::DaFormer(c) => c.classes,
+            Self::Hrda(c) => c.network.classes,
         }
     }
 
@@ -48,7 +55,16 @@ impl Architecture {
     pub fn input(&self) -> InputConvention {
         match self {
             Self::DeepLabV2(c) => c.input,
-            Self::DaFormer(_) => InputConvention::ImagenetRgb,
+            Self::DaFormer(_) | Self::Hrda(_) => InputConvention::ImagenetRgb,
+        }
+    }
+
+    /// Checks that images of `size` (`[height, width]`) can go through the network, in
+    /// training (`training`) or inference; the message says what size would do.
+    pub fn check_input(&self, size: [usize; 2], training: bool) -> Result<(), String> {
+        match self {
+            Self::Hrda(c) => c.check_input(size, training),
+            Self::DeepLabV2(_) | Self::DaFormer(_) => Ok(()),
         }
     }
 
@@ -57,17 +73,40 @@ impl Architecture {
         Ok(match self {
             Self::DeepLabV2(c) => Segmenter::DeepLabV2(c.init(device)?),
             Self::DaFormer(c) => Segmenter::DaFormer(c.init(device)?),
+            Self::Hrda(c) => Segmenter::Hrda(c.init(device)?),
         })
     }
 }
 
-/// Logits of a forward pass: the main head's, and the aux head's where the network has one
-/// (DeepLabV2's `layer5`).
+/// Logits of a forward pass: the main head's, the aux head's where the network has one
+/// (DeepLabV2's `layer5`), and in HRDA's training pass the detail crop's.
 pub struct Logits {
-    /// The main head.
+    /// The main head (HRDA: the fused prediction).
     pub main: Tensor<4>,
     /// The aux head, if any.
     pub aux: Option<Tensor<4>>,
+    /// HRDA's detail crop, in its training pass.
+    pub detail: Option<DetailLogits>,
+}
+
+impl Logits {
+    fn main(main: Tensor<4>) -> Self {
+        Self {
+            main,
+            aux: None,
+            detail: None,
+        }
+    }
+}
+
+/// The logits of HRDA's detail crop and what its loss needs.
+pub struct DetailLogits {
+    /// Logits of the crop at stride 4.
+    pub logits: Tensor<4>,
+    /// Where the crop lies, in pixels of the input images (and of labels at their size).
+    pub window: PixelWindow,
+    /// The share of the loss that goes to the crop's own term; the main term gets the rest.
+    pub loss_weight: f64,
 }
 
 /// A segmentation network of any [`Architecture`].
@@ -80,6 +119,8 @@ pub enum Segmenter {
     DeepLabV2(DeepLabV2),
     /// See [`DaFormer`].
     DaFormer(DaFormer),
+    /// See [`Hrda`].
+    Hrda(Hrda),
 }
 
 impl From<DeepLabV2> for Segmenter {
@@ -94,12 +135,19 @@ impl From<DaFormer> for Segmenter {
     }
 }
 
+impl From<Hrda> for Segmenter {
+    fn from(model: Hrda) -> Self {
+        Self::Hrda(model)
+    }
+}
+
 impl Segmenter {
     /// Its architecture.
     pub fn arch(&self) -> Architecture {
         match self {
             Self::DeepLabV2(m) => Architecture::DeepLabV2(m.arch.clone()),
             Self::DaFormer(m) => Architecture::DaFormer(m.arch.clone()),
+            Self::Hrda(m) => Architecture::Hrda(m.arch.clone()),
         }
     }
 
@@ -112,7 +160,7 @@ impl Segmenter {
     pub fn deeplab(&self) -> Option<&DeepLabV2> {
         match self {
             Self::DeepLabV2(m) => Some(m),
-            Self::DaFormer(_) => None,
+            Self::DaFormer(_) | Self::Hrda(_) => None,
         }
     }
 
@@ -121,17 +169,33 @@ impl Segmenter {
         self.arch().input()
     }
 
+    /// See [`Architecture::check_input`].
+    pub fn check_input(&self, size: [usize; 2], training: bool) -> Result<(), String> {
+        match self {
+            Self::Hrda(m) => m.arch.check_input(size, training),
+            Self::DeepLabV2(_) | Self::DaFormer(_) => Ok(()),
+        }
+    }
+
+    /// Whether its training pass decodes a detail crop beside the whole image (HRDA), so
+    /// that its inputs must fit [`Segmenter::check_input`] and its labels the image size.
+    pub fn is_multi_resolution(&self) -> bool {
+        matches!(self, Self::Hrda(_))
+    }
+
     /// Whether it has an aux head.
     pub fn has_aux(&self) -> bool {
         matches!(self, Self::DeepLabV2(_))
     }
 
     /// The top-level modules that the references train at the head learning rate: DeepLabV2's
-    /// classifiers, DAFormer's decoder (mmcv's `head` key matches `decode_head.*`).
+    /// classifiers, DAFormer's decoder (mmcv's `head` key matches `decode_head.*`), and HRDA's
+    /// scale attention (`decode_head.scale_attention` in its state dicts).
     pub fn head_modules(&self) -> &'static [&'static str] {
         match self {
             Self::DeepLabV2(_) => &["layer5", "layer6"],
             Self::DaFormer(_) => &["decode_head"],
+            Self::Hrda(_) => &["decode_head", "scale_attention"],
         }
     }
 
@@ -141,11 +205,13 @@ impl Segmenter {
     pub fn no_decay_key(&self) -> Option<&'static str> {
         match self {
             Self::DeepLabV2(_) => None,
-            Self::DaFormer(_) => Some("norm"),
+            Self::DaFormer(_) | Self::Hrda(_) => Some("norm"),
         }
     }
 
-    /// Logits of `images`; stochastic layers draw from `noise` when it has a source.
+    /// Logits of a whole-image pass over `images` (HRDA: the context with the detail averaged
+    /// over overlapping crops, as its teacher labels the target); stochastic layers draw from
+    /// `noise` when it has a source.
     pub fn forward(&self, images: Tensor<4>, noise: &mut Noise<'_>) -> Logits {
         match self {
             Self::DeepLabV2(m) => {
@@ -153,17 +219,27 @@ impl Segmenter {
                 Logits {
                     main,
                     aux: Some(aux),
+                    detail: None,
                 }
             }
-            Self::DaFormer(m) => Logits {
-                main: m.forward_with_features(images, noise).0,
-                aux: None,
-            },
+            Self::DaFormer(m) => Logits::main(m.forward_with_features(images, noise).0),
+            Self::Hrda(m) => Logits::main(m.forward(images, noise)),
         }
     }
 
-    /// [`Segmenter::forward`] plus the encoder's last feature map (the features of DAFormer's
-    /// feature distance: DeepLabV2's `layer4`, MiT's stage 4).
+    /// The pass of a training loss: [`Segmenter::forward`], except HRDA's, which decodes one
+    /// detail crop drawn from `noise` (at the top-left corner without a source) and returns
+    /// its logits in [`Logits::detail`].
+    pub fn forward_train(&self, images: Tensor<4>, noise: &mut Noise<'_>) -> Logits {
+        match self {
+            Self::Hrda(_) => self.forward_with_features(images, noise).0,
+            Self::DeepLabV2(_) | Self::DaFormer(_) => self.forward(images, noise),
+        }
+    }
+
+    /// [`Segmenter::forward_train`] plus the encoder's last feature map (the features of
+    /// DAFormer's feature distance: DeepLabV2's `layer4`, MiT's stage 4; HRDA's context's stage
+    /// 4, its `feature_scale = 0.5`).
     pub fn forward_with_features(
         &self,
         images: Tensor<4>,
@@ -176,22 +252,50 @@ impl Segmenter {
                     Logits {
                         main,
                         aux: Some(aux),
+                        detail: None,
                     },
                     features,
                 )
             }
             Self::DaFormer(m) => {
                 let (main, features) = m.forward_with_features(images, noise);
-                (Logits { main, aux: None }, features)
+                (Logits::main(main), features)
+            }
+            Self::Hrda(m) => {
+                let [_, _, h, w] = images.dims();
+                let window = m.draw_window([h, w], noise);
+                let out = m.forward_train(images, window, noise);
+                let logits = Logits {
+                    main: out.fused,
+                    aux: None,
+                    detail: Some(DetailLogits {
+                        logits: out.detail,
+                        window,
+                        loss_weight: m.arch.detail_loss_weight,
+                    }),
+                };
+                (logits, out.context_features)
             }
         }
     }
 
-    /// The encoder's last feature map alone.
+    /// The encoder's last feature map alone, of the view [`Segmenter::forward_with_features`]
+    /// returns it for.
     pub fn features(&self, images: Tensor<4>) -> Tensor<4> {
         match self {
             Self::DeepLabV2(m) => m.features(images),
             Self::DaFormer(m) => m.features(images),
+            Self::Hrda(m) => m.context_features(images),
+        }
+    }
+
+    /// Test-time logits of `images` without dropout or stochastic depth, at the resolution
+    /// the network gives them (resize them with [`Segmenter::resize_logits`]): the
+    /// whole-image pass, or HRDA's sliding windows at the image size.
+    pub fn infer(&self, images: Tensor<4>) -> Logits {
+        match self {
+            Self::Hrda(m) => Logits::main(m.infer(images)),
+            Self::DeepLabV2(_) | Self::DaFormer(_) => self.forward(images, &mut Noise::none()),
         }
     }
 
@@ -201,7 +305,7 @@ impl Segmenter {
     pub fn resize_logits_differentiable(&self, logits: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
         match self {
             Self::DeepLabV2(_) => upsample_differentiable(logits, size),
-            Self::DaFormer(_) => resize(logits, size),
+            Self::DaFormer(_) | Self::Hrda(_) => resize(logits, size),
         }
     }
 
@@ -210,7 +314,7 @@ impl Segmenter {
     pub fn resize_logits(&self, logits: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
         match self {
             Self::DeepLabV2(_) => upsample(logits, size),
-            Self::DaFormer(_) => resize(logits, size),
+            Self::DaFormer(_) | Self::Hrda(_) => resize(logits, size),
         }
     }
 
@@ -224,16 +328,17 @@ impl Segmenter {
             .map_err(|e| ModelError::InvalidConfig(format!("copying the network: {e}")))
     }
 
-    /// Inference: logits of `images` `[N, 3, H, W]` resized to `size` (`[height, width]`),
-    /// computed on a validation copy of the model (no autodiff, BatchNorm on running
-    /// statistics, every stochastic unit kept).
+    /// Inference: [`Segmenter::infer`]'s logits of `images` `[N, 3, H, W]` resized to `size`
+    /// (`[height, width]`), computed on a validation copy of the model (no autodiff,
+    /// BatchNorm on running statistics, every stochastic unit kept).
     pub fn predict_logits(&self, images: Tensor<4>, size: [usize; 2]) -> Logits {
         let model = self.valid();
         let device = images.device().without_autodiff();
-        let logits = model.forward(images.to_device(&device), &mut Noise::none());
+        let logits = model.infer(images.to_device(&device));
         Logits {
             main: model.resize_logits(logits.main, size),
             aux: logits.aux.map(|a| model.resize_logits(a, size)),
+            detail: None,
         }
     }
 

@@ -83,3 +83,26 @@ fn entropy_norm(classes: usize) -> f64 {
         1.0
     }
 }
+
+/// With HRDA's detail crop, `(1 - w) main_term + w ce(detail)`: the detail logits resized to
+/// their window (as mmseg resizes them to the cropped label), and `ce` given that window to
+/// read its labels and weights from. Returns the term and the detail's own loss (for the log);
+/// without a detail crop, `main_term` alone.
+pub(crate) fn with_detail(
+    model: &dag_model::Segmenter,
+    main_term: Tensor<1>,
+    detail: Option<dag_model::DetailLogits>,
+    ce: impl FnOnce(Tensor<4>, &dag_model::PixelWindow) -> Tensor<1>,
+) -> (Tensor<1>, Option<Tensor<1>>) {
+    let Some(detail) = detail else {
+        return (main_term, None);
+    };
+    let window = detail.window;
+    let logits = model.resize_logits_differentiable(detail.logits, [window.height, window.width]);
+    let detail_term = ce(logits, &window);
+    let w = detail.loss_weight;
+    (
+        main_term.mul_scalar(1.0 - w) + detail_term.clone().mul_scalar(w),
+        Some(detail_term),
+    )
+}

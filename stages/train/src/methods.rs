@@ -120,6 +120,9 @@ pub static METHODS: &[Method] = &[
     },
 ];
 
+/// The suffix of the log term of HRDA's detail crop within a term (`mix_detail` in `mix`).
+pub const DETAIL_SUFFIX: &str = "_detail";
+
 /// The method of the adaptation kinds when the pipeline names none.
 pub const DEFAULT_METHOD: &str = "advent";
 
@@ -135,7 +138,11 @@ pub fn method(name: &str) -> Result<&'static Method, String> {
 
 /// The param that scales loss term `term`: `lambda_<term>`, or for the discriminators' own terms
 /// (`d_main`, `d_aux`) their learning rate `lr_d`. A test checks that every term has one.
+/// HRDA's detail terms (`{term}_detail`, part of `term`) are scaled by `term`'s param.
 pub fn weight_param_of(term: &str) -> String {
+    if let Some(whole) = term.strip_suffix(DETAIL_SUFFIX) {
+        return weight_param_of(whole);
+    }
     if term.starts_with("d_") {
         "lr_d".to_string()
     } else {
@@ -232,5 +239,22 @@ impl Method {
     /// Whether it draws unlabelled batches.
     pub fn uses_target(&self) -> bool {
         self.adversarial || !self.target.is_empty() || self.self_training.is_some()
+    }
+
+    /// Refuses a network the method cannot train: HRDA's training pass predicts a fused map
+    /// whose detail covers one crop, so the methods that read the student's whole-image
+    /// prediction of the target batch (target objectives, the discriminators, TUFL's two
+    /// views) have nothing faithful to read.
+    pub fn check_network(&self, network: &dag_model::Architecture) -> Result<(), String> {
+        let whole_image = self.adversarial
+            || !self.target.is_empty()
+            || self.self_training.is_some_and(|st| st.tufl);
+        if whole_image && matches!(network, dag_model::Architecture::Hrda(_)) {
+            return Err(format!(
+                "method `{}` trains on the network's whole-image prediction of the target                  batch, which HRDA's training pass does not give (its detail covers one crop);                  use HRDA with `source_only` or a ClassMix method (`dacs`, `mic`), or this                  method with `network: daformer`",
+                self.name
+            ));
+        }
+        Ok(())
     }
 }

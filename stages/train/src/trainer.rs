@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{self, files, CheckpointState};
 use crate::config::TrainConfig;
-use crate::data::Batches;
+use crate::data::{Batches, LabelBatch};
 use crate::losses::{bce_with_logits, masked_cross_entropy, self_information};
 use crate::objectives::adversarial::AdversarialParams;
 use crate::objectives::TargetLoss;
@@ -102,6 +102,10 @@ pub fn train(
     config.validate().map_err(TrainError::Config)?;
     let model = model.into();
     let run = Run::new(config).map_err(TrainError::Config)?;
+    config
+        .method()
+        .and_then(|m| m.check_network(&model.arch()))
+        .map_err(TrainError::Config)?;
     let ad = device.clone().autodiff();
     // Seed before anything draws: any lazily-initialised parameter of `model` takes its weights
     // from the device RNG (reading a lazy parameter initialises it, hence `lazy_shape`). The
@@ -623,6 +627,21 @@ fn step(
 
     // 1. Supervised segmentation on the labelled batch, logits upsampled to the label size.
     let label_size = [source.labels.shape[1], source.labels.shape[2]];
+    if let Some(image_size) = s
+        .model
+        .is_multi_resolution()
+        .then_some([source.images.shape[2], source.images.shape[3]])
+    {
+        s.model
+            .check_input(image_size, true)
+            .map_err(batch_err("source"))?;
+        if label_size != image_size {
+            return Err(batch_err("source")(format!(
+                "HRDA crops labels with its detail crop, so they must be at the image size                  ({}x{}), got {}x{}",
+                image_size[1], image_size[0], label_size[1], label_size[0]
+            )));
+        }
+    }
     let (logits_s, features_s) = if s.fd_reference.is_some() {
         let (logits, features) = s
             .model
@@ -631,46 +650,55 @@ fn step(
     } else {
         let logits = s
             .model
-            .forward(source.images.tensor(ad), &mut Noise::from_rng(&mut s.rng));
+            .forward_train(source.images.tensor(ad), &mut Noise::from_rng(&mut s.rng));
         (logits, None)
     };
     let main_s = s
         .model
         .resize_logits_differentiable(logits_s.main, label_size);
-    let labels = source.labels.tensor(ad);
     let pixels = run.self_training.as_ref().map(|st| &st.pixels);
     let class_weights = pixels.and_then(|p| p.class_weights());
     let over_all = pixels.is_some_and(|p| p.source_ce_over_all_pixels());
-    let labelled = source.labels.data.iter().filter(|&&l| l != 255).count();
-    let source_ce = |logits: Tensor<4>| match &class_weights {
+    let source_ce = |logits: Tensor<4>, labels: &LabelBatch| match &class_weights {
         // sum_p w_{y_p} CE_p over every pixel (TUFL's `reduction='none'` then mean), or over the
         // labelled pixels' weights (PyTorch's weighted mean).
         Some(cw) => {
             let denominator = if over_all {
-                source.labels.data.len() as f64
+                labels.data.len() as f64
             } else {
-                source
-                    .labels
+                labels
                     .data
                     .iter()
                     .filter_map(|&l| cw.get(usize::from(l)))
                     .map(|&w| f64::from(w))
                     .sum()
             };
-            crate::losses::class_weighted_cross_entropy(
-                logits,
-                &source.labels.data,
-                None,
-                cw,
-                denominator,
-            )
+            crate::losses::class_weighted_cross_entropy(logits, &labels.data, None, cw, denominator)
         }
         // DAFormer's mmseg loss: the mean over every pixel, ignored ones included.
-        None if over_all => masked_cross_entropy(logits, labels.clone())
-            .mul_scalar(labelled as f64 / source.labels.data.len() as f64),
-        None => masked_cross_entropy(logits, labels.clone()),
+        None if over_all => {
+            let labelled = labels.data.iter().filter(|&&l| l != 255).count();
+            masked_cross_entropy(logits, labels.tensor(ad))
+                .mul_scalar(labelled as f64 / labels.data.len() as f64)
+        }
+        None => masked_cross_entropy(logits, labels.tensor(ad)),
     };
-    let seg_main = source_ce(main_s.clone());
+    let (seg_main, seg_detail) = crate::losses::with_detail(
+        &s.model,
+        source_ce(main_s.clone(), &source.labels),
+        logits_s.detail,
+        |logits, window| {
+            let labels = LabelBatch {
+                data: window.crop_planes(&source.labels.data, source.labels.shape),
+                shape: [source.labels.shape[0], window.height, window.width],
+            };
+            source_ce(logits, &labels)
+        },
+    );
+    if let Some(detail) = &seg_detail {
+        let name = format!("seg_main{}", crate::methods::DETAIL_SUFFIX);
+        log_term(&mut log, &name, detail)?;
+    }
     log_term(&mut log, "seg_main", &seg_main)?;
     let mut loss = add(None, schedule.lambda_seg_main, seg_main);
     let aux_s = logits_s
@@ -678,7 +706,7 @@ fn step(
         .filter(|_| schedule.lambda_seg_aux > 0.0 || s.d_aux.is_some())
         .map(|aux| s.model.resize_logits_differentiable(aux, label_size));
     if let Some(aux) = aux_s.clone().filter(|_| schedule.lambda_seg_aux > 0.0) {
-        let seg_aux = source_ce(aux);
+        let seg_aux = source_ce(aux, &source.labels);
         log_term(&mut log, "seg_aux", &seg_aux)?;
         loss = add(loss, schedule.lambda_seg_aux, seg_aux);
     }
@@ -733,6 +761,10 @@ fn step(
         };
         let (model, rng) = (&s.model, &mut s.rng);
         let mut emit = |term: WeightedTerm| -> Result<(), TrainError> {
+            if let Some(detail) = &term.detail {
+                let name = format!("{}{}", term.name, crate::methods::DETAIL_SUFFIX);
+                log_term(&mut log, &name, detail)?;
+            }
             log_term(&mut log, term.name, &term.value)?;
             let loss = term.value.mul_scalar(term.weight);
             let grads = GradientsParams::from_grads(loss.backward(), model);

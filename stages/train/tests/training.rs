@@ -131,6 +131,54 @@ impl Batches for Toy {
     }
 }
 
+/// [`Toy`]'s batches at twice the side, each pixel repeated 2 x 2: HRDA's context view at
+/// scale 0.5 needs images of 64 pixels (MiT's first reduction is 8 cells of 4 pixels).
+struct Doubled(Toy);
+
+fn doubled<T: Copy>(data: &[T], planes: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(data.len() * 4);
+    for plane in data.chunks(data.len() / planes) {
+        for y in 0..2 * S {
+            for x in 0..2 * S {
+                out.push(plane[(y / 2) * S + x / 2]);
+            }
+        }
+    }
+    out
+}
+
+impl Batches for Doubled {
+    fn source(
+        &mut self,
+        iteration: usize,
+        rng: &mut dyn RngCore,
+    ) -> Result<SourceBatch, BatchError> {
+        let b = self.0.source(iteration, rng)?;
+        Ok(SourceBatch {
+            images: ImageBatch {
+                data: doubled(&b.images.data, 3),
+                shape: [1, 3, 2 * S, 2 * S],
+            },
+            labels: LabelBatch {
+                data: doubled(&b.labels.data, 1),
+                shape: [1, 2 * S, 2 * S],
+            },
+        })
+    }
+
+    fn target(
+        &mut self,
+        iteration: usize,
+        rng: &mut dyn RngCore,
+    ) -> Result<ImageBatch, BatchError> {
+        let b = self.0.target(iteration, rng)?;
+        Ok(ImageBatch {
+            data: doubled(&b.data, 3),
+            shape: [1, 3, 2 * S, 2 * S],
+        })
+    }
+}
+
 fn config(method: &str, iters: usize) -> TrainConfig {
     let config = TrainConfig {
         method: method.to_string(),
@@ -183,7 +231,7 @@ fn run_on(
     dir: &std::path::Path,
     cancel_after: Option<usize>,
     model: impl Into<dag_model::Segmenter>,
-    data: &mut Toy,
+    data: &mut dyn Batches,
 ) -> Result<Run, TrainError> {
     let device = Device::flex();
     let cancel = AtomicBool::new(false);
@@ -917,6 +965,90 @@ fn daformer_self_trains_and_resumes_bit_identically() {
     );
 }
 
+/// HRDA with MIC on a narrow MiT-B0: every supervised term (source, mixed, masked) fuses the
+/// context with a detail crop drawn from the run's generator and logs the crop's own loss; the
+/// feature distance reads the context's features. A run cancelled after a checkpoint resumes
+/// to the uninterrupted run's student and teacher, bit for bit.
+#[test]
+fn hrda_mic_self_trains_and_resumes_bit_identically() {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let hrda = || {
+        let encoder = dag_model::MitConfig::variant(0).unwrap().with_width(0.25);
+        let network = dag_model::DaFormerConfig::new(encoder, CLASSES).with_width(0.125);
+        dag_model::HrdaConfig {
+            attention_embed_dim: 16,
+            detail_crop: [32, 32],
+            test_window: [64, 64],
+            test_stride: [32, 32],
+            ..dag_model::HrdaConfig::new(network)
+        }
+        .init(&Device::flex())
+        .unwrap()
+    };
+    let mut cfg = config("dacs+mic", 6)
+        .with_param("pl_crop_bottom", 4)
+        .with_param("mic_block", 8)
+        .with_param("source_ce_over", "all");
+    cfg.schedule.optimizer = "adamw".into();
+    cfg.schedule.lr = 1e-3;
+    cfg.schedule.head_lr_mult = 10.0;
+    cfg.schedule.weight_decay = 0.01;
+    cfg.schedule.lambda_fd = 0.005;
+    cfg.schedule.fd_classes = Some(vec![0, 1, 2]);
+    cfg.schedule.fd_min_ratio = 0.0;
+    cfg.schedule.checkpoint_every = 2;
+    let run_hrda = |dir: &std::path::Path, cancel: Option<usize>| {
+        run_on(&cfg, dir, cancel, hrda(), &mut Doubled(Toy::new()))
+    };
+    let full = run_hrda(tempfile::tempdir().unwrap().path(), None).unwrap();
+    for l in &full.log {
+        for term in [
+            "seg_main",
+            "seg_main_detail",
+            "mix",
+            "mix_detail",
+            "mic",
+            "mic_detail",
+        ] {
+            assert!(l.term(term).is_some_and(f64::is_finite), "{term}: {l:?}");
+        }
+    }
+    assert!(
+        full.log.iter().any(|l| l.term("fd").is_some()),
+        "the feature distance never applied"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    match run_hrda(dir.path(), Some(2)) {
+        Err(TrainError::Cancelled { iteration: 3 }) => {}
+        other => panic!(
+            "expected a cancellation, got {:?}",
+            other.map(|r| r.log.len())
+        ),
+    }
+    let resumed = run_hrda(dir.path(), None).unwrap();
+    assert_bit_identical(&full.weights, &resumed.weights);
+    assert_bit_identical(
+        full.teacher.as_ref().unwrap(),
+        resumed.teacher.as_ref().unwrap(),
+    );
+
+    // Methods that read the student's whole-image target prediction are refused for HRDA.
+    for method in ["advent", "minent", "tufl"] {
+        let err = run_with(
+            &config(method, 1),
+            tempfile::tempdir().unwrap().path(),
+            None,
+            hrda(),
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            matches!(&err, TrainError::Config(m) if m.contains("HRDA") && m.contains(method)),
+            "{method}: {err}"
+        );
+    }
+}
+
 /// The error `train` stops with, for `config` on `data` from a fresh model on flex.
 fn train_error(config: &TrainConfig, data: &mut dyn Batches) -> TrainError {
     let device = Device::flex();
@@ -1030,7 +1162,13 @@ fn method_params_have_one_name_each() {
                 .iter()
                 .filter(|n| n.starts_with("lambda_seg") || **n == "lr"),
         );
-        for term in terms {
+        // HRDA logs each term's detail crop beside it.
+        let detail: Vec<String> = terms.iter().map(|t| format!("{t}_detail")).collect();
+        for term in terms
+            .iter()
+            .copied()
+            .chain(detail.iter().map(String::as_str))
+        {
             let knob = dag_train::methods::weight_param_of(term);
             let has_knob = params.iter().any(|p| *p == knob);
             assert!(has_knob, "{}: no `{knob}` for `{term}`", m.name);

@@ -261,6 +261,8 @@ pub(crate) struct WeightedTerm {
     pub name: &'static str,
     pub weight: f64,
     pub value: Tensor<1>,
+    /// With HRDA, the detail crop's own loss (part of `value`), logged as `{name}_detail`.
+    pub detail: Option<Tensor<1>>,
 }
 
 /// The EMA decay of iteration `iteration` (from 0): `min(1 - 1/(t+1), alpha)`, so the teacher
@@ -423,6 +425,36 @@ fn batch(data: Vec<f32>, shape: [usize; 4]) -> ImageBatch {
     ImageBatch { data, shape }
 }
 
+/// The student's training-pass loss on `images` against per-pixel `labels` and `weights`
+/// ([`pixel_cross_entropy`] of the main logits upsampled to the image size; with HRDA, fused
+/// with the detail crop's on the crop's labels and weights), and the detail's own loss; its
+/// stochastic layers and HRDA's crop draw from `rng`.
+fn student_term(
+    student: &Segmenter,
+    images: ImageBatch,
+    (labels, weights): (&[u8], &[f32]),
+    class_weights: Option<&[f32]>,
+    rng: &mut dyn RngCore,
+    device: &Device,
+) -> (Tensor<1>, Option<Tensor<1>>) {
+    let [n, _, h, w] = images.shape;
+    let logits = student.forward_train(images.tensor(device), &mut Noise::from_rng(rng));
+    let main = pixel_cross_entropy(
+        student.resize_logits_differentiable(logits.main, [h, w]),
+        labels,
+        weights,
+        class_weights,
+    );
+    crate::losses::with_detail(student, main, logits.detail, |logits, window| {
+        pixel_cross_entropy(
+            logits,
+            &window.crop_planes(labels, [n, h, w]),
+            &window.crop_planes(weights, [n, h, w]),
+            class_weights,
+        )
+    })
+}
+
 /// The student's main logits of `images`, upsampled to their size; its stochastic layers
 /// draw from `rng`.
 fn student_logits(student: &Segmenter, images: Tensor<4>, rng: &mut dyn RngCore) -> Tensor<4> {
@@ -549,6 +581,7 @@ pub(crate) fn terms(
                 name: "focal",
                 weight: tufl.lambda_focal,
                 value,
+                detail: None,
             })?;
         }
     }
@@ -622,16 +655,19 @@ pub(crate) fn terms(
     run.augment
         .augment(input)
         .apply(&mut mixed, [n, c, h, w], rng);
-    let value = pixel_cross_entropy(
-        student_logits(student, batch(mixed, [n, c, h, w]).tensor(device), rng),
-        &mixed_labels,
-        &mixed_weight,
+    let (value, detail) = student_term(
+        student,
+        batch(mixed, [n, c, h, w]),
+        (&mixed_labels, &mixed_weight),
         class_weights,
+        rng,
+        device,
     );
     emit(WeightedTerm {
         name: "mix",
         weight: p.lambda_mix,
         value,
+        detail,
     })?;
 
     // 3. MIC: the augmented target with blocks masked, against the unmasked pseudo-labels.
@@ -654,16 +690,19 @@ pub(crate) fn terms(
                 }
             }
         }
-        let value = pixel_cross_entropy(
-            student_logits(student, batch(masked, [n, c, h, w]).tensor(device), rng),
-            &pseudo,
-            &target_weight,
+        let (value, detail) = student_term(
+            student,
+            batch(masked, [n, c, h, w]),
+            (&pseudo, &target_weight),
             class_weights,
+            rng,
+            device,
         );
         emit(WeightedTerm {
             name: "mic",
             weight: mic.lambda_mic,
             value,
+            detail,
         })?;
     }
     Ok(())
