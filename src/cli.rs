@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dag_api::{DeviceKind, ParamType, Params, Registry};
 
+use crate::cache::remote::{PushReport, Remote, RemoteError};
 use crate::cache::{self, Cache};
 use crate::executor::{Engine, EngineError, Outcome, PlanStatus, RunReport, Selection};
 use crate::hash::StatCache;
@@ -151,6 +152,33 @@ pub enum Command {
         /// Exit instead of waiting when another dag holds the cache.
         #[arg(long)]
         no_wait: bool,
+        /// A cache shared across machines (`s3://bucket/prefix`, `file:///shared/dir`): stale
+        /// stages it has a result for are pulled instead of run, and what runs is pushed to it
+        #[arg(long, env = "DAG_REMOTE", value_name = "URL")]
+        remote: Option<String>,
+    },
+    /// Publish runs to a shared cache: those of a pipeline's current stages, or with no
+    /// pipeline every run in the local cache. Each run's files go up before its index entry,
+    /// so an interrupted push publishes nothing half-way.
+    Push {
+        /// The pipeline whose current runs to publish (default: every run in the cache).
+        pipeline: Option<PathBuf>,
+        /// The shared cache (`s3://bucket/prefix`, `file:///shared/dir`).
+        #[arg(long, env = "DAG_REMOTE", value_name = "URL")]
+        remote: String,
+    },
+    /// Bring a pipeline's results from a shared cache without running anything: each stage
+    /// whose key the remote has is pulled (files checked against their digests); the others,
+    /// and what depends on them, are left for `dag run`.
+    Pull {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        #[command(flatten)]
+        /// Which stages to consider.
+        select: SelectArgs,
+        /// The shared cache (`s3://bucket/prefix`, `file:///shared/dir`).
+        #[arg(long, env = "DAG_REMOTE", value_name = "URL")]
+        remote: String,
     },
     /// Show what `run` would do, and why each stale stage would run.
     Plan {
@@ -338,10 +366,120 @@ impl From<EngineError> for Failure {
     }
 }
 
+impl From<RemoteError> for Failure {
+    fn from(e: RemoteError) -> Self {
+        let hint = match &e {
+            RemoteError::Url { .. } => "give s3://bucket[/prefix] or file:///absolute/dir",
+            RemoteError::Store { .. } => {
+                "check the URL, the network and the credentials (AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY or ~/.aws/credentials; AWS_ENDPOINT and \
+                 AWS_ALLOW_HTTP=true for a server of your own)"
+            }
+            RemoteError::Damaged { .. } => {
+                "the remote's copy is damaged; `dag run` recomputes the stage and `dag push` \
+                 publishes a good copy under a new index entry only once the bad one is removed"
+            }
+            RemoteError::Cache(c) => return Failure::msg(1, e.to_string(), Some(c.hint())),
+        };
+        Failure::msg(1, e.to_string(), Some(hint.into()))
+    }
+}
+
 impl From<cache::CacheError> for Failure {
     fn from(e: cache::CacheError) -> Self {
         Failure::msg(1, e.to_string(), Some(e.hint()))
     }
+}
+
+/// One line on what a run or `dag push` published.
+fn print_pushed(remote: &Remote, r: &PushReport) {
+    if r.published + r.present == 0 {
+        return;
+    }
+    println!(
+        "{}: published {} run{} ({} file{}, {:.1} MB); {} already there",
+        remote.url(),
+        r.published,
+        if r.published == 1 { "" } else { "s" },
+        r.blobs,
+        if r.blobs == 1 { "" } else { "s" },
+        r.bytes as f64 / 1e6,
+        r.present
+    );
+}
+
+fn cmd_push(pipeline: Option<&Path>, url: &str, g: &Global) -> Result<ExitCode, Failure> {
+    let remote = Remote::open(url)?;
+    let Some(cache) = Cache::open_existing(&g.cache) else {
+        return Err(Failure::msg(
+            1,
+            format!("no cache at {}", g.cache.display()),
+            Some("run the pipeline first, or point --cache at the cache to publish".into()),
+        ));
+    };
+    let manifests: Vec<cache::Manifest> = match pipeline {
+        Some(path) => {
+            let p = load(path, g)?;
+            p.stages
+                .iter()
+                .filter_map(|s| cache.latest(&p.name, &s.name))
+                .filter_map(|key| cache.read_manifest(&key))
+                .collect()
+        }
+        None => cache.manifests()?,
+    };
+    let mut total = PushReport::default();
+    for m in &manifests {
+        let r = remote.push(&cache, m)?;
+        if !g.quiet && r.published > 0 {
+            println!("{}: {} ({})", m.stage, &m.key[..12], m.pipeline);
+        }
+        total.published += r.published;
+        total.present += r.present;
+        total.blobs += r.blobs;
+        total.bytes += r.bytes;
+    }
+    if manifests.is_empty() {
+        println!("nothing to publish");
+    } else {
+        print_pushed(&remote, &total);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_pull(path: &Path, select: &SelectArgs, url: &str, g: &Global) -> Result<ExitCode, Failure> {
+    let p = load(path, g)?;
+    let device = device(&p, g)?;
+    let remote = Remote::open(url)?;
+    let cache = Cache::open(&g.cache)?;
+    let _lock = cache.lock(true)?;
+    cache.clean_tmp()?;
+    let stat = StatCache::load(cache.stat_cache_path());
+    let out = std::path::absolute(&g.out).unwrap_or_else(|_| g.out.clone());
+    let mut engine = Engine::new(&p, &cache, &stat, device, out);
+    engine.remote = Some(&remote);
+    engine.pull_only = true;
+    engine.progress = false;
+    engine.progress_lines = false;
+    let report = engine.run(&select.selection(), 1);
+    stat.save();
+    let report = report?;
+    if !g.quiet {
+        print_summary(&report);
+    }
+    let missing = report
+        .stages
+        .iter()
+        .filter(|s| s.outcome == Outcome::NotRun)
+        .count();
+    if missing > 0 && !g.quiet {
+        println!(
+            "{missing} stage{} not in {url}; `dag run` computes {}",
+            if missing == 1 { "" } else { "s" },
+            if missing == 1 { "it" } else { "them" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(path: &Path, g: &Global) -> Result<Pipeline, Failure> {
@@ -403,7 +541,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             select,
             jobs,
             no_wait,
-        } => cmd_run(pipeline, select, *jobs, *no_wait, g),
+            remote,
+        } => cmd_run(pipeline, select, *jobs, *no_wait, remote.as_deref(), g),
+        Command::Push { pipeline, remote } => cmd_push(pipeline.as_deref(), remote, g),
+        Command::Pull {
+            pipeline,
+            select,
+            remote,
+        } => cmd_pull(pipeline, select, remote, g),
         Command::Plan {
             pipeline,
             select,
@@ -430,17 +575,20 @@ fn cmd_run(
     select: &SelectArgs,
     jobs: Option<u32>,
     no_wait: bool,
+    remote: Option<&str>,
     g: &Global,
 ) -> Result<ExitCode, Failure> {
     let p = load(path, g)?;
     let jobs = jobs.map_or(p.jobs, |j| j as usize);
     let device = device(&p, g)?;
+    let remote = remote.map(Remote::open).transpose()?;
     let cache = Cache::open(&g.cache)?;
     let _lock = cache.lock(!no_wait)?;
     cache.clean_tmp()?;
     let stat = StatCache::load(cache.stat_cache_path());
     let out = std::path::absolute(&g.out).unwrap_or_else(|_| g.out.clone());
     let mut engine = Engine::new(&p, &cache, &stat, device, out);
+    engine.remote = remote.as_ref();
     engine.progress &= !g.quiet;
     engine.progress_lines &= !g.quiet;
     let token = engine.cancel.clone();
@@ -456,6 +604,9 @@ fn cmd_run(
     record_last_run(&cache, &p.name, &report);
     if !g.quiet {
         print_summary(&report);
+        if let Some(remote) = &remote {
+            print_pushed(remote, &engine.pushed.lock().expect("poisoned"));
+        }
     }
     Ok(match &report.failure {
         None => ExitCode::SUCCESS,

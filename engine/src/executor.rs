@@ -15,6 +15,7 @@ use dag_api::{
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::cache::remote::{PushReport, Remote};
 pub use crate::cache::Outcome;
 use crate::cache::{self, Cache, CacheError, InputRecord, Manifest, OutputTree, MANIFEST_FORMAT};
 use crate::hash::{self, StatCache};
@@ -339,6 +340,13 @@ pub struct Engine<'a> {
     pub progress_lines: bool,
     /// Set on Ctrl-C; stages poll it.
     pub cancel: CancelToken,
+    /// A shared cache: stale stages are first looked up there, and what runs is published
+    /// to it.
+    pub remote: Option<&'a Remote>,
+    /// With a remote, only bring what it has (`dag pull`): stages it lacks do not run.
+    pub pull_only: bool,
+    /// What this run published to the remote.
+    pub pushed: Mutex<PushReport>,
     fingerprints: Mutex<HashMap<PathBuf, String>>,
     /// Staging and scratch directories of published runs, removed when the run ends: on a busy
     /// disk every directory removal can wait for a journal commit, which should not delay the next
@@ -450,6 +458,9 @@ impl<'a> Engine<'a> {
             progress: std::io::stderr().is_terminal(),
             progress_lines: !std::io::stderr().is_terminal(),
             cancel: CancelToken::new(),
+            remote: None,
+            pull_only: false,
+            pushed: Mutex::new(PushReport::default()),
             fingerprints: Mutex::new(HashMap::new()),
             leftovers: Mutex::new(Vec::new()),
         }
@@ -810,6 +821,12 @@ impl<'a> Engine<'a> {
                     let st = &p.stages[i];
                     let parts = match self.parts(i, &schedule.outs)? {
                         Ok(parts) => parts,
+                        // `dag pull`: what an unpulled stage feeds cannot be looked up.
+                        Err(_) if self.pull_only => {
+                            reports[i].outcome = Outcome::NotRun;
+                            schedule.finish(i, None);
+                            continue;
+                        }
                         Err(up) => {
                             return Err(EngineError::MissingUpstream {
                                 stage: st.name.clone(),
@@ -817,7 +834,19 @@ impl<'a> Engine<'a> {
                             })
                         }
                     };
-                    match self.decide(i, parts, schedule.forced[i]) {
+                    let mut decision = self.decide(i, parts, schedule.forced[i]);
+                    if let Decision::Run { key, .. } = &decision {
+                        if !schedule.forced[i] {
+                            if let Some(m) = self.pull(key) {
+                                decision = Decision::Cached(Box::new(m));
+                            } else if self.pull_only {
+                                reports[i].outcome = Outcome::NotRun;
+                                schedule.finish(i, None);
+                                continue;
+                            }
+                        }
+                    }
+                    match decision {
                         Decision::Cached(m) => {
                             tracing::debug!(stage = %st.name, key = %m.key, "cached");
                             self.publish_links(i, &m)?;
@@ -850,6 +879,9 @@ impl<'a> Engine<'a> {
                             scope.spawn(move || {
                                 let r =
                                     self.execute(i, &key, parts, &inputs, &datasets, bar.as_ref());
+                                if let Ok(m) = &r {
+                                    self.push(m);
+                                }
                                 if let Some(b) = bar {
                                     b.finish_and_clear();
                                 }
@@ -920,6 +952,40 @@ impl<'a> Engine<'a> {
             failure,
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The run of `key` from the remote, when it has one that can be used.
+    fn pull(&self, key: &str) -> Option<Manifest> {
+        let remote = self.remote?;
+        match remote.pull(self.cache, key) {
+            Ok(Some(m)) if m.outputs.values().all(|t| self.cache.tree_available(t)) => {
+                tracing::info!(key = %&key[..12], remote = remote.url(), "pulled");
+                Some(m)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("{e}; the stage runs here instead");
+                None
+            }
+        }
+    }
+
+    /// Publishes a finished run to the remote, if any; a failure is reported and the local
+    /// result kept.
+    fn push(&self, m: &Manifest) {
+        let Some(remote) = self.remote.filter(|_| !self.pull_only) else {
+            return;
+        };
+        match remote.push(self.cache, m) {
+            Ok(r) => {
+                let mut total = self.pushed.lock().expect("poisoned");
+                total.published += r.published;
+                total.present += r.present;
+                total.blobs += r.blobs;
+                total.bytes += r.bytes;
+            }
+            Err(e) => tracing::warn!(stage = %m.stage, "not published: {e}"),
+        }
     }
 
     /// A progress bar for a running stage when bars are drawn (bars and their ticker threads

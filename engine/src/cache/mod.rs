@@ -12,6 +12,8 @@
 //! cache/lock                  held by the one process that may write
 //! ```
 //!
+//! [`remote`] shares runs across machines through an object store.
+//!
 //! Nothing becomes visible before it is complete: files are written under tmp/, fsynced, renamed
 //! into place; a manifest is the last thing written for a run, and its rename is made durable
 //! with a directory fsync. Object renames are not followed by their own directory fsync (it
@@ -92,6 +94,7 @@ pub struct LastRunStage {
 }
 
 mod maintenance;
+pub mod remote;
 
 /// A manifest's device: a [`DeviceKind`]'s name, or `any-device` for a device-independent kind.
 mod any_device {
