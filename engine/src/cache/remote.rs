@@ -53,7 +53,7 @@ pub enum RemoteError {
         path: String,
         /// The store's error.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// Something pulled does not match what names it.
     #[error("remote cache {url}: {what} is damaged ({message}); it was not used")]
@@ -184,7 +184,7 @@ impl Remote {
             url: self.url.clone(),
             op,
             path,
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -144,7 +144,7 @@ impl PixelWindow {
 /// HRDA's `extract_slide_feat`): a grid from the top-left corner, the last row and column
 /// moved back inside the image; a crop larger than the image becomes the image.
 pub fn slide_windows(size: [usize; 2], crop: [usize; 2], stride: [usize; 2]) -> Vec<PixelWindow> {
-    let grid = |i: usize| (size[i].saturating_sub(crop[i]) + stride[i] - 1) / stride[i] + 1;
+    let grid = |i: usize| size[i].saturating_sub(crop[i]).div_ceil(stride[i]) + 1;
     let mut windows = Vec::new();
     for row in 0..grid(0) {
         for col in 0..grid(1) {
