@@ -210,15 +210,7 @@ impl Remote {
             report.present = 1;
             return Ok(report);
         }
-        let mut digests: Vec<&str> = m
-            .outputs
-            .values()
-            .flat_map(|t| t.entries.iter().map(|e| e.digest.as_str()))
-            .chain(m.log.as_deref())
-            .collect();
-        digests.sort_unstable();
-        digests.dedup();
-        for digest in digests {
+        for digest in blob_digests(m) {
             let path = self.blob_path(digest);
             if self.exists(&path)? {
                 continue;
@@ -294,15 +286,7 @@ impl Remote {
                 format!("it holds the run of key {}", m.key),
             ));
         }
-        let mut digests: Vec<&str> = m
-            .outputs
-            .values()
-            .flat_map(|t| t.entries.iter().map(|e| e.digest.as_str()))
-            .chain(m.log.as_deref())
-            .collect();
-        digests.sort_unstable();
-        digests.dedup();
-        for digest in digests {
+        for digest in blob_digests(&m) {
             if cache.object_path(digest).exists() {
                 continue;
             }
@@ -329,6 +313,19 @@ impl Remote {
         cache.write_manifest(&m)?;
         Ok(Some(m))
     }
+}
+
+/// The objects a run names (its outputs' files and its log), each once.
+fn blob_digests(m: &Manifest) -> Vec<&str> {
+    let mut digests: Vec<&str> = m
+        .outputs
+        .values()
+        .flat_map(|t| t.entries.iter().map(|e| e.digest.as_str()))
+        .chain(m.log.as_deref())
+        .collect();
+    digests.sort_unstable();
+    digests.dedup();
+    digests
 }
 
 /// The S3 settings of the shared AWS files that the environment does not set: the keys from

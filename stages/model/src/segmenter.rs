@@ -59,15 +59,6 @@ impl Architecture {
         }
     }
 
-    /// Checks that images of `size` (`[height, width]`) can go through the network, in
-    /// training (`training`) or inference; the message says what size would do.
-    pub fn check_input(&self, size: [usize; 2], training: bool) -> Result<(), String> {
-        match self {
-            Self::Hrda(c) => c.check_input(size, training),
-            Self::DeepLabV2(_) | Self::DaFormer(_) => Ok(()),
-        }
-    }
-
     /// Builds the network with random weights on `device`.
     pub fn init(&self, device: &Device) -> Result<Segmenter, ModelError> {
         Ok(match self {
@@ -169,7 +160,9 @@ impl Segmenter {
         self.arch().input()
     }
 
-    /// See [`Architecture::check_input`].
+    /// Checks that images of `size` (`[height, width]`) can go through the network, in
+    /// training (`training`) or inference ([`HrdaConfig::check_input`]; any size for the
+    /// others); the message says what size would do.
     pub fn check_input(&self, size: [usize; 2], training: bool) -> Result<(), String> {
         match self {
             Self::Hrda(m) => m.arch.check_input(size, training),
